@@ -1,0 +1,463 @@
+"""HF checkpoints <-> jaxsft parameters.
+
+`load_checkpoint` reads a local HF folder (or fetches a hub id into the HF cache): `config.json`
+of transformers 4 or 5, one `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Tensors are read lazily from the memory-mapped files, one
+device shard at a time, straight into sharded arrays when a mesh is given.
+
+`save_checkpoint` writes what `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Layout conventions: HF `Linear.weight` is `[out, in]`; jaxsft kernels are `[in, out]`. With
+`scan_layers` the per-layer tensors are stacked on a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from jaxsft import sharding as sharding_lib
+from jaxsft.models import Llama, LlamaConfig
+
+_LOG = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+                         'qwen2': 'Qwen2ForCausalLM'}
+SAFETENSORS_SINGLE = 'model.safetensors'
+SAFETENSORS_INDEX = 'model.safetensors.index.json'
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json',
+                   'chat_template.jinja', 'chat_template.json', 'generation_config.json')
+_HF_DTYPES = {'float32': jnp.float32, 'float16': jnp.float16, 'bfloat16': jnp.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> LlamaConfig
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+  """Maps an HF `config.json` dict (transformers 4 or 5) to a `LlamaConfig`.
+
+  `overrides` set `LlamaConfig` fields the file does not hold (`scan_layers`, `dtype`, ...).
+  """
+  model_type = hf.get('model_type')
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f'config.json has model_type={model_type!r} (architectures='
+                     f'{hf.get("architectures")}); jaxsft supports '
+                     f'{sorted(SUPPORTED_MODEL_TYPES)}.')
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise ValueError(f'config.json has hidden_act={hf["hidden_act"]!r}; LLaMA-family models in '
+                     'jaxsft use silu (SwiGLU).')
+
+  # transformers 5 nests theta and scaling in `rope_parameters`; 4 has `rope_theta` and
+  # `rope_scaling` (whose type key was once `type`).
+  rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  rope_theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
+  if 'type' in rope and 'rope_type' not in rope:
+    rope['rope_type'] = rope.pop('type')
+  rope.pop('type', None)
+  rope_scaling = rope if rope.get('rope_type', 'default') != 'default' else None
+
+  num_layers = hf['num_hidden_layers']
+  sliding_window = _sliding_window(hf, model_type, num_layers)
+  attention_bias = bool(hf.get('attention_bias', False))
+  qkv_bias = True if model_type == 'qwen2' else attention_bias
+  num_heads = hf['num_attention_heads']
+  fields = dict(
+      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+      intermediate_size=hf['intermediate_size'], num_layers=num_layers, num_heads=num_heads,
+      num_kv_heads=hf.get('num_key_value_heads') or num_heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // num_heads,
+      rms_norm_eps=hf.get('rms_norm_eps', 1e-6), rope_theta=float(rope_theta),
+      rope_scaling=rope_scaling,
+      max_position_embeddings=hf.get('max_position_embeddings', 4096),
+      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      qkv_bias=qkv_bias, o_bias=attention_bias and model_type == 'llama',
+      mlp_bias=bool(hf.get('mlp_bias', False)), sliding_window=sliding_window,
+      model_type=model_type, bos_token_id=hf.get('bos_token_id'),
+      eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
+  fields.update(overrides)
+  return LlamaConfig(**fields)
+
+
+def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
+  window = hf.get('sliding_window')
+  if model_type == 'llama' or window is None:
+    return None
+  if model_type == 'mistral':
+    return int(window)
+  # Qwen2: a window only where `use_sliding_window`, and then only from `max_window_layers` on.
+  layer_types = hf.get('layer_types')
+  if layer_types is None:
+    if not hf.get('use_sliding_window', False):
+      return None
+    start = hf.get('max_window_layers', num_layers)
+    layer_types = ['sliding_attention' if i >= start else 'full_attention'
+                   for i in range(num_layers)]
+  kinds = set(layer_types)
+  if kinds == {'full_attention'}:
+    return None
+  if kinds == {'sliding_attention'}:
+    return int(window)
+  raise NotImplementedError(
+      'config.json mixes sliding-window and full-attention layers (layer_types='
+      f'{layer_types}); jaxsft applies one attention pattern to every layer. Set '
+      '"use_sliding_window": false (what Qwen2 checkpoints ship with) to train with full '
+      'attention.')
+
+
+def config_to_hf(config: LlamaConfig, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
+  """An HF `config.json` dict that transformers 4 and 5 both read."""
+  c = config
+  rope_parameters = {'rope_type': 'default', **(c.rope_scaling or {}), 'rope_theta': c.rope_theta}
+  rope_scaling = dict(c.rope_scaling) if c.rope_scaling else None
+  dtype_name = jnp.dtype(dtype).name
+  hf = {
+      'architectures': [SUPPORTED_MODEL_TYPES[c.model_type]], 'model_type': c.model_type,
+      'vocab_size': c.vocab_size, 'hidden_size': c.hidden_size,
+      'intermediate_size': c.intermediate_size, 'num_hidden_layers': c.num_layers,
+      'num_attention_heads': c.num_heads, 'num_key_value_heads': c.num_kv_heads,
+      'head_dim': c.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': c.rms_norm_eps,
+      'max_position_embeddings': c.max_position_embeddings,
+      'tie_word_embeddings': c.tie_word_embeddings, 'rope_theta': c.rope_theta,
+      'rope_scaling': rope_scaling, 'rope_parameters': rope_parameters,
+      'bos_token_id': c.bos_token_id, 'eos_token_id': c.eos_token_id,
+      'pad_token_id': c.pad_token_id, 'torch_dtype': dtype_name, 'dtype': dtype_name,
+      'use_cache': True, 'initializer_range': 0.02, 'attention_dropout': 0.0,
+  }
+  if c.model_type == 'llama':
+    if c.qkv_bias != c.o_bias:
+      raise ValueError('LLaMA in transformers has one attention_bias for q/k/v/o; this config '
+                       f'has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
+    hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+  elif c.model_type == 'mistral':
+    hf['sliding_window'] = c.sliding_window
+  elif c.model_type == 'qwen2':
+    hf.update(use_sliding_window=c.sliding_window is not None,
+              sliding_window=c.sliding_window, max_window_layers=0 if c.sliding_window else
+              c.num_layers,
+              layer_types=['sliding_attention' if c.sliding_window else 'full_attention'] *
+              c.num_layers)
+  return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter names
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One leaf of the jaxsft parameter tree and the HF tensor(s) behind it."""
+
+  path: tuple[str, ...]  # path in the params tree, e.g. ('layers', 'mlp', 'up_proj', 'kernel')
+  hf_names: tuple[str, ...]  # one name, or one per layer when stacked by `scan_layers`
+  transpose: bool  # HF [out, in] <-> kernel [in, out]
+  stacked: bool
+
+
+def _layer_tensors(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, bool]]:
+  """(path inside a layer, HF suffix, transpose) for every per-layer tensor."""
+  c = config
+  entries = [(('input_layernorm', 'scale'), 'input_layernorm.weight', False),
+             (('post_attention_layernorm', 'scale'), 'post_attention_layernorm.weight', False)]
+  for name, bias in (('q_proj', c.qkv_bias), ('k_proj', c.qkv_bias), ('v_proj', c.qkv_bias),
+                     ('o_proj', c.o_bias)):
+    entries.append((('self_attn', name, 'kernel'), f'self_attn.{name}.weight', True))
+    if bias:
+      entries.append((('self_attn', name, 'bias'), f'self_attn.{name}.bias', False))
+  for name in ('gate_proj', 'up_proj', 'down_proj'):
+    entries.append((('mlp', name, 'kernel'), f'mlp.{name}.weight', True))
+    if c.mlp_bias:
+      entries.append((('mlp', name, 'bias'), f'mlp.{name}.bias', False))
+  return entries
+
+
+def parameter_entries(config: LlamaConfig, prefix: str = 'model.') -> list[_Entry]:
+  """Every parameter of `Llama(config)` with its HF tensor name(s), in HF's order."""
+  entries = [_Entry(('embed_tokens', 'embedding'), (f'{prefix}embed_tokens.weight',), False,
+                    False)]
+  for sub_path, suffix, transpose in _layer_tensors(config):
+    names = tuple(f'{prefix}layers.{i}.{suffix}' for i in range(config.num_layers))
+    if config.scan_layers:
+      entries.append(_Entry(('layers',) + sub_path, names, transpose, True))
+    else:
+      entries.extend(_Entry((f'layers_{i}',) + sub_path, (name,), transpose, False)
+                     for i, name in enumerate(names))
+  entries.append(_Entry(('norm', 'scale'), (f'{prefix}norm.weight',), False, False))
+  if not config.tie_word_embeddings:
+    entries.append(_Entry(('lm_head', 'kernel'), ('lm_head.weight',), True, False))
+  return entries
+
+
+def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping, path: Sequence[str]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
+  """A local folder as is; anything else is taken as a hub id and fetched into the HF cache."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or path.startswith(('/', './', '../', '~')):
+    raise FileNotFoundError(f'{path!r} is not a folder. Pass the folder holding config.json and '
+                            '*.safetensors, or a hub id such as "meta-llama/Llama-2-7b-hf".')
+  import huggingface_hub  # only when a hub id is given: loading local folders needs no network
+  return huggingface_hub.snapshot_download(
+      repo_id=path, allow_patterns=['*.json', '*.safetensors', 'tokenizer.model', '*.txt',
+                                    '*.jinja'])
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{path!r} has no config.json; it is not an HF model folder.')
+  with open(config_path) as f:
+    return json.load(f)
+
+
+class SafetensorsReader:
+  """Lazy reads from the `*.safetensors` files of one folder (memory-mapped by safetensors)."""
+
+  def __init__(self, folder: str):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    self._safe_open = safe_open
+    self.folder = folder
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    single_path = os.path.join(folder, SAFETENSORS_SINGLE)
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        self.weight_map = dict(json.load(f)['weight_map'])
+    elif os.path.isfile(single_path):
+      with safe_open(single_path, 'np') as f:
+        self.weight_map = {name: SAFETENSORS_SINGLE for name in f.keys()}
+    else:
+      others = sorted(n for n in os.listdir(folder) if n.endswith(('.bin', '.pt', '.pth')))
+      if others:
+        raise FileNotFoundError(
+            f'{folder!r} holds only PyTorch pickle weights ({", ".join(others[:3])}); jaxsft '
+            'reads safetensors (no torch at run time). Convert once with: python -c "from '
+            'transformers import AutoModelForCausalLM as M; M.from_pretrained(\'FOLDER\')'
+            '.save_pretrained(\'FOLDER\')"')
+      raise FileNotFoundError(f'{folder!r} has neither {SAFETENSORS_SINGLE} nor '
+                              f'{SAFETENSORS_INDEX}.')
+    self._handles: dict[str, Any] = {}
+
+  def _file(self, name: str):
+    file_name = self.weight_map[name]
+    if file_name not in self._handles:
+      self._handles[file_name] = self._safe_open(os.path.join(self.folder, file_name), 'np')
+    return self._handles[file_name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._file(name).get_slice(name).get_shape())
+
+  def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """Reads `tensor[index]` without reading the rest of the tensor."""
+    tensor_slice = self._file(name).get_slice(name)
+    return np.asarray(tensor_slice[index] if index else tensor_slice[:])
+
+  def close(self) -> None:
+    self._handles.clear()
+
+
+def _read_shard(reader: SafetensorsReader, entry: _Entry, index: tuple[slice, ...],
+                dtype: Any) -> np.ndarray:
+  """Reads the part `index` (in jaxsft layout) of one parameter from the HF tensors."""
+  layer_index, inner = (index[0], index[1:]) if entry.stacked else (slice(None), index)
+  hf_inner = tuple(reversed(inner)) if entry.transpose else tuple(inner)
+
+  def one(name):
+    part = reader.read(name, hf_inner)
+    return (part.T if entry.transpose else part).astype(dtype)
+
+  if not entry.stacked:
+    return one(entry.hf_names[0])
+  return np.stack([one(name) for name in entry.hf_names[layer_index]])
+
+
+def abstract_params(config: LlamaConfig) -> Any:
+  """Shapes, dtypes and logical axes of `Llama(config)`'s params, without allocating them."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), tokens))['params']
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES) -> Any:
+  """`NamedSharding` of each parameter of `Llama(config)` on `mesh`."""
+  return sharding_lib.logical_shardings(abstract_params(config), mesh, rules)
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh | None = None,
+                    rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
+                    config_overrides: Mapping[str, Any] | None = None
+                    ) -> tuple[LlamaConfig, dict[str, Any]]:
+  """Loads an HF LLaMA / Mistral / Qwen2 checkpoint.
+
+  Args:
+    path: local HF folder, or a hub id (fetched with `huggingface_hub` into its cache).
+    dtype: dtype of the returned parameters; 'auto' keeps the checkpoint's own dtype.
+    mesh: place each parameter on this mesh with the sharding its logical axes give; each
+      device's shard is read from disk on its own, so no device holds the whole model.
+    rules: logical-axis rules (see `jaxsft.sharding.DEFAULT_RULES`).
+    config_overrides: `LlamaConfig` fields to set (`scan_layers`, compute `dtype`, ...).
+  Returns:
+    `(config, params)`; `Llama(config).apply({'params': params}, tokens)` runs the model.
+  """
+  folder = resolve_checkpoint_dir(path)
+  hf_config = read_hf_config(folder)
+  reader = SafetensorsReader(folder)
+  if dtype == 'auto':
+    stored = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
+    dtype = _HF_DTYPES.get(stored, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  config = config_from_hf(hf_config, **{'param_dtype': dtype, **(config_overrides or {})})
+
+  prefix = 'model.' if 'model.embed_tokens.weight' in reader.weight_map else ''
+  entries = parameter_entries(config, prefix)
+  _check_tensors(folder, reader, entries, prefix)
+  abstract = abstract_params(config)
+  if mesh is not None:
+    shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+  else:
+    device = jax.local_devices()[0]
+    shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), nn.unbox(abstract))
+  abstract = nn.unbox(abstract)
+
+  params: dict[str, Any] = {}
+  for entry in entries:
+    shape = _get_path(abstract, entry.path).shape
+    array = jax.make_array_from_callback(
+        shape, _get_path(shardings, entry.path),
+        lambda index, entry=entry: _read_shard(reader, entry, index, dtype))
+    _set_path(params, entry.path, array)
+  reader.close()
+  return config, params
+
+
+def _check_tensors(folder: str, reader: SafetensorsReader, entries: list[_Entry],
+                   prefix: str) -> None:
+  expected = {name for entry in entries for name in entry.hf_names}
+  missing = sorted(expected - set(reader.weight_map))
+  if missing:
+    raise KeyError(f'{folder!r} lacks {len(missing)} tensors the config requires, e.g. '
+                   f'{missing[:5]}. Is config.json the one these weights were saved with?')
+  # Tied checkpoints may still carry lm_head.weight; rotary caches are recomputed.
+  ignorable = ('lm_head.weight', '.rotary_emb.inv_freq')
+  unused = sorted(n for n in set(reader.weight_map) - expected if not n.endswith(ignorable))
+  if unused:
+    _LOG.warning('%s: %d tensors are not used by the model, e.g. %s', folder, len(unused),
+                 unused[:5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _to_host(array: Any) -> np.ndarray:
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
+
+
+def hf_tensors(config: LlamaConfig, params: Mapping[str, Any], dtype: Any
+               ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields `(HF name, [out, in]-layout numpy tensor)` for every parameter, one at a time."""
+  for entry in parameter_entries(config):
+    value = _to_host(_get_path(params, entry.path))
+    for i, name in enumerate(entry.hf_names):
+      tensor = value[i] if entry.stacked else value
+      tensor = tensor.T if entry.transpose else tensor
+      yield name, np.ascontiguousarray(tensor.astype(dtype))
+
+
+def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *,
+                    dtype: Any = None, tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads.
+
+  Args:
+    dtype: dtype of the saved tensors; None keeps `config.param_dtype`.
+    tokenizer_dir: folder whose tokenizer files are copied alongside.
+    max_shard_bytes: above this total size the weights go to several files plus an index.
+  Only process 0 writes; every process must call this (arrays may need gathering).
+  """
+  dtype = jnp.dtype(dtype or config.param_dtype)
+  path = os.fspath(path)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    for stale in os.listdir(path):
+      if stale.endswith('.safetensors') or stale == SAFETENSORS_INDEX:
+        os.remove(os.path.join(path, stale))
+  # Tensors stream to numbered files as each fills up; they are named once their count is known.
+  files: list[tuple[str, list[str], int]] = []
+  pending: dict[str, np.ndarray] = {}
+
+  def flush():
+    if writer and pending:
+      temp_name = f'part-{len(files):05d}.safetensors.tmp'
+      _save_safetensors(pending, os.path.join(path, temp_name))
+      files.append((temp_name, list(pending), sum(t.nbytes for t in pending.values())))
+    pending.clear()
+
+  for name, tensor in hf_tensors(config, params, dtype):
+    if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
+      flush()
+    pending[name] = tensor
+  flush()
+  if not writer:
+    return
+  _name_shards(path, files)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config_to_hf(config, dtype), f, indent=2, sort_keys=True)
+  if tokenizer_dir is not None:
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+    if not copied:
+      raise FileNotFoundError(f'tokenizer_dir={tokenizer_dir!r} holds none of {TOKENIZER_FILES}.')
+    for name in copied:
+      shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], file_path: str) -> None:
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  safetensors.numpy.save_file(tensors, file_path, metadata={'format': 'pt'})  # HF checks format
+
+
+def _name_shards(path: str, files: list[tuple[str, list[str], int]]) -> None:
+  """Gives the written parts their HF names; several parts also get an index."""
+  if len(files) == 1:
+    os.replace(os.path.join(path, files[0][0]), os.path.join(path, SAFETENSORS_SINGLE))
+    return
+  weight_map = {}
+  for i, (temp_name, names, _) in enumerate(files):
+    file_name = f'model-{i + 1:05d}-of-{len(files):05d}.safetensors'
+    os.replace(os.path.join(path, temp_name), os.path.join(path, file_name))
+    weight_map.update({name: file_name for name in names})
+  index = {'metadata': {'total_size': sum(size for *_, size in files)}, 'weight_map': weight_map}
+  with open(os.path.join(path, SAFETENSORS_INDEX), 'w') as f:
+    json.dump(index, f, indent=2, sort_keys=True)

@@ -1,0 +1,101 @@
+"""`LlamaConfig`: the architecture of a LLaMA-family model and how to run it.
+
+One dataclass covers LLaMA 1/2/3, Mistral and Qwen2; they differ only in the fields below (GQA
+head counts, rotary scaling, q/k/v biases, tied embeddings, sliding window). The HF
+`config.json` mapping lives in `jaxsft.hf`; this module knows nothing about files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+AttentionImplementation = Literal['xla', 'cudnn', 'splash', 'auto']
+RematPolicy = Literal['none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out']
+ROPE_TYPES = ('default', 'linear', 'llama3')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture plus execution options of a LLaMA-family decoder.
+
+  Architecture fields follow HF names where one exists (`hidden_size`, `num_kv_heads` is HF's
+  `num_key_value_heads`). `rope_scaling` is HF's rope-parameter dict without `rope_theta`,
+  e.g. `{'rope_type': 'llama3', 'factor': 8.0, ...}`, or None for plain RoPE.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: dict[str, Any] | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2; LLaMA's `attention_bias` sets this and `o_bias`
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None  # Mistral: a query sees at most this many keys
+  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2'; used when exporting to HF
+  bos_token_id: int | None = None
+  eos_token_id: int | list[int] | None = None
+  pad_token_id: int | None = None
+
+  # Execution options: they change speed and memory, never the function computed.
+  dtype: Any = jnp.float32  # compute dtype of activations and matmuls
+  param_dtype: Any = jnp.float32  # dtype parameters are created in by `init`
+  logits_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  attention_implementation: str = 'xla'
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
+    for field in ('dtype', 'param_dtype', 'logits_dtype'):
+      object.__setattr__(self, field, jnp.dtype(getattr(self, field)))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'LlamaConfig: num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}; GQA needs whole groups.')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'LlamaConfig.remat_policy={self.remat_policy!r}; '
+                       f'choose one of {REMAT_POLICIES}.')
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'LlamaConfig.attention_implementation={self.attention_implementation!r};'
+                       f' choose one of {ATTENTION_IMPLEMENTATIONS}.')
+    rope_type = (self.rope_scaling or {}).get('rope_type', 'default')
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f'LlamaConfig.rope_scaling has rope_type={rope_type!r}, which jaxsft does '
+                       f'not implement; supported: {ROPE_TYPES}.')
+
+  def __hash__(self):
+    # rope_scaling is a dict; Linen hashes module attributes, so hash a frozen view of it.
+    fields = dataclasses.astuple(self)
+    return hash(tuple(tuple(sorted(f.items())) if isinstance(f, dict) else
+                      tuple(f) if isinstance(f, list) else f for f in fields))
+
+  @property
+  def heads_per_group(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **changes: Any) -> 'LlamaConfig':
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count from the shapes alone (embeddings and LM head included)."""
+    d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+    q, kv = self.num_heads * h, self.num_kv_heads * h
+    attn = d * q + 2 * d * kv + q * d
+    attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
+    mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+    layer = attn + mlp + 2 * d
+    head = 0 if self.tie_word_embeddings else self.vocab_size * d
+    return self.vocab_size * d + self.num_layers * layer + d + head

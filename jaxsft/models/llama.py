@@ -1,0 +1,142 @@
+"""The LLaMA-family decoder as Flax Linen modules.
+
+Parameter paths mirror HF module names (`layers/self_attn/q_proj/kernel`), so LoRA target
+regexes written for PEFT (`q_proj`, `down_proj`) select the same projections here. With
+`scan_layers` the per-layer parameters are stacked under `layers` with a leading `layers` axis;
+without it they live under `layers_0 ... layers_{L-1}`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxsft.models.attention import attention
+from jaxsft.models.config import LlamaConfig
+from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
+from jaxsft.models.rope import apply_rotary, inverse_frequencies, rotary_angles
+
+_REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole layer in the backward pass
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_dots_with_batch': jax.checkpoint_policies.checkpoint_dots,
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
+}
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
+    c = self.config
+    b, t, _ = x_btd.shape
+    n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+    proj = functools.partial(Projection, dtype=c.dtype, param_dtype=c.param_dtype)
+    q_btnh = proj(n * h, ('embed', 'heads'), c.qkv_bias, name='q_proj')(x_btd).reshape(b, t, n, h)
+    k_btkh = proj(k * h, ('embed', 'kv_heads'), c.qkv_bias, name='k_proj')(x_btd).reshape(
+        b, t, k, h)
+    v_btkh = proj(k * h, ('embed', 'kv_heads'), c.qkv_bias, name='v_proj')(x_btd).reshape(
+        b, t, k, h)
+    q_btnh = nn.with_logical_constraint(apply_rotary(q_btnh, cos_bth, sin_bth),
+                                        ('act_batch', 'act_length', 'act_heads', None))
+    k_btkh = nn.with_logical_constraint(apply_rotary(k_btkh, cos_bth, sin_bth),
+                                        ('act_batch', 'act_length', 'act_kv_heads', None))
+    v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_length', 'act_kv_heads', None))
+    out_btnh = attention(q_btnh, k_btkh, v_btkh, q_segment_ids=segment_ids_bt,
+                         kv_segment_ids=segment_ids_bt,
+                         implementation=c.attention_implementation,
+                         sliding_window=c.sliding_window)
+    out_btnh = checkpoint_name(out_btnh, 'attention_out')
+    return proj(c.hidden_size, ('heads', 'embed'), c.o_bias, name='o_proj')(
+        out_btnh.reshape(b, t, n * h))
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd):
+    c = self.config
+    proj = functools.partial(Projection, use_bias=c.mlp_bias, dtype=c.dtype,
+                             param_dtype=c.param_dtype)
+    gate_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='gate_proj')(x_btd)
+    up_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='up_proj')(x_btd)
+    hidden_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf,
+                                            ('act_batch', 'act_length', 'act_mlp'))
+    return proj(c.hidden_size, ('mlp', 'embed'), name='down_proj')(hidden_btf)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block. Returns `(x, None)` so it serves as an `nn.scan` body."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
+    c = self.config
+    norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
+                             param_dtype=c.param_dtype)
+    x_btd = x_btd + Attention(c, name='self_attn')(norm(name='input_layernorm')(x_btd),
+                                                   cos_bth, sin_bth, segment_ids_bt)
+    x_btd = x_btd + MLP(c, name='mlp')(norm(name='post_attention_layernorm')(x_btd))
+    x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
+    return x_btd, None
+
+
+class Llama(nn.Module):
+  """`Llama(config).apply({'params': params}, tokens, positions=..., segment_ids=...)`.
+
+  Args (to `__call__`):
+    tokens: `[B, T]` int32 token ids.
+    positions: `[B, T]` int32 positions, restarting at 0 per packed segment; default arange.
+    segment_ids: `[B, T]` int32, 1.. per packed example, 0 for padding; default all ones.
+  Returns:
+    logits `[B, T, V]` in `config.logits_dtype`.
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    c = self.config
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(default_kernel_init,
+                                                                 ('vocab', 'embed')),
+                     name='embed_tokens')
+    x_btd = nn.with_logical_constraint(embed(tokens), ('act_batch', 'act_length', 'act_embed'))
+    inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+    cos_bth, sin_bth = rotary_angles(positions, inv_freq, c.dtype)
+
+    layer_cls = DecoderLayer
+    if c.remat_policy != 'none':
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat_policy],
+                           prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={'params': 0, 'lora': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_btd, _ = stack(c, name='layers')(x_btd, cos_bth, sin_bth, segment_ids)
+    else:
+      for i in range(c.num_layers):
+        x_btd, _ = layer_cls(c, name=f'layers_{i}')(x_btd, cos_bth, sin_bth, segment_ids)
+
+    x_btd = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name='norm')(x_btd)
+    if c.tie_word_embeddings:
+      logits_btv = embed.attend(x_btd)
+    else:
+      logits_btv = Projection(c.vocab_size, ('embed', 'vocab'), dtype=c.dtype,
+                              param_dtype=c.param_dtype, name='lm_head')(x_btd)
+    logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_length', 'act_vocab'))
+    return logits_btv.astype(c.logits_dtype)

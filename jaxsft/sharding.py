@@ -1,0 +1,104 @@
+"""Device meshes and the logical-axis rules that place parameters and activations on them.
+
+Every parameter carries logical axis names (`('embed', 'mlp')`); one rules table maps them to
+the mesh axes `('data', 'fsdp', 'tensor')`. Changing a parallelism strategy means changing the
+table, never the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_LOG = logging.getLogger(__name__)
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# (logical name, mesh axes). Batch splits over data and fsdp (FSDP is data parallel with sharded
+# weights); weights shard their `embed` dim over fsdp and their head/mlp/vocab dim over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ('act_batch', ('data', 'fsdp')),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    ('layers', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('lora_rank', None),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+  """A `('data', 'fsdp', 'tensor')` mesh; one size may be -1 for "all remaining devices"."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f'mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}.')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh shape {tuple(shape)}: at most one axis may be -1.')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'mesh shape {tuple(shape)}: {len(devices)} devices are not divisible '
+                       f'by {known}.')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices; '
+                     f'{len(devices)} are available. Use -1 for one axis to take the rest.')
+  try:
+    device_grid = mesh_utils.create_device_mesh(shape, devices)
+  except (AssertionError, NotImplementedError, ValueError):
+    device_grid = np.asarray(devices).reshape(shape)
+  return Mesh(device_grid, MESH_AXES)
+
+
+def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                         rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+  """The mesh `PartitionSpec` for an array of `shape` with these logical axes.
+
+  A dimension that its mesh axes do not divide is replicated instead (with a warning): XLA
+  cannot place uneven shards, and replication is always correct.
+  """
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  resolved = []
+  for dim, axes in zip(shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      _LOG.warning('dimension of size %d (logical axes %s) is not divisible by mesh axes %s of '
+                   'size %d; replicating it.', dim, tuple(logical_axes), names, size)
+      axes = None
+    resolved.append(axes)
+  return PartitionSpec(*resolved)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh,
+                      rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` boxes (e.g. from `eval_shape` of
+  `init`); leaves without logical names are replicated. Returns the unboxed tree's structure."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      spec = logical_to_mesh_spec(leaf.names, leaf.value.shape, mesh, rules)
+    else:
+      spec = PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map(one, abstract_tree,
+                                is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

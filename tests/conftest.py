@@ -1,0 +1,29 @@
+"""Shared test setup: 8 fake CPU devices, tiny HF reference models, the shared data folder."""
+
+import os
+import pathlib
+
+import jax
+
+# Must happen before any JAX backend starts: sharding tests need 8 devices on one CPU.
+jax.config.update('jax_num_cpu_devices', 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data'
+
+
+def shared_data(relative: str) -> pathlib.Path:
+  """Path of a file under ../shared/data, or skip the test with a clear message."""
+  path = (SHARED_DATA / relative).resolve()
+  if not path.exists():
+    pytest.skip(f'test data {relative} not found under {SHARED_DATA.resolve()} (the shared data '
+                'folder sits beside the project checkout; see ../shared/data/README.md)')
+  return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('TRANSFORMERS_OFFLINE', '1')
