@@ -1,0 +1,159 @@
+"""HF checkpoints in and out: round trips, sharded files, dtypes, config formats, clear errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import shared_data
+from hf_reference import random_tokens, save_model, torch_logits
+from jaxsft import hf
+from jaxsft.models import Llama
+
+
+def load_hf(folder):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      folder, attn_implementation='eager', dtype='float32').eval()
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('variant', ['llama3_gqa', 'llama_tied', 'llama_mqa_bias', 'mistral',
+                                     'qwen2_bias'])
+def test_round_trip_through_transformers(tmp_path, variant):
+  original = save_model(variant, tmp_path / 'original')
+  config, params = hf.load_checkpoint(tmp_path / 'original')
+  hf.save_checkpoint(tmp_path / 'exported', config, params)
+  reloaded = load_hf(tmp_path / 'exported')
+  assert type(reloaded) is type(original)
+  tokens = random_tokens(2, 20, seed=5)
+  np.testing.assert_array_equal(torch_logits(reloaded, tokens), torch_logits(original, tokens))
+  # ... and jaxsft reads its own export back to the same parameters.
+  config_again, params_again = hf.load_checkpoint(tmp_path / 'exported')
+  assert config_again == config
+  assert_trees_equal(params_again, params)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+  model = save_model('llama3_gqa', tmp_path / 'single')
+  model.save_pretrained(tmp_path / 'sharded', max_shard_size='40KB')
+  files = sorted(os.listdir(tmp_path / 'sharded'))
+  assert hf.SAFETENSORS_INDEX in files and sum(f.endswith('.safetensors') for f in files) > 2
+  _, single = hf.load_checkpoint(tmp_path / 'single')
+  _, sharded = hf.load_checkpoint(tmp_path / 'sharded')
+  assert_trees_equal(sharded, single)
+
+
+def test_save_checkpoint_shards_above_the_threshold(tmp_path):
+  original = save_model('qwen2_bias', tmp_path / 'original')
+  config, params = hf.load_checkpoint(tmp_path / 'original', config_overrides={'scan_layers':
+                                                                              False})
+  hf.save_checkpoint(tmp_path / 'exported', config, params, max_shard_bytes=60_000)
+  with open(tmp_path / 'exported' / hf.SAFETENSORS_INDEX) as f:
+    index = json.load(f)
+  shard_files = sorted(set(index['weight_map'].values()))
+  assert len(shard_files) > 2 and shard_files[0] == f'model-00001-of-{len(shard_files):05d}' \
+      '.safetensors'
+  assert not any(n.endswith('.tmp') for n in os.listdir(tmp_path / 'exported'))
+  tokens = random_tokens(1, 12, seed=6)
+  np.testing.assert_array_equal(torch_logits(load_hf(tmp_path / 'exported'), tokens),
+                                torch_logits(original, tokens))
+
+
+def test_bf16_checkpoint_dtypes(tmp_path):
+  model = save_model('llama2_mha', tmp_path / 'fp32')
+  model.to(dtype=torch.bfloat16)
+  model.save_pretrained(tmp_path / 'bf16')
+  config, params = hf.load_checkpoint(tmp_path / 'bf16')  # 'auto': the stored dtype
+  assert config.param_dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  _, params32 = hf.load_checkpoint(tmp_path / 'bf16', dtype=jnp.float32)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params32)} == {jnp.dtype(jnp.float32)}
+  for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params32)):
+    np.testing.assert_array_equal(np.asarray(x).astype(np.float32), np.asarray(y))
+  hf.save_checkpoint(tmp_path / 'out', config, params32, dtype=jnp.bfloat16)
+  with open(tmp_path / 'out' / 'config.json') as f:
+    assert json.load(f)['dtype'] == 'bfloat16'
+  assert load_hf(tmp_path / 'out').config.vocab_size == 256
+
+
+def test_transformers4_config_format(tmp_path):
+  """`rope_theta`/`rope_scaling`/`torch_dtype` (transformers 4) read like `rope_parameters`."""
+  save_model('llama3_gqa', tmp_path)
+  config5, _ = hf.load_checkpoint(tmp_path)
+  with open(tmp_path / 'config.json') as f:
+    hf_config = json.load(f)
+  rope = hf_config.pop('rope_parameters')
+  hf_config['rope_theta'] = rope.pop('rope_theta')
+  hf_config['rope_scaling'] = {**rope, 'type': rope.pop('rope_type')}  # oldest spelling
+  hf_config['torch_dtype'] = hf_config.pop('dtype', 'float32')
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(hf_config, f)
+  config4, _ = hf.load_checkpoint(tmp_path)
+  assert config4 == config5
+  assert config4.rope_theta == 500000.0 and config4.rope_scaling['rope_type'] == 'llama3'
+
+
+def test_tokenizer_files_are_copied(tmp_path):
+  tokenizer_dir = shared_data('tokenizers/llama2')
+  save_model('llama2_mha', tmp_path / 'original')
+  config, params = hf.load_checkpoint(tmp_path / 'original')
+  hf.save_checkpoint(tmp_path / 'out', config, params, tokenizer_dir=tokenizer_dir)
+  assert (tmp_path / 'out' / 'tokenizer.model').is_file()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  assert tokenizer.eos_token == '</s>'
+
+
+def test_pickle_only_folder_says_how_to_convert(tmp_path):
+  save_model('llama2_mha', tmp_path)
+  os.remove(tmp_path / 'model.safetensors')
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
+  with pytest.raises(FileNotFoundError, match=r'pickle weights \(pytorch_model.bin\).*'
+                     r'save_pretrained'):
+    hf.load_checkpoint(tmp_path)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+  save_model('llama2_mha', tmp_path)
+  with open(tmp_path / 'config.json') as f:
+    hf_config = json.load(f)
+  hf_config.update(model_type='gpt2', architectures=['GPT2LMHeadModel'])
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(hf_config, f)
+  with pytest.raises(ValueError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*supports"):
+    hf.load_checkpoint(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  import safetensors.numpy
+  save_model('llama2_mha', tmp_path)
+  tensors = safetensors.numpy.load_file(tmp_path / 'model.safetensors')
+  del tensors['model.layers.1.mlp.down_proj.weight']
+  safetensors.numpy.save_file(tensors, tmp_path / 'model.safetensors', {'format': 'pt'})
+  with pytest.raises(KeyError, match=r'lacks 1 tensors.*model.layers.1.mlp.down_proj.weight'):
+    hf.load_checkpoint(tmp_path)
+
+
+def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path):
+  with pytest.raises(FileNotFoundError, match='is not a folder'):
+    hf.load_checkpoint(tmp_path / 'nowhere')
+
+
+def test_mixed_sliding_window_layers_are_refused():
+  hf_config = dict(model_type='qwen2', vocab_size=8, hidden_size=8, intermediate_size=8,
+                   num_hidden_layers=4, num_attention_heads=2, sliding_window=16,
+                   use_sliding_window=True, max_window_layers=2)
+  with pytest.raises(NotImplementedError, match='mixes sliding-window and full-attention'):
+    hf.config_from_hf(hf_config)
+  hf_config['use_sliding_window'] = False
+  assert hf.config_from_hf(hf_config).sliding_window is None

@@ -1,0 +1,62 @@
+"""jaxsft logits equal transformers' (torch, fp32) on tiny random models of every family."""
+
+import jax
+import numpy as np
+import pytest
+
+from hf_reference import VARIANTS, random_tokens, save_model, torch_logits
+from jaxsft import hf
+from jaxsft.models import Llama
+
+
+@pytest.fixture(scope='module')
+def saved_models(tmp_path_factory):
+  """variant -> (folder, torch model)."""
+  root = tmp_path_factory.mktemp('hf_models')
+  return {name: (root / name, save_model(name, root / name)) for name in VARIANTS}
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_logits_match_transformers(saved_models, variant, scan_layers):
+  folder, torch_model = saved_models[variant]
+  tokens = random_tokens(2, 24, seed=1)
+  config, params = hf.load_checkpoint(folder, config_overrides={'scan_layers': scan_layers})
+  logits = np.asarray(Llama(config).apply({'params': params}, tokens))
+  reference = torch_logits(torch_model, tokens)
+  assert logits.shape == reference.shape == (2, 24, 256)
+  assert np.abs(logits - reference).max() <= 1e-4
+  assert np.abs(reference).max() > 1.0  # the weights are large enough for a real comparison
+
+
+def test_sliding_window_changes_the_function(saved_models):
+  """Mistral's window (5 here) is applied: without it the logits differ, with it they match."""
+  folder, _ = saved_models['mistral_window5']
+  tokens = random_tokens(1, 16, seed=2)
+  config, params = hf.load_checkpoint(folder)
+  assert config.sliding_window == 5
+  windowed = Llama(config).apply({'params': params}, tokens)
+  full = Llama(config.replace(sliding_window=None)).apply({'params': params}, tokens)
+  assert np.abs(np.asarray(windowed) - np.asarray(full))[:, 5:].max() > 1e-2
+  np.testing.assert_allclose(windowed[:, :5], full[:, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize('policy', ['full', 'save_dots', 'save_dots_with_batch',
+                                    'save_attention_out'])
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_remat_policies_compute_the_same_function_and_gradients(saved_models, policy,
+                                                                 scan_layers):
+  folder, _ = saved_models['llama3_gqa']
+  tokens = random_tokens(2, 16, seed=3)
+  base, params = hf.load_checkpoint(folder, config_overrides={'scan_layers': scan_layers})
+
+  def loss_and_grad(config):
+    def loss(p):
+      return Llama(config).apply({'params': p}, tokens).astype(np.float32).std()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_ref, grads_ref), (loss_remat, grads_remat) = (
+      loss_and_grad(base), loss_and_grad(base.replace(remat_policy=policy)))
+  np.testing.assert_allclose(loss_remat, loss_ref, rtol=1e-6)
+  for ref, got in zip(jax.tree_util.tree_leaves(grads_ref), jax.tree_util.tree_leaves(grads_remat)):
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,24 @@
+"""Abstract shapes of published configs give the published parameter counts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxsft import hf, presets
+
+
+@pytest.mark.parametrize('name, expected', [('llama2-7b', 6_738_415_616),
+                                            ('llama3-8b', 8_030_261_248),
+                                            ('llama3.1-8b', 8_030_261_248),
+                                            ('llama3.2-1b', 1_235_814_400),
+                                            ('mistral-7b', 7_241_732_096),
+                                            ('qwen2.5-7b', 7_615_616_512)])
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_eval_shape_parameter_count(name, expected, scan_layers):
+  config = presets.preset(name, scan_layers=scan_layers, param_dtype=jnp.bfloat16)
+  leaves = jax.tree_util.tree_leaves(hf.abstract_params(config))  # eval_shape: no allocation
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+  assert sum(math.prod(leaf.shape) for leaf in leaves) == expected
+  assert config.num_params() == expected
