@@ -1,0 +1,168 @@
+"""Examples -> fixed-length packed rows; and the length policy that comes first.
+
+An example `{'input_ids', 'loss_mask'}` of n tokens becomes n - 1 positions of a row: inputs
+`ids[:-1]`, targets `ids[1:]`, loss mask `loss_mask[1:]` (a target is trained iff its token is
+supervised). Examples are never split across rows. Rows carry `segment_ids` (1, 2, ... per
+example, 0 for padding) and `positions` restarting at 0 per example, so attention and RoPE
+treat each example as if it were alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+STRATEGIES = ('bfd', 'greedy', 'none')
+OVERLONG_POLICIES = ('truncate', 'drop')
+ROW_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
+
+
+@dataclasses.dataclass
+class LengthStats:
+  """What the length policy did; logged by the pipeline and `jaxsft data inspect`."""
+
+  kept: int = 0
+  truncated: int = 0
+  dropped: int = 0
+  dropped_unsupervised: int = 0  # no supervised token at all (even before truncation)
+
+
+def fit_length(example: dict[str, list[int]], max_tokens: int, policy: str = 'truncate'
+               ) -> dict[str, list[int]] | None:
+  """Applies the length policy to one example; None means drop it.
+
+  `truncate` cuts the response side first (the tail); when the prompt alone fills the budget it
+  cuts the prompt's start instead, so the example keeps supervised tokens (up to half the
+  budget). An example whose tokens fit is returned unchanged.
+  """
+  if policy not in OVERLONG_POLICIES:
+    raise ValueError(f'overlong policy {policy!r}; choose one of {OVERLONG_POLICIES}.')
+  ids, mask = example['input_ids'], example['loss_mask']
+  if not any(mask[1:]):
+    return None
+  if len(ids) <= max_tokens:
+    return example
+  if policy == 'drop':
+    return None
+  first_supervised = next(i for i, m in enumerate(mask) if m and i > 0)
+  if first_supervised < max_tokens - 1:
+    start = 0
+  else:
+    keep_response = min(len(ids) - first_supervised, max_tokens // 2)
+    start = first_supervised + keep_response - max_tokens
+  return {'input_ids': ids[start:start + max_tokens], 'loss_mask': mask[start:start + max_tokens]}
+
+
+def apply_length_policy(examples: Sequence[dict[str, list[int]]], max_tokens: int,
+                        policy: str = 'truncate') -> tuple[list[dict[str, list[int]]], LengthStats]:
+  stats = LengthStats()
+  kept = []
+  for example in examples:
+    fitted = fit_length(example, max_tokens, policy)
+    if fitted is None:
+      if not any(example['loss_mask'][1:]):
+        stats.dropped_unsupervised += 1
+      else:
+        stats.dropped += 1
+      continue
+    stats.truncated += fitted is not example
+    stats.kept += 1
+    kept.append(fitted)
+  return kept, stats
+
+
+def assign_rows(lengths: Sequence[int], capacity: int, strategy: str = 'bfd') -> list[list[int]]:
+  """Groups example indices into rows whose lengths sum to at most `capacity`.
+
+  `bfd`: best-fit decreasing, O(n log n): longest first, each into the fullest row it fits.
+  `greedy`: first-fit in the given order. `none`: one example per row.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f'packing strategy {strategy!r}; choose one of {STRATEGIES}.')
+  empty = [i for i, n in enumerate(lengths) if n < 1]
+  if empty:
+    raise ValueError(f'{len(empty)} examples have fewer than 2 tokens (nothing to predict), e.g. '
+                     f'index {empty[0]}; apply the length policy first.')
+  too_long = [i for i, n in enumerate(lengths) if n > capacity]
+  if too_long:
+    raise ValueError(f'{len(too_long)} examples are longer than the row ({capacity} tokens), '
+                     f'e.g. index {too_long[0]} with {lengths[too_long[0]]}; apply the length '
+                     'policy first.')
+  if strategy == 'none':
+    return [[i] for i in range(len(lengths))]
+  if strategy == 'greedy':
+    return _first_fit(lengths, capacity)
+  return _best_fit_decreasing(lengths, capacity)
+
+
+def _best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  rows: list[list[int]] = []
+  # Sorted (remaining space, row id); the first entry with space >= n is the best fit.
+  free: list[tuple[int, int]] = []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    n = lengths[i]
+    slot = bisect.bisect_left(free, (n, -1))
+    if slot == len(free):
+      rows.append([i])
+      bisect.insort(free, (capacity - n, len(rows) - 1))
+    else:
+      space, row = free.pop(slot)
+      rows[row].append(i)
+      bisect.insort(free, (space - n, row))
+  return rows
+
+
+def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """First fit with a max-segment-tree over rows' free space: O(n log n)."""
+  size = 1
+  while size < max(1, len(lengths)):
+    size *= 2
+  tree = np.zeros(2 * size, np.int64)  # leaves: free space of row r (0 until the row opens)
+  rows: list[list[int]] = []
+  for i, n in enumerate(lengths):
+    if tree[1] >= n:
+      node = 1
+      while node < size:
+        node = 2 * node if tree[2 * node] >= n else 2 * node + 1
+      row = node - size
+      rows[row].append(i)
+    else:
+      row = len(rows)
+      rows.append([i])
+      node = row + size
+      tree[node] = capacity
+    node = row + size
+    tree[node] -= n
+    node //= 2
+    while node:
+      tree[node] = max(tree[2 * node], tree[2 * node + 1])
+      node //= 2
+  return rows
+
+
+def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, strategy: str = 'bfd'
+         ) -> dict[str, np.ndarray]:
+  """Packs examples (each at most `seq_len + 1` tokens) into int32 rows `[rows, seq_len]`."""
+  lengths = [len(e['input_ids']) - 1 for e in examples]
+  rows = assign_rows(lengths, seq_len, strategy)
+  out = {key: np.zeros((len(rows), seq_len), np.int32) for key in ROW_KEYS}
+  for r, members in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(members, start=1):
+      ids, mask, n = examples[i]['input_ids'], examples[i]['loss_mask'], lengths[i]
+      end = start + n
+      out['inputs'][r, start:end] = ids[:-1]
+      out['targets'][r, start:end] = ids[1:]
+      out['loss_mask'][r, start:end] = mask[1:]
+      out['segment_ids'][r, start:end] = segment
+      out['positions'][r, start:end] = np.arange(n)
+      start = end
+  return out
+
+
+def packing_efficiency(rows: dict[str, np.ndarray]) -> float:
+  """Real (non-padding) positions / row capacity."""
+  return float((rows['segment_ids'] > 0).mean()) if rows['segment_ids'].size else 0.0

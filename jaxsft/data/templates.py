@@ -1,0 +1,251 @@
+"""Messages -> token ids + loss mask, through chat templates.
+
+Every template is Jinja, rendered by transformers' own chat-template renderer, so token ids equal
+`tokenizer.apply_chat_template(messages, tokenize=True)`. The built-in templates (`llama2`,
+`llama3`, `chatml`, `mistral`, `alpaca`) render the text of the official templates and wrap each
+assistant turn's content and end-of-turn token in `{% generation %}` markers. The loss mask
+comes from the character spans of those markers mapped through the tokenizer's offsets (the
+same rule transformers uses for `return_assistant_tokens_mask`), never from tokenizing pieces
+separately. A template without markers (a tokenizer's own, say) gets the spans by locating each
+assistant content in the rendered text and extending it through the next end-of-turn string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from transformers.utils import chat_template_utils
+
+from jaxsft.data.formats import BadRecord, Message
+
+TRAIN_ON = ('assistant', 'last', 'all')
+END_OF_TURN_STRINGS = ('<|im_end|>', '<|eot_id|>', '<|end|>', '<|endoftext|>', '</s>')
+
+_LLAMA2 = r"""
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set system_message = none -%}{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if loop.index0 == 0 and system_message is not none -%}
+      {{- bos_token + '[INST] ' + ('<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content']) | trim + ' [/INST]' -}}
+    {%- else -%}
+      {{- bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' -}}
+    {%- endif -%}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- ' ' -}}{%- generation -%}{{- message['content'] | trim + ' ' + eos_token -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- raise_exception('the llama2 template has no role ' + message['role']) -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_LLAMA3 = r"""
+{{- bos_token -}}
+{%- for message in messages -%}
+  {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}
+  {%- if message['role'] == 'assistant' -%}
+    {%- generation -%}{{- message['content'] | trim + '<|eot_id|>' -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- message['content'] | trim + '<|eot_id|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
+"""
+
+_CHATML = r"""
+{%- for message in messages -%}
+  {{- '<|im_start|>' + message['role'] + '\n' -}}
+  {%- if message['role'] == 'assistant' -%}
+    {%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\n' -}}
+  {%- else -%}
+    {{- message['content'] + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+_MISTRAL = r"""
+{{- bos_token -}}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set system_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set system_prefix = '' -%}{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- if message['role'] == 'user' -%}
+    {{- '[INST] ' + (system_prefix if loop.first else '') + message['content'] + ' [/INST]' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- raise_exception('the mistral template has no role ' + message['role']) -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_ALPACA = r"""
+{{- bos_token -}}
+{%- if messages[0]['role'] == 'system' -%}
+  {{- messages[0]['content'] + '\n\n' -}}{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' -}}
+  {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- if message['role'] == 'user' -%}
+    {{- '### Instruction:\n' + message['content'] + '\n\n### Response:\n' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}
+    {%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}
+  {%- else -%}
+    {{- raise_exception('the alpaca template has no role ' + message['role']) -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+BUILTIN_TEMPLATES = {'llama2': _LLAMA2, 'llama3': _LLAMA3, 'chatml': _CHATML,
+                     'mistral': _MISTRAL, 'alpaca': _ALPACA}
+_GENERATION_MARKER = re.compile(r'\{%-?\s*generation\s*-?%\}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  name: str
+  source: str  # Jinja text
+
+  @property
+  def has_generation_markers(self) -> bool:
+    return bool(_GENERATION_MARKER.search(self.source))
+
+
+def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
+  """`spec`: a built-in name, `jinja` (the tokenizer's own `chat_template`), or a `.jinja` path."""
+  if spec in BUILTIN_TEMPLATES:
+    return ChatTemplate(spec, BUILTIN_TEMPLATES[spec].strip())
+  if spec in ('jinja', 'tokenizer'):
+    source = getattr(tokenizer, 'chat_template', None)
+    if not source or not isinstance(source, str):
+      raise ValueError('template "jinja" uses the tokenizer\'s chat_template, but this tokenizer '
+                       f'has none; use one of {sorted(BUILTIN_TEMPLATES)} or a .jinja file.')
+    return ChatTemplate('jinja', source)
+  if spec.endswith('.jinja') or os.path.isfile(spec):
+    if not os.path.isfile(spec):
+      raise FileNotFoundError(f'chat template file {spec!r} does not exist.')
+    with open(spec) as f:
+      return ChatTemplate(os.path.basename(spec), f.read())
+  raise ValueError(f'unknown chat template {spec!r}; use one of {sorted(BUILTIN_TEMPLATES)}, '
+                   '"jinja" (the tokenizer\'s own) or a path to a .jinja file.')
+
+
+def _template_kwargs(tokenizer: Any) -> dict[str, Any]:
+  return dict(getattr(tokenizer, 'special_tokens_map', {}) or {})
+
+
+def render(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
+           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+  """Renders one conversation. Returns `(text, assistant character spans)`."""
+  try:
+    texts, indices = chat_template_utils.render_jinja_template(
+        conversations=[list(messages)], chat_template=template.source,
+        return_assistant_tokens_mask=template.has_generation_markers,
+        add_generation_prompt=add_generation_prompt, **_template_kwargs(tokenizer))
+  except Exception as error:  # jinja's raise_exception and undefined fields
+    raise BadRecord(f'chat template {template.name!r} failed on this conversation: '
+                    f'{error}') from error
+  text = texts[0]
+  if template.has_generation_markers:
+    return text, [tuple(span) for span in indices[0]]
+  return text, _spans_by_search(text, messages, tokenizer)
+
+
+def _spans_by_search(text: str, messages: Sequence[Message], tokenizer: Any
+                     ) -> list[tuple[int, int]]:
+  """Assistant spans for a template without generation markers: each assistant content, found
+  in order, through the end-of-turn string that follows it."""
+  eos = getattr(tokenizer, 'eos_token', None)
+  end_strings = tuple(dict.fromkeys([s for s in (eos, *END_OF_TURN_STRINGS) if s]))
+  spans, cursor = [], 0
+  for message in messages:
+    if message['role'] != 'assistant':
+      continue
+    content = message['content'].strip()
+    start = text.find(content, cursor)
+    if start < 0:
+      raise BadRecord('an assistant message does not appear verbatim in the rendered template; '
+                      'add {% generation %} markers to the template to mark what to train on.')
+    end = start + len(content)
+    ends = [(text.find(s, end), s) for s in end_strings if text.find(s, end) >= 0]
+    if ends:
+      position, string = min(ends)
+      end = position + len(string)
+    spans.append((start, end))
+    cursor = end
+  return spans
+
+
+def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+                     ) -> list[int]:
+  """1 for every token whose characters overlap a span (spans and offsets are both ordered)."""
+  mask = [0] * len(offsets)
+  span_index = 0
+  for token, (start, end) in enumerate(offsets):
+    while span_index < len(spans) and start >= spans[span_index][1]:
+      span_index += 1
+    if span_index == len(spans):
+      break
+    if end > spans[span_index][0]:
+      mask[token] = 1
+  return mask
+
+
+def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
+                 template: ChatTemplate | str, train_on: str = 'assistant'
+                 ) -> list[dict[str, list[int]]]:
+  """`encode_messages` for many conversations, tokenized in one batched call."""
+  if train_on not in TRAIN_ON:
+    raise ValueError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
+  if isinstance(template, str):
+    template = load_template(template, tokenizer)
+  texts, all_spans, plain = [], [], []
+  for messages in conversations:
+    if messages and messages[0]['role'] == 'text':  # plain text: every token, then EOS
+      texts.append(messages[0]['content'])
+      all_spans.append(None)
+      plain.append(True)
+      continue
+    text, spans = render(messages, template, tokenizer)
+    if train_on == 'last':
+      spans = spans[-1:]
+    texts.append(text)
+    all_spans.append(spans)
+    plain.append(False)
+  encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+  examples = []
+  for i, ids in enumerate(encodings['input_ids']):
+    if plain[i]:
+      ids = _with_specials(tokenizer, ids)
+      mask = [1] * len(ids)
+    elif train_on == 'all':
+      mask = [1] * len(ids)
+    else:
+      mask = _mask_from_spans(encodings['offset_mapping'][i], all_spans[i])
+    examples.append({'input_ids': list(ids), 'loss_mask': mask})
+  return examples
+
+
+def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
+  bos, eos = getattr(tokenizer, 'bos_token_id', None), getattr(tokenizer, 'eos_token_id', None)
+  prefix = [bos] if bos is not None and getattr(tokenizer, 'add_bos_token', True) else []
+  return prefix + list(ids) + ([eos] if eos is not None else [])
+
+
+def encode_messages(messages: Sequence[Message], tokenizer: Any, template: ChatTemplate | str,
+                    train_on: str = 'assistant') -> dict[str, list[int]]:
+  """Token ids and loss mask (1 = trained) of one conversation, as lists of int."""
+  return encode_batch([messages], tokenizer, template, train_on)[0]
