@@ -84,7 +84,8 @@ def test_bad_record_names_file_and_index_or_is_skipped_and_counted(caplog):
   records = [{'instruction': 'a', 'output': 'b'}, {'instruction': 'a'},
              {'instruction': 'c', 'output': 'd'}]
   with pytest.raises(BadRecord, match=r"train.jsonl, record 1: missing field 'output'"):
-    convert_records(records, source='train.jsonl')
-  conversations, skipped = convert_records(records, source='train.jsonl', on_bad_record='skip')
+    convert_records(records, source='train.jsonl', format='alpaca')
+  conversations, skipped = convert_records(records, source='train.jsonl', format='alpaca',
+                                           on_bad_record='skip')
   assert skipped == 1 and conversations[1] is None and conversations[2][-1]['content'] == 'd'
   assert 'skipped 1 bad records' in caplog.text
