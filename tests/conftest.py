@@ -1,6 +1,5 @@
 """Shared test setup: 8 fake CPU devices, tiny HF reference models, the shared data folder."""
 
-import os
 import pathlib
 
 import jax
@@ -8,7 +7,6 @@ import jax
 # Must happen before any JAX backend starts: sharding tests need 8 devices on one CPU.
 jax.config.update('jax_num_cpu_devices', 8)
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data'

@@ -13,7 +13,6 @@ import transformers
 from conftest import shared_data
 from hf_reference import random_tokens, save_model, torch_logits
 from jaxsft import hf
-from jaxsft.models import Llama
 
 
 def load_hf(folder):

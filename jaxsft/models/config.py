@@ -8,12 +8,10 @@ head counts, rotary scaling, q/k/v biases, tied embeddings, sliding window). The
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax.numpy as jnp
 
-AttentionImplementation = Literal['xla', 'cudnn', 'splash', 'auto']
-RematPolicy = Literal['none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out']
 ROPE_TYPES = ('default', 'linear', 'llama3')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
