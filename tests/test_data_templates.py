@@ -50,7 +50,7 @@ def test_jinja_files_match_apply_chat_template(tokenizer, template_file, dataset
   assert_matches_transformers(tokenizer, conversations(dataset), source, path)
 
 
-def test_tokenizer_own_template(tokenizer):
+def test_tokenizer_own_template():
   tokenizer = transformers.AutoTokenizer.from_pretrained(shared_data('tokenizers/llama2'))
   with open(shared_data('chat_templates/qwen2_5_training.jinja')) as f:
     tokenizer.chat_template = f.read()
@@ -133,3 +133,18 @@ def test_plain_text_trains_every_token(tokenizer):
   assert example['input_ids'][0] == tokenizer.bos_token_id
   assert example['input_ids'][-1] == tokenizer.eos_token_id
   assert all(example['loss_mask'])
+
+
+def test_template_without_generation_markers_masks_content_through_end_of_turn(tokenizer):
+  """Without {% generation %} markers (upstream qwen2_5.jinja), each assistant content is found
+  in the rendered text and supervised through the next end-of-turn token."""
+  path = str(shared_data('chat_templates/qwen2_5.jinja'))
+  assert not load_template(path).has_generation_markers
+  for messages in conversations('sharegpt_tiny.json') + conversations('alpaca_tiny.json', 20):
+    example = encode_messages(messages, tokenizer, path)
+    with open(path) as f:
+      reference = tokenizer.apply_chat_template(messages, chat_template=f.read(), tokenize=True,
+                                                return_dict=True)
+    assert example['input_ids'] == reference['input_ids']
+    decoded = [tokenizer.decode(run) for run in supervised_runs(example)]
+    assert decoded == [m['content'] + '<|im_end|>' for m in messages if m['role'] == 'assistant']

@@ -9,11 +9,11 @@ treat each example as if it were alone.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+from sortedcontainers import SortedList
 
 STRATEGIES = ('bfd', 'greedy', 'none')
 OVERLONG_POLICIES = ('truncate', 'drop')
@@ -100,18 +100,19 @@ def assign_rows(lengths: Sequence[int], capacity: int, strategy: str = 'bfd') ->
 
 def _best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
   rows: list[list[int]] = []
-  # Sorted (remaining space, row id); the first entry with space >= n is the best fit.
-  free: list[tuple[int, int]] = []
+  # (free space, row id), sorted; the first entry with space >= n is the best fit. SortedList
+  # keeps insertions and removals O(log n), where bisect.insort on a list shifts O(n) entries.
+  free = SortedList()
   for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
     n = lengths[i]
-    slot = bisect.bisect_left(free, (n, -1))
+    slot = free.bisect_left((n, -1))
     if slot == len(free):
       rows.append([i])
-      bisect.insort(free, (capacity - n, len(rows) - 1))
+      free.add((capacity - n, len(rows) - 1))
     else:
       space, row = free.pop(slot)
       rows[row].append(i)
-      bisect.insort(free, (space - n, row))
+      free.add((space - n, row))
   return rows
 
 

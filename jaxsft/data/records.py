@@ -18,7 +18,7 @@ BAD_RECORD_POLICIES = ('error', 'skip')
 
 def convert_records(records: Iterable[Any], *, source: str, format: str = 'auto',  # pylint: disable=redefined-builtin
                     columns: Mapping[str, str] | None = None, on_bad_record: str = 'error',
-                    first_index: int = 0) -> tuple[list[Message] | None, int]:
+                    first_index: int = 0) -> tuple[list[list[Message] | None], int]:
   """Returns `(conversations, skipped)`; a skipped record leaves None at its place so indices
   stay aligned with the source."""
   if on_bad_record not in BAD_RECORD_POLICIES:

@@ -180,7 +180,7 @@ def _spans_by_search(text: str, messages: Sequence[Message], tokenizer: Any
       raise BadRecord('an assistant message does not appear verbatim in the rendered template; '
                       'add {% generation %} markers to the template to mark what to train on.')
     end = start + len(content)
-    ends = [(text.find(s, end), s) for s in end_strings if text.find(s, end) >= 0]
+    ends = [(position, s) for s in end_strings if (position := text.find(s, end)) >= 0]
     if ends:
       position, string = min(ends)
       end = position + len(string)
