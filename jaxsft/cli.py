@@ -1,14 +1,18 @@
 """The `jaxsft` command line.
 
-  jaxsft info PATH     architecture, parameter count and tensor layout of an HF checkpoint
+  jaxsft info PATH                         an HF checkpoint's architecture and parameter count
+  jaxsft data inspect --config FILE [...]  rendered examples with supervised text highlighted,
+                                           length distribution, drop counts, packing efficiency
 
-Training, evaluation, generation and export commands join this entry point as they land.
+`--config` takes a Python file with `get_config()` (optionally `file.py:arg`); `--set key=value`
+overrides one setting (repeatable).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -33,6 +37,25 @@ def _info(args: argparse.Namespace) -> int:
   return 0
 
 
+def _data_inspect(args: argparse.Namespace) -> int:
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.config import load_config
+  from jaxsft.data.inspect import inspect_data
+  from jaxsft.data.pipeline import load_tokenizer
+  config = load_config(args.config, args.set)
+  tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+  color = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
+  print(inspect_data(config.data, tokenizer, batch_size=config.batch_size,
+                     num_examples=args.examples, color=color))
+  return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--config', required=True, help='config file with get_config()')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config setting, e.g. --set data.max_seq_len=1024')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='jaxsft', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   info = commands.add_parser('info', help='describe an HF checkpoint folder (or hub id)')
   info.add_argument('path')
   info.set_defaults(run=_info)
+  data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
+                                                                      required=True)
+  inspect = data.add_parser('inspect', help='show what the model will be trained on')
+  _add_config_arguments(inspect)
+  inspect.add_argument('--examples', type=int, default=3, help='rendered examples to show')
+  inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
+  inspect.set_defaults(run=_data_inspect)
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   return args.run(args)
 
 

@@ -1,6 +1,7 @@
 """The `jaxsft` console script."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -14,3 +15,21 @@ def test_info_describes_a_checkpoint(tmp_path):
   summary = json.loads(result.stdout)
   assert summary['model_type'] == 'qwen2' and summary['num_kv_heads'] == 2
   assert summary['parameters'] == sum(p.numel() for p in model.parameters())
+
+
+def test_data_inspect_highlights_supervised_text_and_reports(tmp_path):
+  from conftest import shared_data
+  data = shared_data('instructions/alpaca_tiny.json')
+  tokenizer = shared_data('tokenizers/llama2')
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxsft.cli', 'data', 'inspect', '--config',
+       f'configs/alpaca_llama2_data.py:{data}', '--set', f'data.tokenizer={tokenizer}',
+       '--set', 'data.max_seq_len=256', '--set', f'data.cache_dir={tmp_path}', '--examples', '2',
+       '--color', 'never'], capture_output=True, text=True, check=True,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  out = result.stdout
+  assert out.count('--- record') == 2
+  # Record 0's response, highlighted with its end-of-turn token and nothing of the prompt.
+  assert '[/INST] ⟦1.Eat a balanced diet' in out and '</s>⟧' in out
+  assert 'truncated' in out and 'training example lengths' in out
+  assert 'packing (bfd) of one epoch' in out and 'efficiency 0.9' in out

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from conftest import shared_data
 from jaxsft.data import BadRecord, detect_format, to_messages
+
+from conftest import shared_data
 
 
 def test_alpaca_with_input_system_and_history():
@@ -77,15 +78,3 @@ def test_real_files_are_detected(name, fmt):
 def test_malformed_records_say_what_is_wrong(record, fmt, problem):
   with pytest.raises(BadRecord, match=problem):
     to_messages(record, fmt)
-
-
-def test_bad_record_names_file_and_index_or_is_skipped_and_counted(caplog):
-  from jaxsft.data.records import convert_records
-  records = [{'instruction': 'a', 'output': 'b'}, {'instruction': 'a'},
-             {'instruction': 'c', 'output': 'd'}]
-  with pytest.raises(BadRecord, match=r"train.jsonl, record 1: missing field 'output'"):
-    convert_records(records, source='train.jsonl', format='alpaca')
-  conversations, skipped = convert_records(records, source='train.jsonl', format='alpaca',
-                                           on_bad_record='skip')
-  assert skipped == 1 and conversations[1] is None and conversations[2][-1]['content'] == 'd'
-  assert 'skipped 1 bad records' in caplog.text

@@ -6,9 +6,10 @@ import json
 import pytest
 import transformers
 
-from conftest import shared_data
 from jaxsft.data import encode_batch, encode_messages, load_template, to_messages
 from jaxsft.data.templates import BUILTIN_TEMPLATES
+
+from conftest import shared_data
 
 EXTRA_SPECIAL_TOKENS = ['<|im_start|>', '<|im_end|>', '<|start_header_id|>',
                         '<|end_header_id|>', '<|eot_id|>']
@@ -62,7 +63,7 @@ def test_tokenizer_own_template():
 
 @pytest.mark.parametrize('template', sorted(BUILTIN_TEMPLATES))
 def test_builtin_templates_match_apply_chat_template(tokenizer, template):
-  assert_matches_transformers(tokenizer, conversations('alpaca_en_demo.json', 300),
+  assert_matches_transformers(tokenizer, conversations('alpaca_en_demo.json'),
                               BUILTIN_TEMPLATES[template], template)
 
 

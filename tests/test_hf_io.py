@@ -10,9 +10,10 @@ import pytest
 import torch
 import transformers
 
+from jaxsft import hf
+
 from conftest import shared_data
 from hf_reference import random_tokens, save_model, torch_logits
-from jaxsft import hf
 
 
 def load_hf(folder):

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from hf_reference import VARIANTS, random_tokens, save_model, torch_logits
 from jaxsft import hf
 from jaxsft.models import Llama
+
+from hf_reference import VARIANTS, random_tokens, save_model, torch_logits
 
 
 @pytest.fixture(scope='module')

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from hf_reference import random_tokens, save_model, torch_logits
 from jaxsft import hf
 from jaxsft.models import Llama
+
+from hf_reference import random_tokens, save_model, torch_logits
 
 SEGMENT_LENGTHS = (7, 11, 5)
 ROW_LENGTH = 28  # 23 real tokens + 5 padding

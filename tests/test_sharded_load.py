@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from hf_reference import random_tokens, save_model
 from jaxsft import hf, sharding
 from jaxsft.models import Llama
+
+from hf_reference import random_tokens, save_model
 
 
 @pytest.fixture(scope='module')

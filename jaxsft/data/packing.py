@@ -41,13 +41,14 @@ def fit_length(example: dict[str, list[int]], max_tokens: int, policy: str = 'tr
   if policy not in OVERLONG_POLICIES:
     raise ValueError(f'overlong policy {policy!r}; choose one of {OVERLONG_POLICIES}.')
   ids, mask = example['input_ids'], example['loss_mask']
-  if not any(mask[1:]):
+  supervised = np.flatnonzero(np.asarray(mask[1:])) + 1
+  if not len(supervised):
     return None
   if len(ids) <= max_tokens:
     return example
   if policy == 'drop':
     return None
-  first_supervised = next(i for i, m in enumerate(mask) if m and i > 0)
+  first_supervised = int(supervised[0])
   if first_supervised < max_tokens - 1:
     start = 0
   else:
@@ -63,7 +64,7 @@ def apply_length_policy(examples: Sequence[dict[str, list[int]]], max_tokens: in
   for example in examples:
     fitted = fit_length(example, max_tokens, policy)
     if fitted is None:
-      if not any(example['loss_mask'][1:]):
+      if not np.any(np.asarray(example['loss_mask'][1:])):
         stats.dropped_unsupervised += 1
       else:
         stats.dropped += 1
@@ -148,13 +149,22 @@ def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, strategy: str =
          ) -> dict[str, np.ndarray]:
   """Packs examples (each at most `seq_len + 1` tokens) into int32 rows `[rows, seq_len]`."""
   lengths = [len(e['input_ids']) - 1 for e in examples]
-  rows = assign_rows(lengths, seq_len, strategy)
+  return fill_rows(examples, assign_rows(lengths, seq_len, strategy), seq_len)
+
+
+def fill_rows(examples: Sequence[dict[str, Sequence[int]]], rows: Sequence[Sequence[int]],
+              seq_len: int) -> dict[str, np.ndarray]:
+  """Lays out `rows` (lists of indices into `examples`) as int32 arrays `[len(rows), seq_len]`;
+  an empty row is all padding."""
   out = {key: np.zeros((len(rows), seq_len), np.int32) for key in ROW_KEYS}
   for r, members in enumerate(rows):
     start = 0
     for segment, i in enumerate(members, start=1):
-      ids, mask, n = examples[i]['input_ids'], examples[i]['loss_mask'], lengths[i]
+      ids, mask = examples[i]['input_ids'], examples[i]['loss_mask']
+      n = len(ids) - 1
       end = start + n
+      if end > seq_len:
+        raise ValueError(f'row {r} holds {end} positions, more than seq_len={seq_len}.')
       out['inputs'][r, start:end] = ids[:-1]
       out['targets'][r, start:end] = ids[1:]
       out['loss_mask'][r, start:end] = mask[1:]

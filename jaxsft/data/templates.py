@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from transformers.utils import chat_template_utils
 
 from jaxsft.data.formats import BadRecord, Message
@@ -143,7 +144,7 @@ def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
                    '"jinja" (the tokenizer\'s own) or a path to a .jinja file.')
 
 
-def _template_kwargs(tokenizer: Any) -> dict[str, Any]:
+def template_kwargs(tokenizer: Any) -> dict[str, Any]:
   return dict(getattr(tokenizer, 'special_tokens_map', {}) or {})
 
 
@@ -154,7 +155,7 @@ def render(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
     texts, indices = chat_template_utils.render_jinja_template(
         conversations=[list(messages)], chat_template=template.source,
         return_assistant_tokens_mask=template.has_generation_markers,
-        add_generation_prompt=add_generation_prompt, **_template_kwargs(tokenizer))
+        add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
   except Exception as error:  # jinja's raise_exception and undefined fields
     raise BadRecord(f'chat template {template.name!r} failed on this conversation: '
                     f'{error}') from error
@@ -189,54 +190,65 @@ def _spans_by_search(text: str, messages: Sequence[Message], tokenizer: Any
   return spans
 
 
-def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
-                     ) -> list[int]:
-  """1 for every token whose characters overlap a span (spans and offsets are both ordered)."""
-  mask = [0] * len(offsets)
-  span_index = 0
-  for token, (start, end) in enumerate(offsets):
-    while span_index < len(spans) and start >= spans[span_index][1]:
-      span_index += 1
-    if span_index == len(spans):
-      break
-    if end > spans[span_index][0]:
-      mask[token] = 1
+def _mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+  """int8 [tokens]: 1 for every token whose characters overlap a span; `offsets` [tokens, 2]."""
+  mask = np.zeros(len(offsets), np.int8)
+  if len(offsets):
+    for start, end in spans:
+      mask[(offsets[:, 1] > start) & (offsets[:, 0] < end)] = 1
   return mask
+
+
+def render_example(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
+                   train_on: str = 'assistant') -> tuple[str, list[tuple[int, int]] | None]:
+  """The text to tokenize and the character spans to train on (None: every token, plain text
+  with BOS/EOS added). Raises `BadRecord` when the template rejects the conversation."""
+  if messages and messages[0]['role'] == 'text':
+    return messages[0]['content'], None
+  text, spans = render(messages, template, tokenizer)
+  if train_on == 'last':
+    spans = spans[-1:]
+  elif train_on == 'all':
+    spans = [(0, len(text))]
+  return text, spans
+
+
+def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]] | None],
+                      tokenizer: Any) -> list[dict[str, np.ndarray]]:
+  """One batched call of the Rust tokenizer over rendered texts -> `input_ids` (int32) and
+  `loss_mask` (int8) arrays, the mask from the spans' character offsets."""
+  if not texts:
+    return []
+  # The backend directly: the transformers wrapper adds per-example Python conversion work
+  # that costs as much as the tokenization itself, and gives the same ids and offsets.
+  encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+  examples = []
+  for encoding, example_spans in zip(encodings, spans):
+    ids = np.asarray(encoding.ids, np.int32)
+    if example_spans is None:
+      ids = np.asarray(_with_specials(tokenizer, encoding.ids), np.int32)
+      mask = np.ones(len(ids), np.int8)
+    else:
+      mask = _mask_from_spans(np.asarray(encoding.offsets, np.int64).reshape(-1, 2), example_spans)
+    examples.append({'input_ids': ids, 'loss_mask': mask})
+  return examples
+
+
+def check_train_on(train_on: str) -> None:
+  if train_on not in TRAIN_ON:
+    raise ValueError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
 
 
 def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
                  template: ChatTemplate | str, train_on: str = 'assistant'
                  ) -> list[dict[str, list[int]]]:
   """`encode_messages` for many conversations, tokenized in one batched call."""
-  if train_on not in TRAIN_ON:
-    raise ValueError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
+  check_train_on(train_on)
   if isinstance(template, str):
     template = load_template(template, tokenizer)
-  texts, all_spans, plain = [], [], []
-  for messages in conversations:
-    if messages and messages[0]['role'] == 'text':  # plain text: every token, then EOS
-      texts.append(messages[0]['content'])
-      all_spans.append(None)
-      plain.append(True)
-      continue
-    text, spans = render(messages, template, tokenizer)
-    if train_on == 'last':
-      spans = spans[-1:]
-    texts.append(text)
-    all_spans.append(spans)
-    plain.append(False)
-  encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-  examples = []
-  for i, ids in enumerate(encodings['input_ids']):
-    if plain[i]:
-      ids = _with_specials(tokenizer, ids)
-      mask = [1] * len(ids)
-    elif train_on == 'all':
-      mask = [1] * len(ids)
-    else:
-      mask = _mask_from_spans(encodings['offset_mapping'][i], all_spans[i])
-    examples.append({'input_ids': list(ids), 'loss_mask': mask})
-  return examples
+  rendered = [render_example(m, template, tokenizer, train_on) for m in conversations]
+  examples = tokenize_rendered([t for t, _ in rendered], [s for _, s in rendered], tokenizer)
+  return [{key: value.tolist() for key, value in example.items()} for example in examples]
 
 
 def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:

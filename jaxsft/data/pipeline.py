@@ -1,0 +1,442 @@
+"""The data pipeline of a run: sources -> tokenized examples -> packed, sharded batches.
+
+Training data is an endless sequence of *windows*. A window is a set of examples drawn from the
+sources by their mixture weights, packed into rows (`data.packing`), rows shuffled; batches are
+consecutive `batch_size` rows of the window sequence, and each JAX process takes its own
+contiguous slice of every global batch.
+
+* In-memory (map-style) mode a window is one mixture epoch: source s contributes
+  `round(p_s * N)` examples (N = all training examples, p_s its normalized weight), read from an
+  endless stream of per-cycle seeded permutations of the source, so a down-weighted source shows
+  new examples each epoch and an up-weighted one repeats in a fresh order. Every process plans
+  the same global windows from the example lengths alone and reads only its own rows.
+* Streaming mode reads `data.pack_window` examples per window, from this process's shards only
+  (`datasets.distributed.split_dataset_by_node`), so each process packs its own rows.
+
+Everything is a pure function of `data.seed`, the window index and the sources, so the iterator
+state is a few integers (plus the `datasets` stream positions in streaming mode):
+`BatchIterator.state()` -> a JSON-serializable dict; `Pipeline.train_batches(state)` resumes on
+exactly the batches the run would have seen.
+
+A batch is a dict of int32 numpy arrays `[batch_size // process_count, max_seq_len]` with keys
+`inputs, targets, loss_mask, segment_ids, positions` (see `packing.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+
+from jaxsft.config import dataset_spec
+from jaxsft.data.packing import STRATEGIES, assign_rows, fill_rows
+from jaxsft.data.sources import (
+  TRUNCATED,
+  SourceStats,
+  load_source,
+  read_column,
+  tokenize_source,
+)
+from jaxsft.data.templates import load_template
+
+_LOG = logging.getLogger(__name__)
+STATE_VERSION = 1
+Batch = dict[str, np.ndarray]
+
+
+def load_tokenizer(path: str) -> Any:
+  """A fast tokenizer (offsets are needed for loss masks) from a folder or hub id."""
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise ValueError('no tokenizer: set data.tokenizer or model.path in the config.')
+  tokenizer = AutoTokenizer.from_pretrained(path)
+  if not tokenizer.is_fast:
+    raise ValueError(f'the tokenizer at {path} is a slow (Python) tokenizer; jaxsft needs a fast '
+                     'one for character offsets. Save it with tokenizer.json (use_fast=True).')
+  return tokenizer
+
+
+def _rng(*keys: Any) -> np.random.Generator:
+  """A generator seeded by a tuple of ints and strings (stable across processes and runs)."""
+  words = [int(k) if not isinstance(k, str) else
+           int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], 'little') for k in keys]
+  return np.random.default_rng(words)
+
+
+def mixture_counts(weights: Sequence[float], total: int) -> np.ndarray:
+  """Largest-remainder split of `total` examples by weight (sums exactly to `total`)."""
+  share = np.asarray(weights, np.float64) / np.sum(weights) * total
+  counts = np.floor(share).astype(np.int64)
+  order = np.argsort(-(share - counts), kind='stable')
+  counts[order[:total - counts.sum()]] += 1
+  return counts
+
+
+@dataclasses.dataclass
+class _Source:
+  label: str
+  spec: dict[str, Any]
+  table: datasets.Dataset | None  # tokenized (map-style mode)
+  train_rows: np.ndarray          # table rows of kept training examples
+  eval_rows: np.ndarray
+  num_tokens: np.ndarray          # per table row
+
+
+class Pipeline:
+  """Training and eval batches of one run, built from the `data` section of the config."""
+
+  def __init__(self, data_config: Any, tokenizer: Any, *, batch_size: int,
+               process_index: int | None = None, process_count: int | None = None):
+    import jax  # pylint: disable=import-outside-toplevel
+    self.config = data_config
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % self.process_count:
+      raise ValueError(f'batch_size={batch_size} must be divisible by the number of JAX '
+                       f'processes ({self.process_count}); each process feeds an equal slice.')
+    if data_config.packing not in STRATEGIES:
+      raise ValueError(f'data.packing={data_config.packing!r}; choose one of {STRATEGIES}.')
+    if not data_config.datasets:
+      raise ValueError('data.datasets is empty; add at least one {"path": ...} entry.')
+    self.template = load_template(data_config.template, tokenizer)
+    self.seq_len = data_config.max_seq_len
+    self.local_batch_size = batch_size // self.process_count
+    self.specs = [dataset_spec(entry, f'data.datasets[{i}]')
+                  for i, entry in enumerate(data_config.datasets)]
+    self.eval_specs = [dataset_spec(entry, f'data.eval_datasets[{i}]')
+                       for i, entry in enumerate(data_config.eval_datasets)]
+    self.stats: dict[str, SourceStats] = {}
+    self._permutations: dict[tuple[int, int], np.ndarray] = {}
+    if data_config.streaming:
+      self._init_streaming()
+    else:
+      self._init_in_memory()
+    for label, stats in self.stats.items():
+      _LOG.info('data %s: %s', label, stats.summary())
+      if stats.truncated or stats.dropped_overlong or stats.bad_records:
+        _LOG.warning('data %s: %d truncated, %d dropped as longer than %d tokens, %d bad records '
+                     'skipped.', label, stats.truncated, stats.dropped_overlong,
+                     data_config.max_seq_len + 1, stats.bad_records)
+
+  # ----------------------------------------------------------------------------- in memory
+
+  def _tokenized(self, spec: dict[str, Any], label: str) -> datasets.Dataset:
+    raw = load_source(spec, cache_dir=self.config.cache_dir)
+    return tokenize_source(raw, spec, label, tokenizer=self.tokenizer, template=self.template,
+                           data_config=self.config)
+
+  def _init_in_memory(self) -> None:
+    self.sources: list[_Source] = []
+    self.eval_sources: list[_Source] = []
+    for i, spec in enumerate(self.specs):
+      label = f'datasets[{i}] {spec["path"]}'
+      table = self._tokenized(spec, label)
+      status = read_column(table, 'status')
+      num_tokens = read_column(table, 'num_tokens')
+      self.stats[label] = stats = SourceStats()
+      stats.add(status, num_tokens)
+      kept = np.flatnonzero(status <= TRUNCATED)
+      held_out = self._eval_count(len(kept), label)
+      order = _rng(self.config.seed, 'eval', i).permutation(len(kept))
+      eval_rows = np.sort(kept[order[:held_out]])
+      train_rows = np.sort(kept[order[held_out:]])
+      if not len(train_rows):
+        raise ValueError(f'{label}: no training examples left ({stats.summary()}).')
+      self.sources.append(_Source(label, spec, table, train_rows, eval_rows, num_tokens))
+      if held_out:
+        self.eval_sources.append(_Source(label, spec, table, eval_rows, eval_rows, num_tokens))
+    for i, spec in enumerate(self.eval_specs):
+      label = f'eval_datasets[{i}] {spec["path"]}'
+      table = self._tokenized(spec, label)
+      status = read_column(table, 'status')
+      num_tokens = read_column(table, 'num_tokens')
+      self.stats[label] = stats = SourceStats()
+      stats.add(status, num_tokens)
+      rows = np.flatnonzero(status <= TRUNCATED)
+      self.eval_sources.append(_Source(label, spec, table, rows, rows, num_tokens))
+    self.weights = [s.spec['weight'] for s in self.sources]
+    self.epoch_examples = int(sum(len(s.train_rows) for s in self.sources))
+    self.window_counts = mixture_counts(self.weights, self.epoch_examples)
+
+  def _eval_count(self, available: int, label: str) -> int:
+    size = self.config.eval_size
+    if size <= 0:
+      return 0
+    count = int(round(size * available)) if size < 1 else int(size)
+    if count >= available:
+      raise ValueError(f'{label}: data.eval_size={size} holds out {count} of {available} '
+                       'examples, leaving none to train on.')
+    return count
+
+  def _cycle_permutation(self, source: int, cycle: int) -> np.ndarray:
+    key = (source, cycle)
+    if key not in self._permutations:
+      if len(self._permutations) > 64:
+        self._permutations.clear()
+      self._permutations[key] = _rng(self.config.seed, 'cycle', source, cycle).permutation(
+          len(self.sources[source].train_rows))
+    return self._permutations[key]
+
+  def _stream_rows(self, source: int, start: int, count: int) -> np.ndarray:
+    """Table rows at positions [start, start + count) of source's endless shuffled stream."""
+    n = len(self.sources[source].train_rows)
+    positions = np.arange(start, start + count)
+    out = np.empty(count, np.int64)
+    for cycle in np.unique(positions // n):
+      chosen = positions // n == cycle
+      out[chosen] = self.sources[source].train_rows[
+          self._cycle_permutation(source, int(cycle))[positions[chosen] % n]]
+    return out
+
+  def _plan_window(self, window: int) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """Window `window` of the in-memory plan: (example refs (source, table row), global rows
+    as lists of indices into the refs)."""
+    refs = [(s, int(row)) for s, count in enumerate(self.window_counts)
+            for row in self._stream_rows(s, window * int(count), int(count))]
+    order = _rng(self.config.seed, 'window', window).permutation(len(refs))
+    refs = [refs[i] for i in order]
+    lengths = [int(self.sources[s].num_tokens[row]) - 1 for s, row in refs]
+    rows = assign_rows(lengths, self.seq_len, self.config.packing)
+    row_order = _rng(self.config.seed, 'rows', window).permutation(len(rows))
+    return refs, [rows[i] for i in row_order]
+
+  def _read(self, sources: Sequence[_Source], refs: Sequence[tuple[int, int]]
+            ) -> list[dict[str, np.ndarray]]:
+    """Token ids and loss masks of table rows, one Arrow `take` per source."""
+    examples: list[dict[str, np.ndarray] | None] = [None] * len(refs)
+    by_source: dict[int, list[int]] = {}
+    for i, (s, _) in enumerate(refs):
+      by_source.setdefault(s, []).append(i)
+    for s, members in by_source.items():
+      table = sources[s].table.with_format('arrow')[[refs[i][1] for i in members]]
+      columns = {}
+      for name in ('input_ids', 'loss_mask'):
+        column = table[name].combine_chunks()
+        # `offsets` index into the whole child array `values`, also for a sliced column.
+        columns[name] = (column.values.to_numpy(), column.offsets.to_numpy())
+      for j, i in enumerate(members):
+        examples[i] = {name: values[offsets[j]:offsets[j + 1]]
+                       for name, (values, offsets) in columns.items()}
+    return examples
+
+  # ----------------------------------------------------------------------------- streaming
+
+  def _init_streaming(self) -> None:
+    from datasets.distributed import split_dataset_by_node  # pylint: disable=import-outside-toplevel
+    if self.config.eval_size and self.config.eval_size < 1:
+      raise ValueError('data.streaming=True: data.eval_size must be a count of records (>= 1) '
+                       'or 0; a fraction needs the source length, which a stream does not have.')
+    self.streams: list[datasets.IterableDataset] = []
+    self.stream_labels: list[str] = []
+    eval_examples: list[dict[str, np.ndarray]] = []
+    for i, spec in enumerate(self.specs):
+      label = f'datasets[{i}] {spec["path"]}'
+      raw = load_source(spec, streaming=True, cache_dir=self.config.cache_dir)
+      held_out = int(self.config.eval_size)
+      if held_out:
+        eval_examples += self._read_all(raw.take(held_out), spec, f'{label} (eval)')
+        raw = raw.skip(held_out)
+      raw = split_dataset_by_node(raw, rank=self.process_index, world_size=self.process_count)
+      self.streams.append(tokenize_source(raw, spec, label, tokenizer=self.tokenizer,
+                                          template=self.template, data_config=self.config))
+      self.stream_labels.append(label)
+      self.stats[label] = SourceStats()
+    for i, spec in enumerate(self.eval_specs):
+      label = f'eval_datasets[{i}] {spec["path"]}'
+      raw = load_source(spec, streaming=True, cache_dir=self.config.cache_dir)
+      eval_examples += self._read_all(raw, spec, label)
+    self.eval_examples = eval_examples
+    self.weights = [s['weight'] for s in self.specs]
+
+  def _read_all(self, raw: datasets.IterableDataset, spec: dict[str, Any], label: str
+                ) -> list[dict[str, np.ndarray]]:
+    tokenized = tokenize_source(raw, spec, label, tokenizer=self.tokenizer,
+                                template=self.template, data_config=self.config)
+    self.stats[label] = stats = SourceStats()
+    examples = []
+    for example in tokenized:
+      stats.add(np.array([example['status']]), np.array([example['num_tokens']]))
+      if example['status'] <= TRUNCATED:
+        examples.append({k: np.asarray(example[k]) for k in ('input_ids', 'loss_mask')})
+    return examples
+
+  # ----------------------------------------------------------------------------- batches
+
+  def fingerprint(self) -> str:
+    """What a saved iterator state depends on; resuming under a different one is an error."""
+    keys = {'seed': self.config.seed, 'max_seq_len': self.seq_len, 'batch_size': self.batch_size,
+            'packing': self.config.packing, 'streaming': self.config.streaming,
+            'pack_window': self.config.pack_window, 'eval_size': self.config.eval_size,
+            'specs': self.specs, 'process_count': self.process_count}
+    if not self.config.streaming:
+      keys['sizes'] = [len(s.train_rows) for s in self.sources]
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+  def train_batches(self, state: dict[str, Any] | None = None) -> BatchIterator:
+    """The endless training batches of this process, from the start or from a saved state."""
+    if self.config.streaming:
+      return _StreamingBatches(self, state)
+    return _InMemoryBatches(self, state)
+
+  def eval_batches(self) -> Iterator[Batch]:
+    """One pass over the eval examples, packed in a fixed order; the last global batch is
+    padded with empty rows (segment_ids 0, no loss)."""
+    if self.config.streaming:
+      examples = self.eval_examples
+    else:
+      refs = [(s, int(row)) for s, source in enumerate(self.eval_sources)
+              for row in source.eval_rows]
+      examples = self._read(self.eval_sources, refs) if refs else []
+    if not examples:
+      return
+    rows = assign_rows([len(e['input_ids']) - 1 for e in examples], self.seq_len,
+                       self.config.packing)
+    rows += [[] for _ in range(-len(rows) % self.batch_size)]
+    for start in range(0, len(rows), self.batch_size):
+      mine = start + self.process_index * self.local_batch_size
+      yield fill_rows(examples, rows[mine:mine + self.local_batch_size], self.seq_len)
+
+  def total_stats(self) -> SourceStats:
+    total = SourceStats()
+    for stats in self.stats.values():
+      total += stats
+    return total
+
+
+class BatchIterator(Iterator[Batch]):
+  """Endless batches with a serializable position (`state()`)."""
+
+  def __init__(self, pipeline: Pipeline):
+    self.pipeline = pipeline
+    self.window = 0
+    self.row = 0  # next row (global for in-memory, local for streaming) within the window
+
+  def state(self) -> dict[str, Any]:
+    return {'version': STATE_VERSION, 'fingerprint': self.pipeline.fingerprint(),
+            'process_index': self.pipeline.process_index, 'window': self.window,
+            'row': self.row}
+
+  def _check_state(self, state: dict[str, Any]) -> None:
+    if state.get('version') != STATE_VERSION:
+      raise ValueError(f'data iterator state version {state.get("version")} is not '
+                       f'{STATE_VERSION}; it was saved by another jaxsft version.')
+    if state['fingerprint'] != self.pipeline.fingerprint():
+      raise ValueError('the saved data iterator state belongs to a different data setup (seed, '
+                       'sources, max_seq_len, batch_size, packing or process count changed); '
+                       'resuming would not see the same batches. Restore those settings.')
+    if state['process_index'] != self.pipeline.process_index:
+      raise ValueError(f'data state of process {state["process_index"]} given to process '
+                       f'{self.pipeline.process_index}.')
+
+  @property
+  def epoch(self) -> int:
+    """Completed passes over the training data (in memory: one window is one epoch)."""
+    return self.window
+
+
+class _InMemoryBatches(BatchIterator):
+
+  def __init__(self, pipeline: Pipeline, state: dict[str, Any] | None):
+    super().__init__(pipeline)
+    if state is not None:
+      self._check_state(state)
+      self.window, self.row = state['window'], state['row']
+    self._plan = (-1, [], [])
+
+  def _window_plan(self, window: int):
+    if self._plan[0] != window:
+      self._plan = (window, *self.pipeline._plan_window(window))  # pylint: disable=protected-access
+    return self._plan[1], self._plan[2]
+
+  def __next__(self) -> Batch:
+    p = self.pipeline
+    first = p.process_index * p.local_batch_size
+    chosen: list[tuple[int, int]] = []
+    batch_rows: list[list[int]] = []
+    for position in range(p.batch_size):
+      refs, rows = self._window_plan(self.window)
+      if first <= position < first + p.local_batch_size:
+        base = len(chosen)
+        chosen += [refs[i] for i in rows[self.row]]
+        batch_rows.append(list(range(base, len(chosen))))
+      self.row += 1
+      if self.row == len(rows):
+        self.window, self.row = self.window + 1, 0
+    return fill_rows(p._read(p.sources, chosen), batch_rows, p.seq_len)  # pylint: disable=protected-access
+
+
+class _StreamingBatches(BatchIterator):
+
+  def __init__(self, pipeline: Pipeline, state: dict[str, Any] | None):
+    super().__init__(pipeline)
+    self.streams = [copy.deepcopy(s) for s in pipeline.streams]
+    self.epochs = [0] * len(self.streams)
+    if state is not None:
+      self._check_state(state)
+      self.window, self.row = state['window'], state['row']
+      self.epochs = list(state['epochs'])
+      for stream, epoch, saved in zip(self.streams, self.epochs, state['streams']):
+        stream.set_epoch(epoch)
+        stream.load_state_dict(saved)
+    self._iterators = [iter(s) for s in self.streams]
+    self._load_window()
+
+  @property
+  def epoch(self) -> int:
+    """Passes this process has completed over its part of every source."""
+    return min(self.epochs)
+
+  def state(self) -> dict[str, Any]:
+    return {**super().state(), 'epochs': list(self._window_epochs),
+            'streams': copy.deepcopy(self._window_streams)}
+
+  def _next_example(self, s: int) -> dict[str, Any]:
+    for _ in range(2):
+      for example in self._iterators[s]:
+        self.pipeline.stats[self.pipeline.stream_labels[s]].add(
+            np.array([example['status']]), np.array([example['num_tokens']]))
+        if example['status'] <= TRUNCATED:
+          return example
+      self.epochs[s] += 1  # this process's part of the source is used up: next epoch
+      self.streams[s].set_epoch(self.epochs[s])
+      self._iterators[s] = iter(self.streams[s])
+    raise ValueError(f'{self.pipeline.stream_labels[s]}: no usable examples on process '
+                     f'{self.pipeline.process_index} (every record was dropped or skipped).')
+
+  def _load_window(self) -> None:
+    """Reads the current window's examples; the state saved is the streams' position at the
+    window's start, so a resume re-reads and re-packs the same window."""
+    p = self.pipeline
+    self._window_epochs = list(self.epochs)
+    self._window_streams = [s.state_dict() for s in self.streams]
+    rng = _rng(p.config.seed, 'stream-window', p.process_index, self.window)
+    counts = rng.multinomial(p.config.pack_window, np.asarray(p.weights) / np.sum(p.weights))
+    examples = [{k: np.asarray(e[k]) for k in ('input_ids', 'loss_mask')}
+                for s, count in enumerate(counts) for e in
+                (self._next_example(s) for _ in range(count))]
+    examples = [examples[i] for i in rng.permutation(len(examples))]
+    rows = assign_rows([len(e['input_ids']) - 1 for e in examples], p.seq_len, p.config.packing)
+    self._examples = examples
+    self._rows = [rows[i] for i in rng.permutation(len(rows))]
+
+  def __next__(self) -> Batch:
+    p = self.pipeline
+    chosen, batch_rows = [], []
+    for _ in range(p.local_batch_size):
+      base = len(chosen)
+      chosen += [self._examples[i] for i in self._rows[self.row]]
+      batch_rows.append(list(range(base, len(chosen))))
+      self.row += 1
+      if self.row == len(self._rows):
+        self.window, self.row = self.window + 1, 0
+        self._load_window()
+    return fill_rows(chosen, batch_rows, p.seq_len)

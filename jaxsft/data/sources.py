@@ -1,0 +1,218 @@
+"""Dataset sources -> tokenized examples, through HF `datasets`.
+
+Local files and hub names go through the same `datasets.load_dataset` call (a local file picks
+its builder from the extension), so caching, `num_proc` workers and streaming behave the same
+for both. Tokenization is one batched `map` whose output columns are:
+
+  input_ids  [n] int32   token ids (empty when the record was dropped)
+  loss_mask  [n] int8    1 = supervised token
+  num_tokens     int32   len(input_ids)
+  status         int8    KEPT | TRUNCATED | DROPPED_OVERLONG | DROPPED_UNSUPERVISED | BAD_RECORD
+
+Dropped records stay in the table (with a status) so their counts survive the `datasets` cache,
+and the training plan indexes only kept rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import numpy as np
+
+from jaxsft.data.formats import FORMATS, BadRecord, detect_format, to_messages
+from jaxsft.data.packing import OVERLONG_POLICIES, fit_length
+from jaxsft.data.templates import (
+  ChatTemplate,
+  check_train_on,
+  render_example,
+  template_kwargs,
+  tokenize_rendered,
+)
+
+BAD_RECORD_POLICIES = ('error', 'skip')
+
+KEPT, TRUNCATED, DROPPED_OVERLONG, DROPPED_UNSUPERVISED, BAD_RECORD = range(5)
+STATUS_NAMES = ('kept', 'truncated', 'dropped_overlong', 'dropped_unsupervised', 'bad_records')
+# Bump when the tokenized columns change meaning, to invalidate `datasets` caches.
+_CODE_VERSION = 'jaxsft-tokenize-1'
+_BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet', '.arrow': 'arrow',
+             '.csv': 'csv'}
+_EMPTY_IDS, _EMPTY_MASK = np.zeros(0, np.int32), np.zeros(0, np.int8)
+FEATURES = datasets.Features({
+    'input_ids': datasets.Sequence(datasets.Value('int32')),
+    'loss_mask': datasets.Sequence(datasets.Value('int8')),
+    'num_tokens': datasets.Value('int32'),
+    'status': datasets.Value('int8'),
+})
+
+
+@dataclasses.dataclass
+class SourceStats:
+  """Record counts by outcome for one source (or a sum of sources)."""
+
+  kept: int = 0
+  truncated: int = 0
+  dropped_overlong: int = 0
+  dropped_unsupervised: int = 0
+  bad_records: int = 0
+  tokens: int = 0  # tokens of kept examples (after truncation)
+
+  @property
+  def records(self) -> int:
+    return (self.kept + self.truncated + self.dropped_overlong + self.dropped_unsupervised +
+            self.bad_records)
+
+  def add(self, status: np.ndarray, num_tokens: np.ndarray) -> None:
+    counts = np.bincount(np.asarray(status, np.int64), minlength=len(STATUS_NAMES))
+    for name, count in zip(STATUS_NAMES, counts):
+      setattr(self, name, getattr(self, name) + int(count))
+    self.tokens += int(np.asarray(num_tokens, np.int64)[np.asarray(status) <= TRUNCATED].sum())
+
+  def __iadd__(self, other: SourceStats) -> SourceStats:
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+    return self
+
+  def summary(self) -> str:
+    return (f'{self.records} records: {self.kept + self.truncated} kept ({self.truncated} '
+            f'truncated), {self.dropped_overlong} dropped as too long, '
+            f'{self.dropped_unsupervised} dropped with no supervised token, '
+            f'{self.bad_records} bad records skipped; {self.tokens} tokens')
+
+
+def load_source(spec: Mapping[str, Any], *, streaming: bool = False, cache_dir: str = ''
+                ) -> datasets.Dataset | datasets.IterableDataset:
+  """Raw records of one `data.datasets` entry (see `jaxsft.config.DATASET_DEFAULTS`)."""
+  path = os.path.expanduser(spec['path'])
+  kwargs: dict[str, Any] = {'split': spec['split'], 'streaming': streaming,
+                            'cache_dir': cache_dir or None}
+  if os.path.isfile(path):
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in _BUILDERS:
+      raise ValueError(f'dataset file {path}: unknown extension {extension!r}; use one of '
+                       f'{sorted(_BUILDERS)} or a folder/hub name.')
+    builder, kwargs['data_files'], kwargs['split'] = _BUILDERS[extension], path, 'train'
+  elif os.path.isdir(path) and (os.path.isfile(os.path.join(path, 'dataset_dict.json')) or
+                                os.path.isfile(os.path.join(path, 'state.json'))):
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+      loaded = loaded[spec['split']]
+    return loaded.to_iterable_dataset() if streaming else loaded
+  else:  # a folder of data files or a hub dataset name
+    builder = path
+    if spec.get('name'):
+      kwargs['name'] = spec['name']
+    if spec.get('data_files'):
+      kwargs['data_files'] = spec['data_files']
+  try:
+    return datasets.load_dataset(builder, **kwargs)
+  except Exception as error:
+    raise RuntimeError(f'could not load dataset {spec["path"]!r} (split {spec["split"]!r}): '
+                       f'{error}') from error
+
+
+def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+  names = dataset.column_names
+  if names is None:  # a streaming source whose schema is unknown until read
+    names = list(next(iter(dataset)))
+  return names
+
+
+def source_format(dataset: datasets.Dataset | datasets.IterableDataset, spec: Mapping[str, Any],
+                  label: str) -> str:
+  """The format of a whole source: forced in the config, else detected from its columns."""
+  if spec['format'] != 'auto':
+    if spec['format'] not in FORMATS:
+      raise ValueError(f'{label}: unknown format {spec["format"]!r}; choose one of {FORMATS}.')
+    return spec['format']
+  try:
+    return detect_format(dict.fromkeys(column_names(dataset)), spec['columns'])
+  except BadRecord as error:
+    raise BadRecord(f'{label}: {error}') from None
+
+
+def encode_records(batch: dict[str, list[Any]], indices: list[int], *, label: str, format: str,  # pylint: disable=redefined-builtin
+                   columns: Mapping[str, str], tokenizer: Any, template: ChatTemplate,
+                   train_on: str, max_tokens: int, overlong: str, on_bad_record: str
+                   ) -> dict[str, list[Any]]:
+  """The `datasets.map` function: a batch of raw records -> the columns in FEATURES."""
+  status, texts, spans, positions = [], [], [], []
+  for position, index in enumerate(indices):
+    record = {name: values[position] for name, values in batch.items()}
+    try:
+      text, record_spans = render_example(to_messages(record, format, columns), template,
+                                          tokenizer, train_on)
+    except BadRecord as error:
+      if on_bad_record == 'error':
+        raise BadRecord(f'{label}, record {index}: {error} (set data.on_bad_record="skip" to '
+                        'skip such records and count them)') from None
+      status.append(BAD_RECORD)
+      continue
+    status.append(KEPT)
+    texts.append(text)
+    spans.append(record_spans)
+    positions.append(position)
+  input_ids = [_EMPTY_IDS] * len(indices)
+  loss_mask = [_EMPTY_MASK] * len(indices)
+  for position, example in zip(positions, tokenize_rendered(texts, spans, tokenizer)):
+    fitted = fit_length(example, max_tokens, overlong)
+    if fitted is None:
+      status[position] = (DROPPED_UNSUPERVISED if not example['loss_mask'][1:].any()
+                          else DROPPED_OVERLONG)
+      continue
+    status[position] = KEPT if fitted is example else TRUNCATED
+    input_ids[position], loss_mask[position] = fitted['input_ids'], fitted['loss_mask']
+  return {'input_ids': input_ids, 'loss_mask': loss_mask,
+          'num_tokens': [len(ids) for ids in input_ids], 'status': status}
+
+
+def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
+                    spec: Mapping[str, Any], label: str, *, tokenizer: Any,
+                    template: ChatTemplate, data_config: Any
+                    ) -> datasets.Dataset | datasets.IterableDataset:
+  """Maps a raw source to tokenized columns (cached on disk for non-streaming sources)."""
+  check_train_on(data_config.train_on)
+  if data_config.overlong not in OVERLONG_POLICIES:
+    raise ValueError(f'data.overlong={data_config.overlong!r}; choose one of '
+                     f'{OVERLONG_POLICIES}.')
+  if data_config.on_bad_record not in BAD_RECORD_POLICIES:
+    raise ValueError(f'data.on_bad_record={data_config.on_bad_record!r}; choose one of '
+                     f'{BAD_RECORD_POLICIES}.')
+  fn_kwargs = {
+      'label': label, 'format': source_format(dataset, spec, label),
+      'columns': dict(spec['columns']), 'tokenizer': tokenizer, 'template': template,
+      'train_on': data_config.train_on, 'max_tokens': data_config.max_seq_len + 1,
+      'overlong': data_config.overlong, 'on_bad_record': data_config.on_bad_record}
+  kwargs: dict[str, Any] = {
+      'batched': True, 'with_indices': True, 'batch_size': data_config.map_batch_size,
+      'fn_kwargs': fn_kwargs, 'remove_columns': column_names(dataset), 'features': FEATURES}
+  if isinstance(dataset, datasets.Dataset):
+    kwargs['num_proc'] = data_config.num_proc if data_config.num_proc > 1 else None
+    kwargs['desc'] = f'Tokenizing {label}'
+    kwargs['new_fingerprint'] = _map_fingerprint(dataset, fn_kwargs)
+  return dataset.map(encode_records, **kwargs)
+
+
+def _map_fingerprint(dataset: datasets.Dataset, fn_kwargs: Mapping[str, Any]) -> str:
+  """The cache key of the tokenized table. `datasets` would pickle the whole tokenizer to hash
+  it (seconds for a 32k vocabulary); its serialized JSON identifies it just as well."""
+  tokenizer = fn_kwargs['tokenizer']
+  digest = hashlib.sha256()
+  for part in (dataset._fingerprint, tokenizer.backend_tokenizer.to_str(),  # pylint: disable=protected-access
+               json.dumps(template_kwargs(tokenizer), sort_keys=True, default=str),
+               str(getattr(tokenizer, 'add_bos_token', None)), fn_kwargs['template'].source,
+               json.dumps({k: v for k, v in fn_kwargs.items() if k not in ('tokenizer', 'template')},
+                          sort_keys=True, default=str), _CODE_VERSION):
+    digest.update(part.encode())
+  return digest.hexdigest()[:32]
+
+
+def read_column(table: datasets.Dataset, name: str) -> np.ndarray:
+  """A scalar column as a numpy array, straight from Arrow."""
+  return table.data.column(name).to_numpy()
