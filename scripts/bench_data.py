@@ -105,7 +105,6 @@ def main() -> None:
   parser.add_argument('--batch-size', type=int, default=8)
   parser.add_argument('--skip-trl', action='store_true')
   args = parser.parse_args()
-  os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false' if args.num_proc > 1 else 'true')
   from jaxsft.data.pipeline import load_tokenizer
   tokenizer = load_tokenizer(args.tokenizer)
   with tempfile.TemporaryDirectory() as scratch:

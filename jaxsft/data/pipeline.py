@@ -88,6 +88,10 @@ class _Source:
   eval_rows: np.ndarray
   num_tokens: np.ndarray          # per table row
 
+  def __post_init__(self):
+    # Built once: `with_format` copies the Dataset object, a cost per batch otherwise.
+    self.arrow_table = self.table.with_format('arrow') if self.table is not None else None
+
 
 class Pipeline:
   """Training and eval batches of one run, built from the `data` section of the config."""
@@ -217,7 +221,7 @@ class Pipeline:
     for i, (s, _) in enumerate(refs):
       by_source.setdefault(s, []).append(i)
     for s, members in by_source.items():
-      table = sources[s].table.with_format('arrow')[[refs[i][1] for i in members]]
+      table = sources[s].arrow_table[[refs[i][1] for i in members]]
       columns = {}
       for name in ('input_ids', 'loss_mask'):
         column = table[name].combine_chunks()

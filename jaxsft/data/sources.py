@@ -30,8 +30,7 @@ from jaxsft.data.packing import OVERLONG_POLICIES, fit_length
 from jaxsft.data.templates import (
   ChatTemplate,
   check_train_on,
-  render_example,
-  template_kwargs,
+  render_examples,
   tokenize_rendered,
 )
 
@@ -142,22 +141,31 @@ def encode_records(batch: dict[str, list[Any]], indices: list[int], *, label: st
                    train_on: str, max_tokens: int, overlong: str, on_bad_record: str
                    ) -> dict[str, list[Any]]:
   """The `datasets.map` function: a batch of raw records -> the columns in FEATURES."""
-  status, texts, spans, positions = [], [], [], []
+  def bad(index: int, error: BadRecord) -> int:
+    if on_bad_record == 'error':
+      raise BadRecord(f'{label}, record {index}: {error} (set data.on_bad_record="skip" to '
+                      'skip such records and count them)') from None
+    return BAD_RECORD
+
+  status, conversations, positions = [], [], []
   for position, index in enumerate(indices):
     record = {name: values[position] for name, values in batch.items()}
     try:
-      text, record_spans = render_example(to_messages(record, format, columns), template,
-                                          tokenizer, train_on)
+      conversations.append(to_messages(record, format, columns))
+      positions.append(position)
+      status.append(KEPT)
     except BadRecord as error:
-      if on_bad_record == 'error':
-        raise BadRecord(f'{label}, record {index}: {error} (set data.on_bad_record="skip" to '
-                        'skip such records and count them)') from None
-      status.append(BAD_RECORD)
+      status.append(bad(index, error))
+  texts, spans, rendered_positions = [], [], []
+  for position, result in zip(positions, render_examples(conversations, template, tokenizer,
+                                                           train_on)):
+    if isinstance(result, BadRecord):
+      status[position] = bad(indices[position], result)
       continue
-    status.append(KEPT)
-    texts.append(text)
-    spans.append(record_spans)
-    positions.append(position)
+    texts.append(result[0])
+    spans.append(result[1])
+    rendered_positions.append(position)
+  positions = rendered_positions
   input_ids = [_EMPTY_IDS] * len(indices)
   loss_mask = [_EMPTY_MASK] * len(indices)
   for position, example in zip(positions, tokenize_rendered(texts, spans, tokenizer)):
@@ -170,6 +178,38 @@ def encode_records(batch: dict[str, list[Any]], indices: list[int], *, label: st
     input_ids[position], loss_mask[position] = fitted['input_ids'], fitted['loss_mask']
   return {'input_ids': input_ids, 'loss_mask': loss_mask,
           'num_tokens': [len(ids) for ids in input_ids], 'status': status}
+
+
+class TokenizerView:
+  """What the data path needs of a transformers fast tokenizer, cheap to pickle.
+
+  `datasets` pickles the map function's arguments to hash them and to ship them to `num_proc`
+  workers; dill walks a transformers tokenizer's Python-side vocabulary (1.6 s for 32k pieces,
+  measured), while this view is one JSON string and a few fields.
+  """
+
+  def __init__(self, tokenizer: Any):
+    self.tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    self.special_tokens_map = dict(getattr(tokenizer, 'special_tokens_map', {}) or {})
+    self.bos_token_id = getattr(tokenizer, 'bos_token_id', None)
+    self.eos_token_id = getattr(tokenizer, 'eos_token_id', None)
+    self.eos_token = getattr(tokenizer, 'eos_token', None)
+    self.add_bos_token = getattr(tokenizer, 'add_bos_token', True)
+    self._backend = tokenizer.backend_tokenizer
+
+  @property
+  def backend_tokenizer(self) -> Any:
+    if self._backend is None:
+      from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+      self._backend = Tokenizer.from_str(self.tokenizer_json)
+    return self._backend
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, '_backend': None}
+
+  def fingerprint(self) -> str:
+    fields = {k: v for k, v in self.__dict__.items() if k != '_backend'}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
@@ -186,7 +226,8 @@ def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
                      f'{BAD_RECORD_POLICIES}.')
   fn_kwargs = {
       'label': label, 'format': source_format(dataset, spec, label),
-      'columns': dict(spec['columns']), 'tokenizer': tokenizer, 'template': template,
+      'columns': dict(spec['columns']), 'tokenizer': TokenizerView(tokenizer),
+      'template': template,
       'train_on': data_config.train_on, 'max_tokens': data_config.max_seq_len + 1,
       'overlong': data_config.overlong, 'on_bad_record': data_config.on_bad_record}
   kwargs: dict[str, Any] = {
@@ -200,13 +241,11 @@ def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
 
 
 def _map_fingerprint(dataset: datasets.Dataset, fn_kwargs: Mapping[str, Any]) -> str:
-  """The cache key of the tokenized table. `datasets` would pickle the whole tokenizer to hash
-  it (seconds for a 32k vocabulary); its serialized JSON identifies it just as well."""
+  """The cache key of the tokenized table (`datasets` would otherwise pickle everything)."""
   tokenizer = fn_kwargs['tokenizer']
   digest = hashlib.sha256()
-  for part in (dataset._fingerprint, tokenizer.backend_tokenizer.to_str(),  # pylint: disable=protected-access
-               json.dumps(template_kwargs(tokenizer), sort_keys=True, default=str),
-               str(getattr(tokenizer, 'add_bos_token', None)), fn_kwargs['template'].source,
+  for part in (dataset._fingerprint, tokenizer.fingerprint(),  # pylint: disable=protected-access
+               fn_kwargs['template'].source,
                json.dumps({k: v for k, v in fn_kwargs.items() if k not in ('tokenizer', 'template')},
                           sort_keys=True, default=str), _CODE_VERSION):
     digest.update(part.encode())
