@@ -1,11 +1,12 @@
 """The `jaxsft` command line.
 
-  jaxsft info PATH                         an HF checkpoint's architecture and parameter count
-  jaxsft data inspect --config FILE [...]  rendered examples with supervised text highlighted,
-                                           length distribution, drop counts, packing efficiency
+  jaxsft train --config FILE --workdir DIR [--config.a.b=value ...]   fine-tune
+  jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
+        text highlighted, length distribution, drop counts, packing efficiency
+  jaxsft info PATH      an HF checkpoint's architecture and parameter count
 
-`--config` takes a Python file with `get_config()` (optionally `file.py:arg`); `--set key=value`
-overrides one setting (repeatable).
+`--config` takes a Python file with `get_config()` (optionally `file.py:arg`), as ml-collections
+`config_flags` does; `--config.a.b=value` overrides one setting, and unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from collections.abc import Sequence
 
 
-def _info(args: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
   from jaxsft import hf  # pylint: disable=import-outside-toplevel
   folder = hf.resolve_checkpoint_dir(args.path)
   config = hf.config_from_hf(hf.read_hf_config(folder))
@@ -37,12 +39,11 @@ def _info(args: argparse.Namespace) -> int:
   return 0
 
 
-def _data_inspect(args: argparse.Namespace) -> int:
+def _data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   # pylint: disable=import-outside-toplevel
-  from jaxsft.config import load_config
   from jaxsft.data.inspect import inspect_data
   from jaxsft.data.pipeline import load_tokenizer
-  config = load_config(args.config, args.set)
+  config = _load_config(args.config, overrides)
   tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
   color = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
   print(inspect_data(config.data, tokenizer, batch_size=config.batch_size,
@@ -50,10 +51,34 @@ def _data_inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def _load_config(config_path: str, overrides: Sequence[str]):
+  """ml-collections `config_flags` semantics: `--config file.py[:arg]` plus
+  `--config.a.b=value` overrides, type-checked against the locked config."""
+  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from ml_collections import config_flags
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'run config', flag_values=flag_values,
+                                  lock_config=True)
+  bad = [o for o in overrides if not o.startswith('--config.')]
+  if bad:
+    raise SystemExit(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
+  flag_values(['jaxsft', f'--config={config_path}', *overrides])
+  return flag_values.config
+
+
+def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from jaxsft import train  # pylint: disable=import-outside-toplevel
+  config = _load_config(args.config, overrides)
+  result = train.train(config, args.workdir)
+  train.write_summary(args.workdir, result)
+  return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--config', required=True, help='config file with get_config()')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='override a config setting, e.g. --set data.max_seq_len=1024')
+  parser.add_argument('--config', required=True,
+                      help='config file with get_config() (file.py or file.py:arg); override '
+                      'settings with --config.a.b=value')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   info = commands.add_parser('info', help='describe an HF checkpoint folder (or hub id)')
   info.add_argument('path')
   info.set_defaults(run=_info)
+  train = commands.add_parser('train', help='fine-tune a model (full or LoRA)')
+  _add_config_arguments(train)
+  train.add_argument('--workdir', required=True, help='metrics, config and outputs go here')
+  train.set_defaults(run=_train)
   data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
                                                                       required=True)
   inspect = data.add_parser('inspect', help='show what the model will be trained on')
@@ -70,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   inspect.add_argument('--examples', type=int, default=3, help='rendered examples to show')
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
   inspect.set_defaults(run=_data_inspect)
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)
+  if overrides and args.command == 'info':
+    parser.error(f'unrecognized arguments: {overrides}')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  return args.run(args)
+  return args.run(args, overrides)
 
 
 if __name__ == '__main__':

@@ -34,7 +34,55 @@ def default_config() -> ml_collections.ConfigDict:
   """Every setting with its default, locked; `get_config` functions start here."""
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict({
-      'path': '',  # HF checkpoint folder or hub id
+      'path': '',            # HF checkpoint folder or hub id; '' = build from `preset`/`architecture`
+      'preset': '',          # jaxsft.presets name; the architecture without weights (random init)
+      'architecture': {},    # LlamaConfig fields for a random-init model (e.g. the demo's)
+      'dtype': 'bfloat16',   # compute dtype of activations and matmuls
+      'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure)
+      'scan_layers': True,
+      'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
+      'attention_implementation': 'auto',  # xla | cudnn | splash | auto
+  })
+  config.lora = ml_collections.ConfigDict({
+      'enabled': False,      # False = full fine-tuning
+      'rank': 16,
+      'alpha': 32.0,
+      'dropout': 0.05,
+      'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+      'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
+  })
+  config.optim = ml_collections.ConfigDict({
+      'learning_rate': 2e-5,
+      'schedule': 'cosine',  # constant | linear | cosine (after warmup)
+      'warmup_steps': -1,    # >= 0 overrides warmup_ratio
+      'warmup_ratio': 0.03,
+      'min_lr_ratio': 0.0,   # the schedule ends at learning_rate * min_lr_ratio
+      'b1': 0.9,
+      'b2': 0.999,
+      'eps': 1e-8,
+      'weight_decay': 0.0,   # AdamW; never on norms and biases
+      'max_grad_norm': 1.0,  # global-norm clipping; 0 = off
+  })
+  config.train = ml_collections.ConfigDict({
+      'num_steps': 0,        # > 0: train this many steps; else num_epochs over the data
+      'num_epochs': 1.0,
+      'grad_accum_steps': 1,  # micro-batches per step (batch_size rows split evenly)
+      'neftune_alpha': 0.0,  # NEFTune noise on input embeddings; 0 = off (5 is the paper's)
+      'seed': 0,             # model init, LoRA init, dropout, NEFTune
+      'log_every': 10,       # steps between log lines
+      'eval_every': 0,       # steps between eval-loss passes; 0 = only at the end
+      'tensorboard': True,   # event files in workdir/tensorboard (metrics.jsonl always)
+      'progress_bar': True,
+  })
+  config.mesh = ml_collections.ConfigDict({
+      'shape': (-1, 1, 1),   # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+      'rules': (),           # extra (logical name, mesh axes) pairs that override the defaults
+  })
+  config.demo = ml_collections.ConfigDict({
+      'enabled': False,      # configs/demo.py: synthetic tasks, a tokenizer and a model from scratch
+      'num_train': 4000,
+      'num_eval': 200,
+      'show_examples': 4,
   })
   config.data = ml_collections.ConfigDict({
       'datasets': [],        # list of DATASET_DEFAULTS-shaped dicts (the training mixture)

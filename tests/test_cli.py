@@ -23,8 +23,8 @@ def test_data_inspect_highlights_supervised_text_and_reports(tmp_path):
   tokenizer = shared_data('tokenizers/llama2')
   result = subprocess.run(
       [sys.executable, '-m', 'jaxsft.cli', 'data', 'inspect', '--config',
-       f'configs/alpaca_llama2_data.py:{data}', '--set', f'data.tokenizer={tokenizer}',
-       '--set', 'data.max_seq_len=256', '--set', f'data.cache_dir={tmp_path}', '--examples', '2',
+       f'configs/alpaca_llama2_data.py:{data}', f'--config.data.tokenizer={tokenizer}',
+       '--config.data.max_seq_len=256', f'--config.data.cache_dir={tmp_path}', '--examples', '2',
        '--color', 'never'], capture_output=True, text=True, check=True,
       cwd=pathlib.Path(__file__).resolve().parents[1])
   out = result.stdout

@@ -54,6 +54,9 @@ class LlamaConfig:
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention_implementation: str = 'xla'
+  # LoRA execution (the adapters themselves live in the `lora` variable collection).
+  lora_scale: float = 1.0  # alpha / r, or alpha / sqrt(r) with rsLoRA
+  lora_dropout: float = 0.0  # on the adapter's input, training only
 
   def __post_init__(self):
     if self.head_dim is None:

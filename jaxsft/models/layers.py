@@ -1,7 +1,7 @@
 """Building blocks with logical axis names: the linear projection and RMSNorm.
 
-`Projection` is the one place a kernel meets activations, so later kinds of kernel (LoRA
-adapters in the `lora` collection, quantized pytree nodes) plug in here and nowhere else.
+`Projection` is the one place a kernel meets activations, so every kind of kernel (plain, LoRA
+adapters from the `lora` collection, quantized pytree nodes) plugs in here and nowhere else.
 """
 
 from __future__ import annotations
@@ -28,12 +28,23 @@ class Projection(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    if self.has_variable('lora', 'a'):
+      # x @ W + scale * (dropout(x) @ A) @ B: the frozen W never enters a weight gradient.
+      a_ir = jnp.asarray(self.get_variable('lora', 'a'), self.dtype)
+      b_ro = jnp.asarray(self.get_variable('lora', 'b'), self.dtype)
+      x_lora = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
+      low_rank = jnp.einsum('...i,ir->...r', x_lora, a_ir)
+      y = y + self.lora_scale * jnp.einsum('...r,ro->...o', low_rank, b_ro)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[1:]),

@@ -28,15 +28,22 @@ _REMAT_POLICIES = {
 }
 
 
+def _projection(c: LlamaConfig, deterministic: bool, **kwargs):
+  return functools.partial(Projection, dtype=c.dtype, param_dtype=c.param_dtype,
+                           lora_scale=c.lora_scale, lora_dropout=c.lora_dropout,
+                           deterministic=deterministic, **kwargs)
+
+
 class Attention(nn.Module):
   config: LlamaConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
     c = self.config
     b, t, _ = x_btd.shape
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
-    proj = functools.partial(Projection, dtype=c.dtype, param_dtype=c.param_dtype)
+    proj = _projection(c, self.deterministic)
     q_btnh = proj(n * h, ('embed', 'heads'), c.qkv_bias, name='q_proj')(x_btd).reshape(b, t, n, h)
     k_btkh = proj(k * h, ('embed', 'kv_heads'), c.qkv_bias, name='k_proj')(x_btd).reshape(
         b, t, k, h)
@@ -58,12 +65,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   config: LlamaConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_btd):
     c = self.config
-    proj = functools.partial(Projection, use_bias=c.mlp_bias, dtype=c.dtype,
-                             param_dtype=c.param_dtype)
+    proj = _projection(c, self.deterministic, use_bias=c.mlp_bias)
     gate_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='gate_proj')(x_btd)
     up_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='up_proj')(x_btd)
     hidden_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf,
@@ -75,17 +82,33 @@ class DecoderLayer(nn.Module):
   """Pre-norm residual block. Returns `(x, None)` so it serves as an `nn.scan` body."""
 
   config: LlamaConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
     c = self.config
     norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype)
-    x_btd = x_btd + Attention(c, name='self_attn')(norm(name='input_layernorm')(x_btd),
-                                                   cos_bth, sin_bth, segment_ids_bt)
-    x_btd = x_btd + MLP(c, name='mlp')(norm(name='post_attention_layernorm')(x_btd))
+    x_btd = x_btd + Attention(c, self.deterministic, name='self_attn')(
+        norm(name='input_layernorm')(x_btd), cos_bth, sin_bth, segment_ids_bt)
+    x_btd = x_btd + MLP(c, self.deterministic, name='mlp')(
+        norm(name='post_attention_layernorm')(x_btd))
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
     return x_btd, None
+
+
+def neftune_noise(rng: jax.Array, segment_ids_bt: jnp.ndarray, hidden_size: int,
+                  alpha: float) -> jnp.ndarray:
+  """NEFTune (Jain et al. 2023): uniform noise in [-1, 1] scaled by alpha / sqrt(L * D), with L
+  the length of the example each token belongs to (its packed segment), zero on padding.
+  Returns `[B, T, D]` float32."""
+  b, t = segment_ids_bt.shape
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  segment_lengths_bs = jnp.zeros((b, t + 1), jnp.float32).at[rows, segment_ids_bt].add(1.0)
+  length_bt = jnp.take_along_axis(segment_lengths_bs, segment_ids_bt, axis=1)
+  scale_bt = jnp.where(segment_ids_bt > 0, alpha / jnp.sqrt(length_bt * hidden_size), 0.0)
+  noise_btd = jax.random.uniform(rng, (b, t, hidden_size), jnp.float32, -1.0, 1.0)
+  return noise_btd * scale_bt[..., None]
 
 
 class Llama(nn.Module):
@@ -95,14 +118,18 @@ class Llama(nn.Module):
     tokens: `[B, T]` int32 token ids.
     positions: `[B, T]` int32 positions, restarting at 0 per packed segment; default arange.
     segment_ids: `[B, T]` int32, 1.. per packed example, 0 for padding; default all ones.
+    neftune_alpha: NEFTune noise on the input embeddings (training only; needs a `neftune` rng).
   Returns:
     logits `[B, T, V]` in `config.logits_dtype`.
+
+  `deterministic=False` turns on LoRA dropout (needs a `dropout` rng).
   """
 
   config: LlamaConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, neftune_alpha: float = 0.0):
     c = self.config
     b, t = tokens.shape
     if positions is None:
@@ -114,7 +141,11 @@ class Llama(nn.Module):
                      embedding_init=nn.with_logical_partitioning(default_kernel_init,
                                                                  ('vocab', 'embed')),
                      name='embed_tokens')
-    x_btd = nn.with_logical_constraint(embed(tokens), ('act_batch', 'act_length', 'act_embed'))
+    x_btd = embed(tokens)
+    if neftune_alpha:
+      x_btd = x_btd + neftune_noise(self.make_rng('neftune'), segment_ids, c.hidden_size,
+                                    neftune_alpha).astype(x_btd.dtype)
+    x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
     inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
     cos_bth, sin_bth = rotary_angles(positions, inv_freq, c.dtype)
 
@@ -127,10 +158,12 @@ class Llama(nn.Module):
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_btd, _ = stack(c, name='layers')(x_btd, cos_bth, sin_bth, segment_ids)
+      x_btd, _ = stack(c, self.deterministic, name='layers')(x_btd, cos_bth, sin_bth,
+                                                              segment_ids)
     else:
       for i in range(c.num_layers):
-        x_btd, _ = layer_cls(c, name=f'layers_{i}')(x_btd, cos_bth, sin_bth, segment_ids)
+        x_btd, _ = layer_cls(c, self.deterministic, name=f'layers_{i}')(
+            x_btd, cos_bth, sin_bth, segment_ids)
 
     x_btd = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name='norm')(x_btd)
     if c.tie_word_embeddings:

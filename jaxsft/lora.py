@@ -1,0 +1,119 @@
+"""LoRA adapters as a second variable collection.
+
+`variables = {'params': frozen, 'lora': adapters}`. The `lora` tree mirrors the paths of the
+kernels it adapts: `layers/self_attn/q_proj/kernel [L, D, N*H]` gets
+`layers/self_attn/q_proj/{a: [L, D, R], b: [L, R, N*H]}` (the leading `layers` axis only with
+`scan_layers`). `Projection` finds them there and adds `scale * (dropout(x) @ a) @ b`.
+
+Targets (`lora.targets`), matched against a kernel's module path (`layers/mlp/down_proj`):
+  - a plain name (`q_proj`, PEFT's `target_modules` style) matches that path component;
+  - anything else is a regular expression searched in the path (`self_attn/(q|v)_proj`);
+  - `all-linear` is every projection but the LM head (PEFT's meaning).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LORA_RANK_AXIS = 'lora_rank'
+_PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+  """alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
+  return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _module_path(path: tuple[str, ...]) -> str:
+  return '/'.join(path[:-1])
+
+
+def target_matcher(targets: Sequence[str] | str):
+  """A predicate over kernel paths (tuples of keys ending in `kernel`)."""
+  if isinstance(targets, str):
+    targets = [targets]
+  if not targets:
+    raise ValueError('lora.targets is empty; name the projections to adapt, e.g. '
+                     "['q_proj', 'v_proj'] or 'all-linear'.")
+  patterns = []
+  for target in targets:
+    if target == 'all-linear':
+      patterns.append(lambda path: path[-2] != 'lm_head')
+    elif _PLAIN_NAME.match(target):
+      patterns.append(lambda path, t=target: t in path[:-1])
+    else:
+      regex = re.compile(target)
+      patterns.append(lambda path, r=regex: bool(r.search(_module_path(path))))
+
+  def matches(path: tuple[str, ...]) -> bool:
+    return path[-1] == 'kernel' and any(p(path) for p in patterns)
+
+  return matches
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
+
+
+def abstract_lora(abstract_params: Any, targets: Sequence[str] | str, rank: int,
+                  param_dtype: Any = jnp.float32) -> Any:
+  """The LoRA tree's shapes as `nn.LogicallyPartitioned` ShapeDtypeStructs, from the boxed
+  abstract params (`jax.eval_shape` of `init`): `a` takes the kernel's input axis and `b` its
+  output axis, so adapters shard like the kernels they adapt."""
+  matches = target_matcher(targets)
+  out = {}
+  for path, leaf in _flat(abstract_params).items():
+    if not matches(path):
+      continue
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * leaf.ndim
+    shape = (leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf).shape
+    *lead, d_in, d_out = shape
+    *lead_names, in_name, out_name = names
+    module = path[:-1]
+    out[module + ('a',)] = nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct((*lead, d_in, rank), param_dtype),
+        (*lead_names, in_name, LORA_RANK_AXIS))
+    out[module + ('b',)] = nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct((*lead, rank, d_out), param_dtype),
+        (*lead_names, LORA_RANK_AXIS, out_name))
+  if not out:
+    kernels = sorted(_module_path(p) for p in _flat(abstract_params) if p[-1] == 'kernel')
+    raise ValueError(f'lora.targets={list(targets)} match no kernel; kernels are e.g. '
+                     f'{kernels[:6]}.')
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def init_lora(rng: jax.Array, abstract: Any) -> Any:
+  """PEFT's initialisation: A Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B zeros, so
+  the adapted model starts as the base model. `abstract` is from `abstract_lora`."""
+  flat = _flat(nn.unbox(abstract))
+  out = {}
+  keys = jax.random.split(rng, max(len(flat), 1))
+  for key, (path, leaf) in zip(keys, sorted(flat.items())):
+    if path[-1] == 'a':
+      bound = 1.0 / math.sqrt(leaf.shape[-2])
+      out[path] = jax.random.uniform(key, leaf.shape, leaf.dtype, -bound, bound)
+    else:
+      out[path] = jnp.zeros(leaf.shape, leaf.dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def merge_lora(params: Any, lora: Any, scale: float) -> Any:
+  """Params with `W + scale * A @ B` folded into each adapted kernel (for export)."""
+  flat_params = _flat(params)
+  flat_lora = _flat(lora)
+  merged = dict(flat_params)
+  for path in {p[:-1] for p in flat_lora}:
+    kernel = flat_params[path + ('kernel',)]
+    delta = jnp.einsum('...ir,...ro->...io', flat_lora[path + ('a',)].astype(jnp.float32),
+                       flat_lora[path + ('b',)].astype(jnp.float32))
+    merged[path + ('kernel',)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+  return flax.traverse_util.unflatten_dict(merged)

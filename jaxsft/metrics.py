@@ -1,0 +1,83 @@
+"""Run metrics: one log line per log step, `metrics.jsonl`, TensorBoard events, MFU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+
+_LOG = logging.getLogger('jaxsft')
+
+# Dense bf16 peak FLOP/s per device, by substring of `device.device_kind` (vendor datasheets).
+PEAK_FLOPS = (
+    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12),
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('A10G', 70e12),
+)
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Peak bf16 FLOP/s of one device, or None where unknown (CPUs)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name, flops in PEAK_FLOPS:
+    if name in kind:
+      return flops
+  return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict[str, float], prefix: str = 'train') -> None:
+    if not self.enabled:
+      return
+    record = {'step': step, **{f'{prefix}/{k}': v for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in scalars.items():
+        if value is not None and math.isfinite(value):
+          self._tb.add_scalar(f'{prefix}/{key}', value, step)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_step(step: int, total: int, m: dict[str, float]) -> str:
+  """`step 120/1000 | loss 1.234 | acc 0.612 | lr 2.0e-05 | gnorm 0.91 | tok 8,192 | ...`"""
+  parts = [f'step {step}/{total}', f'loss {m["loss"]:.4f}', f'acc {m["accuracy"]:.3f}',
+           f'lr {m["lr"]:.2e}', f'gnorm {m["grad_norm"]:.3f}',
+           f'sup_tok {int(m["supervised_tokens"]):,}', f'tok/s {m["tokens_per_s"]:,.0f}']
+  if m.get('mfu') is not None:
+    parts.append(f'mfu {100 * m["mfu"]:.1f}%')
+  return ' | '.join(parts)

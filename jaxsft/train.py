@@ -1,0 +1,414 @@
+"""Training: the train state, the loss, `make_train_step`, and the loop behind `jaxsft train`.
+
+The step is a pure function `train_step(state, batch) -> (state, metrics)`, jitted once with
+explicit shardings and the state donated. `state.params` is what the optimizer trains: the
+full parameters, or the LoRA tree with the base weights in `state.frozen` (gradients are taken
+w.r.t. `state.params` only, so no gradient of a frozen weight is ever formed).
+
+The loss is the cross-entropy summed over `loss_mask` and divided by the supervised tokens of
+the whole global batch, so `grad_accum_steps` micro-batches give the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxsft import hf, lora, optim, presets
+from jaxsft import sharding as sharding_lib
+from jaxsft.metrics import MetricWriter, compiled_flops, device_peak_flops, format_step
+from jaxsft.models import Llama, LlamaConfig
+
+_LOG = logging.getLogger('jaxsft')
+Batch = dict[str, jax.Array]
+BATCH_AXES = (('data', 'fsdp'), None)  # rows over data x fsdp, sequence whole
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar
+  params: Any           # trained: full params, or the LoRA tree
+  frozen: Any           # base params under LoRA; None for full fine-tuning
+  opt_state: Any
+  rng: jax.Array        # key for dropout and NEFTune
+
+  def variables(self) -> dict[str, Any]:
+    """Model variables: `{'params': ...}` or `{'params': frozen, 'lora': params}`."""
+    if self.frozen is None:
+      return {'params': self.params}
+    return {'params': self.frozen, 'lora': self.params}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def loss_terms(model: Llama, variables: dict[str, Any], batch: Batch, rngs: dict[str, Any],
+               neftune_alpha: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)`."""
+  logits_btv = model.apply(variables, batch['inputs'], batch['positions'], batch['segment_ids'],
+                           neftune_alpha=neftune_alpha, rngs=rngs)
+  logits_btv = logits_btv.astype(jnp.float32)
+  mask_bt = batch['loss_mask'].astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, batch['targets'][..., None], axis=-1)[..., 0]
+  loss_sum = jnp.sum((log_z_bt - target_logit_bt) * mask_bt)
+  correct = jnp.sum((jnp.argmax(logits_btv, axis=-1) == batch['targets']) * mask_bt)
+  return loss_sum, correct
+
+
+def split_micro_batches(batch: Batch, count: int) -> Batch:
+  """`[rows, T]` -> `[count, rows / count, T]`, micro-batch a taking rows a, a + count, ... so
+  every micro-batch spreads over all the devices that hold the batch's rows."""
+  def split(x):
+    rows = x.shape[0]
+    return x.reshape(rows // count, count, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    neftune_alpha: float = 0.0) -> Callable[[TrainState, Batch],
+                                                            tuple[TrainState, dict]]:
+  """The pure train step. Wrap it in `jax.jit` with shardings (see `jit_train_step`)."""
+  model = Llama(model_config, deterministic=False)
+
+  def micro_step(state: TrainState, micro: Batch, rng: jax.Array):
+    rngs = dict(zip(('dropout', 'neftune'), jax.random.split(rng)))
+
+    def objective(trained):
+      variables = dataclasses.replace(state, params=trained).variables()
+      return loss_terms(model, variables, micro, rngs, neftune_alpha)
+
+    (loss_sum, correct), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+    return loss_sum, correct, grads
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    rng, step_rng = jax.random.split(state.rng)
+    supervised = jnp.sum(batch['loss_mask'].astype(jnp.float32))
+    if grad_accum_steps == 1:
+      loss_sum, correct, grads = micro_step(state, batch, step_rng)
+    else:
+      micro_batches = split_micro_batches(batch, grad_accum_steps)
+      rngs = jax.random.split(step_rng, grad_accum_steps)
+
+      def accumulate(carry, inputs):
+        micro, micro_rng = inputs
+        loss_sum, correct, grads = micro_step(state, micro, micro_rng)
+        total_loss, total_correct, total_grads = carry
+        return (total_loss + loss_sum, total_correct + correct,
+                jax.tree_util.tree_map(jnp.add, total_grads, grads)), None
+
+      zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (loss_sum, correct, grads), _ = jax.lax.scan(
+          accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro_batches, rngs))
+    denominator = jnp.maximum(supervised, 1.0)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads,
+                                   state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss_sum / denominator, 'accuracy': correct / denominator,
+               'supervised_tokens': supervised, 'grad_norm': grad_norm,
+               'lr': schedule(state.step)}
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params,
+                                    opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model_config: LlamaConfig) -> Callable[[TrainState, Batch], dict]:
+  """Summed loss, correct and supervised tokens of one batch (deterministic model)."""
+  model = Llama(model_config)
+
+  def eval_step(state: TrainState, batch: Batch) -> dict:
+    loss_sum, correct = loss_terms(model, state.variables(), batch, {})
+    return {'loss_sum': loss_sum, 'correct': correct,
+            'supervised_tokens': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def model_config_from(config: Any) -> tuple[LlamaConfig, str | None]:
+  """The `LlamaConfig` of a run and the checkpoint folder to load (None: random init)."""
+  m = config.model
+  execution = {
+      'dtype': m.dtype, 'param_dtype': m.param_dtype, 'scan_layers': m.scan_layers,
+      'remat_policy': m.remat_policy, 'attention_implementation': m.attention_implementation,
+      'lora_scale': lora.lora_scale(config.lora.rank, config.lora.alpha, config.lora.rslora),
+      'lora_dropout': config.lora.dropout if config.lora.enabled else 0.0}
+  if m.path:
+    folder = hf.resolve_checkpoint_dir(m.path)
+    return hf.config_from_hf(hf.read_hf_config(folder), **execution), folder
+  if m.preset:
+    return presets.preset(m.preset, **execution), None
+  if m.architecture:
+    return LlamaConfig(**dict(m.architecture), **execution), None
+  raise ValueError('no model: set model.path (an HF folder or hub id), model.preset or '
+                   'model.architecture in the config.')
+
+
+def mesh_and_rules(config: Any) -> tuple[Mesh, tuple]:
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  overridden = {name for name, _ in rules}
+  rules += tuple(r for r in sharding_lib.DEFAULT_RULES if r[0] not in overridden)
+  return sharding_lib.make_mesh(tuple(config.mesh.shape)), rules
+
+
+def _random_params(model_config: LlamaConfig, rng: jax.Array) -> Any:
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(Llama(model_config).init(rng, tokens)['params'])
+
+
+def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
+                     optimizer: optax.GradientTransformation, mesh: Mesh, rules: tuple
+                     ) -> TrainState:
+  """The initial state, every array created (or read) straight into its sharding."""
+  rng = jax.random.key(config.train.seed)
+  init_rng, lora_rng, train_rng = jax.random.split(rng, 3)
+  boxed = hf.abstract_params(model_config)
+  param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  if folder is not None:
+    _, params = hf.load_checkpoint(folder, dtype=model_config.param_dtype, mesh=mesh,
+                                   rules=rules, config_overrides=_execution_fields(model_config))
+  else:
+    params = jax.jit(_random_params, static_argnums=0, out_shardings=param_shardings)(
+        model_config, init_rng)
+  frozen = None
+  if config.lora.enabled:
+    abstract = lora.abstract_lora(boxed, list(config.lora.targets), config.lora.rank)
+    frozen, params = params, jax.jit(
+        functools.partial(lora.init_lora, abstract=abstract),
+        out_shardings=sharding_lib.logical_shardings(abstract, mesh, rules))(lora_rng)
+  opt_state = jax.jit(optimizer.init)(params)  # moments inherit the params' shardings
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                    frozen=frozen, opt_state=opt_state,
+                    rng=jax.device_put(train_rng, replicated))
+
+
+def _execution_fields(model_config: LlamaConfig) -> dict[str, Any]:
+  names = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'attention_implementation',
+           'lora_scale', 'lora_dropout')
+  return {name: getattr(model_config, name) for name in names}
+
+
+def abstract_train_state(config: Any) -> TrainState:
+  """The train state's shapes and dtypes, nothing allocated (checks a config end to end)."""
+  model_config, _ = model_config_from(config)
+  optimizer, _ = optim.make_optimizer(config.optim, 1000)
+
+  def build():
+    rng = jax.random.key(0)
+    params = _random_params(model_config, rng)
+    frozen = None
+    if config.lora.enabled:
+      abstract = lora.abstract_lora(hf.abstract_params(model_config), list(config.lora.targets),
+                                    config.lora.rank)
+      frozen, params = params, lora.init_lora(rng, abstract)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=optimizer.init(params), rng=rng)
+
+  return jax.eval_shape(build)
+
+
+def state_shardings(state: TrainState) -> TrainState:
+  return jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(*BATCH_AXES))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> Batch:
+  """This process's rows -> one global array per key (rows of all processes, in order)."""
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in local.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _check_batch_layout(config: Any, mesh: Mesh) -> None:
+  rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
+  accum = config.train.grad_accum_steps
+  if config.batch_size % accum:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by '
+                     f'train.grad_accum_steps={accum}.')
+  if (config.batch_size // accum) % rows_axes:
+    raise ValueError(f'each micro-batch has {config.batch_size // accum} rows, which the '
+                     f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
+                     'make batch_size / grad_accum_steps a multiple of that.')
+
+
+def train(config: Any, workdir: str) -> dict[str, Any]:
+  """Runs a training job; returns the last train metrics and the final eval metrics."""
+  # pylint: disable=import-outside-toplevel
+  from jaxsft import demo
+  from jaxsft.data import Pipeline, load_tokenizer
+  os.makedirs(workdir, exist_ok=True)
+  if config.demo.enabled:
+    demo.prepare(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  model_config, folder = model_config_from(config)
+  mesh, rules = mesh_and_rules(config)
+  _check_batch_layout(config, mesh)
+  tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
+  data = Pipeline(config.data, tokenizer, batch_size=config.batch_size)
+  total_steps = _total_steps(config, data)
+  optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
+  writer = MetricWriter(workdir, config.train.tensorboard)
+
+  with mesh, nn.logical_axis_rules(rules):
+    state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
+    trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '
+              'tokens', model_config.model_type, f'{model_config.num_params():,}',
+              f'{trained:,}', 'LoRA' if config.lora.enabled else 'full',
+              dict(mesh.shape), total_steps, config.batch_size, config.data.max_seq_len)
+    shardings = state_shardings(state)
+    rows = batch_sharding(mesh)
+    batch_shardings = {key: rows for key in ('inputs', 'targets', 'loss_mask', 'segment_ids',
+                                             'positions')}
+    step_fn = jax.jit(make_train_step(model_config, optimizer, schedule,
+                                      grad_accum_steps=config.train.grad_accum_steps,
+                                      neftune_alpha=config.train.neftune_alpha),
+                      in_shardings=(shardings, batch_shardings),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    eval_fn = jax.jit(make_eval_step(model_config), in_shardings=(shardings, batch_shardings))
+    demo_before = demo.report(config, state, model_config, tokenizer, workdir, 'before') \
+        if config.demo.enabled else None
+
+    batches = data.train_batches()
+    first_local = next(batches)
+    compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
+    flops = compiled_flops(compiled)
+    peak = device_peak_flops()
+    last = _run_steps(config, compiled, state, first_local, batches, rows, total_steps, writer,
+                      flops, peak, eval_fn, data)
+    state, train_metrics = last
+    eval_metrics = evaluate_loss(eval_fn, state, data, rows)
+    if eval_metrics:
+      writer.write(int(state.step), eval_metrics, prefix='eval')
+      _LOG.info('eval | loss %.4f | ppl %.2f | acc %.3f', eval_metrics['loss'],
+                eval_metrics['perplexity'], eval_metrics['accuracy'])
+    result = {'train': train_metrics, 'eval': eval_metrics, 'steps': int(state.step),
+              'state': state, 'model_config': model_config}
+    if config.demo.enabled:
+      result['demo'] = {'before': demo_before,
+                        'after': demo.report(config, state, model_config, tokenizer, workdir,
+                                             'after')}
+  writer.close()
+  return result
+
+
+def _total_steps(config: Any, data: Any) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  if config.data.streaming:
+    raise ValueError('data.streaming=True needs train.num_steps > 0 (a stream has no length).')
+  rows = len(data._plan_window(0)[1])  # pylint: disable=protected-access
+  return max(1, math.ceil(config.train.num_epochs * rows / config.batch_size))
+
+
+def _run_steps(config, compiled, state, local, batches, rows, total_steps, writer, flops,
+               peak, eval_fn, data):
+  """The step loop. Each step's loss is checked while the next step runs (no stall)."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  progress = tqdm(total=total_steps, disable=not config.train.progress_bar or
+                  jax.process_index() != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
+                  leave=False)
+  say = progress.write if not progress.disable else _LOG.info
+  window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+  pending, last_metrics = None, {}
+  batch = global_batch(local, rows)
+  for step in range(int(state.step), total_steps):
+    window_tokens += int((local['segment_ids'] > 0).sum()) * jax.process_count()
+    state, metrics = compiled(state, batch)
+    if step + 1 < total_steps:  # prepare the next batch while this step runs
+      local = next(batches)
+      batch = global_batch(local, rows)
+    if pending is not None:
+      _check_finite(*pending)
+    pending = (step + 1, metrics)
+    window_steps += 1
+    progress.update(1)
+    if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(step + 1, values)
+      elapsed = time.perf_counter() - window_start
+      values['tokens_per_s'] = window_tokens / elapsed
+      values['mfu'] = (flops * window_steps / elapsed / peak) if flops and peak else None
+      writer.write(step + 1, values)
+      say(format_step(step + 1, total_steps, values))
+      last_metrics = values
+      window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    if config.train.eval_every and (step + 1) % config.train.eval_every == 0 \
+        and step + 1 < total_steps:
+      eval_metrics = evaluate_loss(eval_fn, state, data, rows)
+      if eval_metrics:
+        writer.write(step + 1, eval_metrics, prefix='eval')
+        say(f'eval at step {step + 1} | loss {eval_metrics["loss"]:.4f} | ppl '
+            f'{eval_metrics["perplexity"]:.2f} | acc {eval_metrics["accuracy"]:.3f}')
+  if pending is not None:
+    _check_finite(*pending)
+  progress.close()
+  return state, last_metrics
+
+
+class NonFiniteLoss(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss):
+    raise NonFiniteLoss(
+        f'the loss became {loss} at step {step}; stopping (saved checkpoints from earlier steps '
+        'are intact). Lower optim.learning_rate, keep optim.max_grad_norm on, or use '
+        'model.param_dtype="float32".')
+
+
+def evaluate_loss(eval_fn, state: TrainState, data: Any, rows: NamedSharding
+                  ) -> dict[str, float]:
+  """Token-weighted loss, perplexity and accuracy over the eval split ({} if none)."""
+  totals = {'loss_sum': 0.0, 'correct': 0.0, 'supervised_tokens': 0.0}
+  for local in data.eval_batches():
+    out = jax.device_get(eval_fn(state, global_batch(local, rows)))
+    for key in totals:
+      totals[key] += float(out[key])
+  if not totals['supervised_tokens']:
+    return {}
+  loss = totals['loss_sum'] / totals['supervised_tokens']
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
+          'accuracy': totals['correct'] / totals['supervised_tokens'],
+          'supervised_tokens': totals['supervised_tokens']}
+
+
+def write_summary(workdir: str, result: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    summary = {k: v for k, v in result.items() if k not in ('state', 'model_config')}
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=str)
