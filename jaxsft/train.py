@@ -200,8 +200,12 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
     frozen, params = params, jax.jit(
         functools.partial(lora.init_lora, abstract=abstract),
         out_shardings=sharding_lib.logical_shardings(abstract, mesh, rules))(lora_rng)
-  opt_state = jax.jit(optimizer.init)(params)  # moments inherit the params' shardings
   replicated = NamedSharding(mesh, PartitionSpec())
+  # Moments shard like their params; counters and other non-param leaves are replicated.
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, param: param.sharding, jax.eval_shape(optimizer.init, params), params,
+      transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     frozen=frozen, opt_state=opt_state,
                     rng=jax.device_put(train_rng, replicated))
@@ -276,6 +280,11 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   mesh, rules = mesh_and_rules(config)
   _check_batch_layout(config, mesh)
   tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
+  if len(tokenizer) > model_config.vocab_size:
+    # Ids past the embedding table would read garbage (NaN on some backends), not fail.
+    raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model\'s vocabulary '
+                     f'is {model_config.vocab_size}; use the tokenizer saved with the model, or '
+                     'resize the model\'s embeddings (added special tokens need rows too).')
   data = Pipeline(config.data, tokenizer, batch_size=config.batch_size)
   total_steps = _total_steps(config, data)
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)

@@ -1,0 +1,101 @@
+"""LoRA: target selection, PEFT's initialisation, the adapted forward pass against PEFT, and
+merging."""
+
+import flax
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+
+from hf_reference import make_model, random_tokens
+from jaxsft import hf, lora
+from jaxsft.models import Llama
+
+
+def kernel_paths(tree):
+  flat = flax.traverse_util.flatten_dict(tree, sep='/')
+  return sorted(k.rsplit('/', 1)[0] for k in flat if k.endswith('/a'))
+
+
+@pytest.fixture(scope='module')
+def loaded(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('llama')
+  model = make_model('llama3_gqa')
+  model.save_pretrained(folder)
+  config, params = hf.load_checkpoint(folder, config_overrides={'scan_layers': False})
+  return model, config, params
+
+
+def test_targets_by_name_regex_and_all_linear(loaded):
+  _, config, _ = loaded
+  boxed = hf.abstract_params(config)
+  by_name = kernel_paths(lora.abstract_lora(boxed, ['q_proj', 'v_proj'], 4))
+  assert by_name == ['layers_0/self_attn/q_proj', 'layers_0/self_attn/v_proj',
+                     'layers_1/self_attn/q_proj', 'layers_1/self_attn/v_proj']
+  by_regex = kernel_paths(lora.abstract_lora(boxed, [r'layers_1/mlp/(gate|up)_proj'], 4))
+  assert by_regex == ['layers_1/mlp/gate_proj', 'layers_1/mlp/up_proj']
+  all_linear = kernel_paths(lora.abstract_lora(boxed, ['all-linear'], 4))
+  assert len(all_linear) == 14 and not any('lm_head' in p for p in all_linear)
+  with pytest.raises(ValueError, match='match no kernel'):
+    lora.abstract_lora(boxed, ['query'], 4)
+
+
+def test_adapters_shard_like_their_kernels(loaded):
+  _, config, _ = loaded
+  boxed = hf.abstract_params(config.replace(scan_layers=True))
+  abstract = lora.abstract_lora(boxed, ['q_proj', 'down_proj'], 8)
+  q = abstract['layers']['self_attn']['q_proj']
+  assert q['a'].names == ('layers', 'embed', 'lora_rank')
+  assert q['b'].names == ('layers', 'lora_rank', 'heads')
+  assert q['a'].value.shape == (2, 64, 8) and q['b'].value.shape == (2, 8, 64)
+  assert abstract['layers']['mlp']['down_proj']['a'].names == ('layers', 'mlp', 'lora_rank')
+
+
+def test_peft_initialisation_keeps_the_base_model(loaded):
+  _, config, params = loaded
+  abstract = lora.abstract_lora(hf.abstract_params(config), ['all-linear'], 8)
+  adapters = lora.init_lora(jax.random.key(0), abstract)
+  a = np.asarray(adapters['layers_0']['mlp']['down_proj']['a'])  # in = intermediate 128
+  assert np.abs(a).max() <= 1 / np.sqrt(128) and np.abs(a).max() > 0.8 / np.sqrt(128)
+  assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(adapters)
+             if x.shape[-2] == 8)  # every b is zero
+  tokens = random_tokens(2, 12)
+  base = Llama(config).apply({'params': params}, tokens)
+  adapted = Llama(config).apply({'params': params, 'lora': adapters}, tokens)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
+
+
+@pytest.mark.parametrize('rslora', [False, True])
+def test_adapted_forward_matches_peft_and_merging(loaded, rslora):
+  model, config, params = loaded
+  rank, alpha = 4, 16.0
+  targets = ['q_proj', 'v_proj', 'down_proj']
+  scale = lora.lora_scale(rank, alpha, rslora)
+  abstract = lora.abstract_lora(hf.abstract_params(config), targets, rank)
+  rng = np.random.default_rng(0)
+  adapters = jax.tree_util.tree_map(
+      lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
+          flax.linen.unbox(abstract)))
+  peft_model = peft.get_peft_model(model, peft.LoraConfig(
+      r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
+      init_lora_weights=False))
+  modules = dict(peft_model.named_modules())
+  with torch.no_grad():
+    for layer in range(2):
+      for group, name in (('self_attn', 'q_proj'), ('self_attn', 'v_proj'),
+                          ('mlp', 'down_proj')):
+        module = modules[f'base_model.model.model.layers.{layer}.{group}.{name}']
+        pair = adapters[f'layers_{layer}'][group][name]
+        module.lora_A['default'].weight.copy_(torch.from_numpy(pair['a'].T.copy()))
+        module.lora_B['default'].weight.copy_(torch.from_numpy(pair['b'].T.copy()))
+  tokens = random_tokens(2, 12)
+  with torch.no_grad():
+    expected = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  adapted_config = config.replace(lora_scale=scale)
+  ours = Llama(adapted_config).apply({'params': params, 'lora': adapters}, tokens)
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
+  merged = lora.merge_lora(params, adapters, scale)
+  np.testing.assert_allclose(np.asarray(Llama(config).apply({'params': merged}, tokens)),
+                             expected, atol=1e-4)
+  peft_model.unload()
