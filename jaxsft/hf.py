@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -312,7 +312,8 @@ def param_shardings(config: LlamaConfig, mesh: Mesh,
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh | None = None,
                     rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
-                    config_overrides: Mapping[str, Any] | None = None
+                    config_overrides: Mapping[str, Any] | None = None,
+                    transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None
                     ) -> tuple[LlamaConfig, dict[str, Any]]:
   """Loads an HF LLaMA / Mistral / Qwen2 checkpoint.
 
@@ -323,6 +324,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
       device's shard is read from disk on its own, so no device holds the whole model.
     rules: logical-axis rules (see `jaxsft.sharding.DEFAULT_RULES`).
     config_overrides: `LlamaConfig` fields to set (`scan_layers`, compute `dtype`, ...).
+    transform: applied to each parameter `(path, array)` as soon as it is read, before the next
+      one is (e.g. quantization), so the untransformed model never exists whole.
   Returns:
     `(config, params)`; `Llama(config).apply({'params': params}, tokens)` runs the model.
   """
@@ -352,6 +355,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
     array = jax.make_array_from_callback(
         shape, _get_path(shardings, entry.path),
         lambda index, entry=entry: _read_shard(reader, entry, index, dtype))
+    if transform is not None:
+      array = transform(tuple(entry.path), array)
     _set_path(params, entry.path, array)
   reader.close()
   return config, params

@@ -8,9 +8,10 @@ import peft
 import pytest
 import torch
 
-from hf_reference import make_model, random_tokens
 from jaxsft import hf, lora
 from jaxsft.models import Llama
+
+from hf_reference import make_model, random_tokens
 
 
 def kernel_paths(tree):

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import shared_data
-from hf_reference import make_model
 from jaxsft import optim, sharding, train
 from jaxsft.config import default_config
 from jaxsft.models.llama import neftune_noise
+
+from conftest import shared_data
+from hf_reference import make_model
 
 TINY = {'vocab_size': 256, 'hidden_size': 64, 'intermediate_size': 128, 'num_layers': 2,
         'num_heads': 4, 'num_kv_heads': 2, 'max_position_embeddings': 256}
