@@ -3,6 +3,7 @@
   jaxsft train --config FILE --workdir DIR [--config.a.b=value ...]   fine-tune
   jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
         text highlighted, length distribution, drop counts, packing efficiency
+  jaxsft plan --config FILE [--device-memory-gib N]   per-device memory from shapes alone
   jaxsft info PATH      an HF checkpoint's architecture and parameter count
 
 `--config` takes a Python file with `get_config()` (optionally `file.py:arg`), as ml-collections
@@ -75,6 +76,13 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from jaxsft import plan  # pylint: disable=import-outside-toplevel
+  config = _load_config(args.config, overrides)
+  print(plan.report(plan.plan(config), args.device_memory_gib))
+  return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--config', required=True,
                       help='config file with get_config() (file.py or file.py:arg); override '
@@ -92,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   _add_config_arguments(train)
   train.add_argument('--workdir', required=True, help='metrics, config and outputs go here')
   train.set_defaults(run=_train)
+  plan = commands.add_parser('plan', help='per-device memory of a run, from shapes alone')
+  _add_config_arguments(plan)
+  plan.add_argument('--device-memory-gib', type=float, default=None,
+                    help='device memory to judge the plan against, e.g. 80 for an H100')
+  plan.set_defaults(run=_plan)
   data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
                                                                       required=True)
   inspect = data.add_parser('inspect', help='show what the model will be trained on')

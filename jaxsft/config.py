@@ -51,6 +51,13 @@ def default_config() -> ml_collections.ConfigDict:
       'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
       'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
   })
+  config.quant = ml_collections.ConfigDict({
+      'kind': 'none',        # none | nf4 | int4: 4-bit frozen base weights (QLoRA; needs LoRA)
+      'block_size': 64,      # inputs per absmax block
+      'double_quant': True,  # 8-bit absmax values (blocks of 256), as bitsandbytes
+      'double_quant_rounding': 'min_error',  # min_error (never worse than bnb) | nearest
+      'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+  })
   config.optim = ml_collections.ConfigDict({
       'learning_rate': 2e-5,
       'schedule': 'cosine',  # constant | linear | cosine (after warmup)

@@ -106,13 +106,21 @@ def init_lora(rng: jax.Array, abstract: Any) -> Any:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def merge_lora(params: Any, lora: Any, scale: float) -> Any:
-  """Params with `W + scale * A @ B` folded into each adapted kernel (for export)."""
+def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.bfloat16
+               ) -> Any:
+  """Params with `W + scale * A @ B` folded into each adapted kernel (for export). A 4-bit
+  base kernel is dequantized first and the merged kernel written in `quantized_dtype`; every
+  other quantized kernel is dequantized too, so the result is a plain dense tree."""
+  from jaxsft import quant  # pylint: disable=import-outside-toplevel
   flat_params = _flat(params)
   flat_lora = _flat(lora)
-  merged = dict(flat_params)
+  merged = {}
+  for path, kernel in flat_params.items():
+    if isinstance(kernel, quant.QuantizedKernel):
+      kernel = quant.dequantize(kernel, jnp.float32).astype(quantized_dtype)
+    merged[path] = kernel
   for path in {p[:-1] for p in flat_lora}:
-    kernel = flat_params[path + ('kernel',)]
+    kernel = merged[path + ('kernel',)]
     delta = jnp.einsum('...ir,...ro->...io', flat_lora[path + ('a',)].astype(jnp.float32),
                        flat_lora[path + ('b',)].astype(jnp.float32))
     merged[path + ('kernel',)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)

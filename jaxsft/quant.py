@@ -43,6 +43,7 @@ NF4_LEVELS = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 INT4_LEVELS = np.arange(-8, 8, dtype=np.float32) / 7.0  # codes 0..15 <-> -8..7, |q| <= 7 used
 DOUBLE_QUANT_BLOCK = 256
+DOUBLE_QUANT_ROUNDING = ('min_error', 'nearest')
 # Default targets: every linear projection of the decoder (embeddings, norms and the LM head
 # stay dense).
 DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -123,8 +124,17 @@ def _blockwise_absmax(x_bio: jax.Array) -> jax.Array:
 
 
 def quantize_kernel(kernel: jax.Array, kind: str = 'nf4', block_size: int = 64,
-                    double_quant: bool = True) -> QuantizedKernel:
-  """Quantizes a dense kernel `[..., in, out]` (in divisible by `block_size`)."""
+                    double_quant: bool = True, double_quant_rounding: str = 'min_error'
+                    ) -> QuantizedKernel:
+  """Quantizes a dense kernel `[..., in, out]` (in divisible by `block_size`).
+
+  `double_quant_rounding`: `nearest` rounds each block scale to the nearest 8-bit code
+  (bitsandbytes' rule); `min_error` takes whichever of the two neighbouring codes reconstructs
+  the block's weights better, so its error is never above `nearest`'s or bitsandbytes'.
+  """
+  if double_quant_rounding not in DOUBLE_QUANT_ROUNDING:
+    raise ValueError(f'double_quant_rounding={double_quant_rounding!r}; choose one of '
+                     f'{DOUBLE_QUANT_ROUNDING}.')
   levels = _levels(kind)
   *lead, d_in, d_out = kernel.shape
   if d_in % block_size or block_size % 2:
@@ -139,12 +149,22 @@ def quantize_kernel(kernel: jax.Array, kind: str = 'nf4', block_size: int = 64,
     codes = jnp.searchsorted(jnp.asarray(_bounds(levels)), scaled, side='left')
   else:
     codes = jnp.clip(jnp.round(scaled * 7.0), -7, 7).astype(jnp.int32) + 8
-  codes = codes.astype(jnp.uint8).reshape(*lead, d_in // 2, 2, d_out)
-  packed = (codes[..., 0, :] << 4) | codes[..., 1, :]
-  node = QuantizedKernel(packed, absmax, kind=kind, block_size=block_size)
+  node = QuantizedKernel(_pack(codes), absmax, kind=kind, block_size=block_size)
   if double_quant:
-    node.absmax, node.absmax_scale, node.absmax_offset = _double_quantize(absmax)
+    # Each block's error as a function of its (8-bit) scale, to pick the better of the two
+    # neighbouring scale codes: sum_j |level_j * a - w_j| over the block's 64 weights.
+    levels_bio = jnp.asarray(levels)[codes].reshape(x.shape)
+    block_error = lambda a: jnp.sum(jnp.abs(levels_bio * a[..., None, :] - x), axis=-2)  # noqa: E731
+    node.absmax, node.absmax_scale, node.absmax_offset = _double_quantize(
+        absmax, block_error if double_quant_rounding == 'min_error' else None)
   return node
+
+
+def _pack(codes: jax.Array) -> jax.Array:
+  """uint8 `[..., in, out]` codes (0..15) -> `[..., in / 2, out]`, first one in the high nibble."""
+  *lead, d_in, d_out = codes.shape
+  pairs = codes.astype(jnp.uint8).reshape(*lead, d_in // 2, 2, d_out)
+  return (pairs[..., 0, :] << 4) | pairs[..., 1, :]
 
 
 def _flat_absmax(absmax: jax.Array) -> jax.Array:
@@ -158,8 +178,15 @@ def _unflat_absmax(flat: jax.Array, blocks: int, d_out: int) -> jax.Array:
   return jnp.swapaxes(flat.reshape(*lead, d_out, blocks), -1, -2)
 
 
-def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """absmax - mean, blockwise 8-bit (dynamic map, 256 per block, bitsandbytes' order)."""
+def _double_quantize(absmax: jax.Array, block_error=None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """absmax - mean, blockwise 8-bit with the dynamic map (256 per group, bitsandbytes' order).
+
+  Each value gets one of its two neighbouring codes: the one that reconstructs its block's
+  weights with less error (`block_error(dequantized absmax)`), or the nearer one without
+  `block_error`. bitsandbytes always stores one of those two neighbours, so the reconstruction
+  error is never worse than its.
+  """
   *lead, blocks, d_out = absmax.shape
   offset = jnp.mean(absmax, axis=(-2, -1), keepdims=True)
   flat = _flat_absmax(absmax - offset)
@@ -170,9 +197,27 @@ def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
   scale = jnp.max(jnp.abs(grouped), axis=-1)
   inverse = 1.0 / jnp.maximum(scale, 1e-38)
   scaled = jnp.clip(grouped * inverse[..., None], -1.0, 1.0)
-  codes = jnp.searchsorted(jnp.asarray(_bounds(dynamic_map())), scaled, side='left')
-  codes = codes.astype(jnp.uint8).reshape(*lead, groups * DOUBLE_QUANT_BLOCK)[..., :n]
-  return _unflat_absmax(codes, blocks, d_out), scale, offset
+  code_map = jnp.asarray(dynamic_map())
+  nearest = jnp.searchsorted(jnp.asarray(_bounds(dynamic_map())), scaled, side='left')
+
+  def unflat(codes):
+    codes = codes.reshape(*lead, groups * DOUBLE_QUANT_BLOCK)[..., :n]
+    return _unflat_absmax(codes, blocks, d_out)
+
+  def dequantized(codes):
+    values = code_map[codes] * scale[..., None]
+    return unflat(values) + offset
+
+  codes = nearest
+  if block_error is not None:
+    below = jnp.clip(jnp.searchsorted(code_map, scaled, side='right') - 1, 0, 255)
+    above = jnp.clip(below + 1, 0, 255)
+    error_below = _flat_absmax(block_error(dequantized(below)))
+    error_above = _flat_absmax(block_error(dequantized(above)))
+    pad = [(0, 0)] * len(lead) + [(0, groups * DOUBLE_QUANT_BLOCK - n)]
+    choose_above = jnp.pad(error_above < error_below, pad).reshape(grouped.shape)
+    codes = jnp.where(choose_above, above, below)
+  return unflat(codes.astype(jnp.uint8)), scale, offset
 
 
 def dequantize_absmax(node: QuantizedKernel) -> jax.Array:
@@ -216,10 +261,11 @@ def is_target(path: Sequence[str], targets: Sequence[str]) -> bool:
 
 
 def quantize(params: Any, kind: str = 'nf4', targets: Sequence[str] = DEFAULT_TARGETS,
-             block_size: int = 64, double_quant: bool = True) -> Any:
+             block_size: int = 64, double_quant: bool = True,
+             double_quant_rounding: str = 'min_error') -> Any:
   """`params` with the targeted kernels replaced by `QuantizedKernel` nodes."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep=None)
-  out = {path: quantize_kernel(leaf, kind, block_size, double_quant)
+  out = {path: quantize_kernel(leaf, kind, block_size, double_quant, double_quant_rounding)
          if is_target(path, targets) else leaf for path, leaf in flat.items()}
   return flax.traverse_util.unflatten_dict(out)
 

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxsft import hf, lora, optim, presets
+from jaxsft import hf, lora, optim, presets, quant
 from jaxsft import sharding as sharding_lib
 from jaxsft.metrics import MetricWriter, compiled_flops, device_peak_flops, format_step
 from jaxsft.models import Llama, LlamaConfig
@@ -38,6 +38,7 @@ from jaxsft.models import Llama, LlamaConfig
 _LOG = logging.getLogger('jaxsft')
 Batch = dict[str, jax.Array]
 BATCH_AXES = (('data', 'fsdp'), None)  # rows over data x fsdp, sequence whole
+FROZEN_DENSE_DTYPE = jnp.bfloat16  # QLoRA: the dense (unquantized) frozen weights
 
 
 @flax.struct.dataclass
@@ -168,11 +169,11 @@ def model_config_from(config: Any) -> tuple[LlamaConfig, str | None]:
                    'model.architecture in the config.')
 
 
-def mesh_and_rules(config: Any) -> tuple[Mesh, tuple]:
+def mesh_and_rules(config: Any, devices: Any = None) -> tuple[Mesh, tuple]:
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   overridden = {name for name, _ in rules}
   rules += tuple(r for r in sharding_lib.DEFAULT_RULES if r[0] not in overridden)
-  return sharding_lib.make_mesh(tuple(config.mesh.shape)), rules
+  return sharding_lib.make_mesh(tuple(config.mesh.shape), devices), rules
 
 
 def _random_params(model_config: LlamaConfig, rng: jax.Array) -> Any:
@@ -188,12 +189,19 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
   init_rng, lora_rng, train_rng = jax.random.split(rng, 3)
   boxed = hf.abstract_params(model_config)
   param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  quantize_leaf = _leaf_quantizer(config, boxed, mesh, rules)
   if folder is not None:
+    # Each tensor is quantized as soon as it is read: the dense model never exists whole.
     _, params = hf.load_checkpoint(folder, dtype=model_config.param_dtype, mesh=mesh,
-                                   rules=rules, config_overrides=_execution_fields(model_config))
+                                   rules=rules, config_overrides=_execution_fields(model_config),
+                                   transform=quantize_leaf)
   else:
     params = jax.jit(_random_params, static_argnums=0, out_shardings=param_shardings)(
         model_config, init_rng)
+    if quantize_leaf is not None:
+      flat = flax.traverse_util.flatten_dict(params, sep=None)
+      params = flax.traverse_util.unflatten_dict(
+          {path: quantize_leaf(path, leaf) for path, leaf in flat.items()})
   frozen = None
   if config.lora.enabled:
     abstract = lora.abstract_lora(boxed, list(config.lora.targets), config.lora.rank)
@@ -211,6 +219,41 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
                     rng=jax.device_put(train_rng, replicated))
 
 
+def check_quant_config(config: Any) -> bool:
+  """Whether the run quantizes its base weights; QLoRA needs LoRA (4-bit weights are frozen)."""
+  if config.quant.kind == 'none':
+    return False
+  if config.quant.kind not in quant.KINDS:
+    raise ValueError(f'quant.kind={config.quant.kind!r}; choose none or one of {quant.KINDS}.')
+  if not config.lora.enabled:
+    raise ValueError(f'quant.kind={config.quant.kind!r} freezes the base weights in 4 bits, so '
+                     'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
+  return True
+
+
+def _leaf_quantizer(config: Any, boxed: Any, mesh: Mesh, rules: tuple):
+  """`(path, dense array) -> QuantizedKernel` (sharded like the kernel) for targeted kernels,
+  the array itself otherwise; None when the run does not quantize."""
+  if not check_quant_config(config):
+    return None
+  q = config.quant
+  names = {path: leaf.names for path, leaf in
+           flax.traverse_util.flatten_dict(flax.core.unfreeze(boxed), sep=None).items()}
+  quantize_kernel = functools.partial(quant.quantize_kernel, kind=q.kind,
+                                      block_size=q.block_size, double_quant=q.double_quant,
+                                      double_quant_rounding=q.double_quant_rounding)
+
+  def quantize_leaf(path, array):
+    if not quant.is_target(path, list(q.targets)):
+      # Embeddings, norms and the LM head stay dense; frozen, so bf16 is enough.
+      return jax.jit(lambda x: x.astype(FROZEN_DENSE_DTYPE), out_shardings=array.sharding)(array)
+    abstract = jax.eval_shape(quantize_kernel, array)
+    shardings = quant.node_shardings(names[tuple(path)], abstract, mesh, rules)
+    return jax.jit(quantize_kernel, out_shardings=shardings)(array)
+
+  return quantize_leaf
+
+
 def _execution_fields(model_config: LlamaConfig) -> dict[str, Any]:
   names = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'attention_implementation',
            'lora_scale', 'lora_dropout')
@@ -226,6 +269,13 @@ def abstract_train_state(config: Any) -> TrainState:
     rng = jax.random.key(0)
     params = _random_params(model_config, rng)
     frozen = None
+    if check_quant_config(config):
+      params = quant.quantize(params, config.quant.kind, list(config.quant.targets),
+                              config.quant.block_size, config.quant.double_quant,
+                              config.quant.double_quant_rounding)
+      params = jax.tree_util.tree_map(
+          lambda x: x if isinstance(x, quant.QuantizedKernel) else x.astype(FROZEN_DENSE_DTYPE),
+          params, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
     if config.lora.enabled:
       abstract = lora.abstract_lora(hf.abstract_params(model_config), list(config.lora.targets),
                                     config.lora.rank)
@@ -253,7 +303,7 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> Batch
 # ----------------------------------------------------------------------------- the loop
 
 
-def _check_batch_layout(config: Any, mesh: Mesh) -> None:
+def check_batch_layout(config: Any, mesh: Mesh) -> None:
   rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
   accum = config.train.grad_accum_steps
   if config.batch_size % accum:
@@ -278,7 +328,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   model_config, folder = model_config_from(config)
   mesh, rules = mesh_and_rules(config)
-  _check_batch_layout(config, mesh)
+  check_batch_layout(config, mesh)
   tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
   if len(tokenizer) > model_config.vocab_size:
     # Ids past the embedding table would read garbage (NaN on some backends), not fail.

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsft.quant import QuantizedKernel, dequantize
+
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -34,8 +36,13 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    if self.has_variable('params', 'kernel') and isinstance(
+        self.get_variable('params', 'kernel'), QuantizedKernel):
+      # 4-bit frozen weights: dense only here, one layer at a time, in the compute dtype.
+      kernel = dequantize(self.get_variable('params', 'kernel'), self.dtype)
+    else:
+      kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, self.axes),
+                          (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
     y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
     if self.has_variable('lora', 'a'):

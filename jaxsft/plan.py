@@ -1,0 +1,142 @@
+"""`jaxsft plan`: per-device memory of a run, from shapes alone.
+
+The train step is lowered and compiled ahead of time from abstract shapes
+(`jax.ShapeDtypeStruct`s with their shardings), so no weight is read or allocated. The report
+splits the per-device bytes into frozen weights (dense or 4-bit), trained weights, optimizer
+state, and the compiled program's temporaries (activations, gradients, workspace), and gives a
+verdict against a device memory size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxsft import hf, lora, optim, quant, train
+from jaxsft import sharding as sharding_lib
+
+GIB = 1024 ** 3
+
+
+def _device_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of `tree` (abstract arrays) under `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+    total += int(np.prod(sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def state_shardings(config: Any, state: train.TrainState, mesh: Any, rules: tuple
+                    ) -> train.TrainState:
+  """Shardings of an abstract train state, from the logical axes of the model's kernels."""
+  model_config, _ = train.model_config_from(config)
+  boxed = flax.traverse_util.flatten_dict(flax.core.unfreeze(hf.abstract_params(model_config)),
+                                          sep=None)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def base_sharding(tree):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
+    out = {}
+    for path, leaf in flat.items():
+      names = boxed[path].names
+      if isinstance(leaf, quant.QuantizedKernel):
+        out[path] = quant.node_shardings(names, leaf, mesh, rules)
+      else:
+        out[path] = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(names, leaf.shape,
+                                                                          mesh, rules))
+    return flax.traverse_util.unflatten_dict(out)
+
+  if config.lora.enabled:
+    abstract = lora.abstract_lora(hf.abstract_params(model_config), list(config.lora.targets),
+                                  config.lora.rank)
+    trained = sharding_lib.logical_shardings(abstract, mesh, rules)
+    frozen = base_sharding(state.frozen)
+  else:
+    trained, frozen = base_sharding(state.params), None
+  optimizer, _ = optim.make_optimizer(config.optim, 1000)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, trained,
+                              transform_non_params=lambda _: replicated)
+  return train.TrainState(step=replicated, params=trained, frozen=frozen, opt_state=opt,
+                          rng=replicated)
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+  frozen_bytes: int
+  trained_bytes: int
+  optimizer_bytes: int
+  temporary_bytes: int
+  frozen_parameters: int
+  quantized_bits_per_parameter: float | None
+
+  @property
+  def total_bytes(self) -> int:
+    return self.frozen_bytes + self.trained_bytes + self.optimizer_bytes + self.temporary_bytes
+
+
+def plan(config: Any, devices: Any = None) -> MemoryPlan:
+  """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
+  default all)."""
+  mesh, rules = train.mesh_and_rules(config, devices)
+  train.check_batch_layout(config, mesh)
+  model_config, _ = train.model_config_from(config)
+  state = train.abstract_train_state(config)
+  shardings = state_shardings(config, state, mesh, rules)
+  optimizer, schedule = optim.make_optimizer(config.optim, 1000)
+  rows = train.batch_sharding(mesh)
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.max_seq_len), jnp.int32,
+                                     sharding=rows)
+           for key in ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
+  state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  step = train.make_train_step(model_config, optimizer, schedule,
+                               grad_accum_steps=config.train.grad_accum_steps,
+                               neftune_alpha=config.train.neftune_alpha)
+  with mesh, nn.logical_axis_rules(rules):
+    compiled = jax.jit(step, in_shardings=(shardings, {k: rows for k in batch}),
+                       out_shardings=(shardings, None), donate_argnums=(0,)).lower(
+                           state, batch).compile()
+  analysis = compiled.memory_analysis()
+  temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
+  frozen_tree = state.frozen if state.frozen is not None else {}
+  frozen_shardings = shardings.frozen if state.frozen is not None else {}
+  kernels = [x for x in jax.tree_util.tree_leaves(
+      state.frozen, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
+             if isinstance(x, quant.QuantizedKernel)] if state.frozen is not None else []
+  bits = (8 * sum(k.nbytes() for k in kernels) / sum(int(np.prod(k.shape)) for k in kernels)
+          if kernels else None)
+  frozen_parameters = sum(int(np.prod(k.shape)) for k in jax.tree_util.tree_leaves(
+      frozen_tree, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel)))
+  return MemoryPlan(
+      frozen_bytes=_device_bytes(frozen_tree, frozen_shardings),
+      trained_bytes=_device_bytes(state.params, shardings.params),
+      optimizer_bytes=_device_bytes(state.opt_state, shardings.opt_state),
+      temporary_bytes=temporary, frozen_parameters=frozen_parameters,
+      quantized_bits_per_parameter=bits)
+
+
+def report(memory: MemoryPlan, device_memory_gib: float | None) -> str:
+  lines = ['per-device memory:',
+           f'  frozen weights     {memory.frozen_bytes / GIB:9.3f} GiB'
+           + (f'  ({memory.quantized_bits_per_parameter:.3f} bits per quantized parameter)'
+              if memory.quantized_bits_per_parameter else ''),
+           f'  trained weights    {memory.trained_bytes / GIB:9.3f} GiB',
+           f'  optimizer state    {memory.optimizer_bytes / GIB:9.3f} GiB',
+           f'  temporaries        {memory.temporary_bytes / GIB:9.3f} GiB  (activations, '
+           'gradients, workspace of the compiled step)',
+           f'  total              {memory.total_bytes / GIB:9.3f} GiB']
+  if device_memory_gib:
+    fits = memory.total_bytes <= device_memory_gib * GIB
+    lines.append(f'verdict: {"fits" if fits else "does NOT fit"} in {device_memory_gib:g} GiB '
+                 f'per device ({100 * memory.total_bytes / (device_memory_gib * GIB):.0f} %)')
+  return '\n'.join(lines)
+
