@@ -101,7 +101,7 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
   step = train.make_train_step(model_config, optimizer, schedule,
                                grad_accum_steps=config.train.grad_accum_steps,
                                neftune_alpha=config.train.neftune_alpha)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(step, in_shardings=(shardings, {k: rows for k in batch}),
                        out_shardings=(shardings, None), donate_argnums=(0,)).lower(
                            state, batch).compile()

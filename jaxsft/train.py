@@ -340,7 +340,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
   writer = MetricWriter(workdir, config.train.tensorboard)
 
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
     trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '

@@ -120,7 +120,7 @@ def test_lora_step_on_nf4_equals_step_on_dequantized_base():
   model_config, _ = train.model_config_from(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   optimizer, schedule = train.optim.make_optimizer(config.optim, 10)
-  with mesh, nn.logical_axis_rules(sharding.DEFAULT_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     state = train.init_train_state(config, model_config, None, optimizer, mesh,
                                    sharding.DEFAULT_RULES)
   dense = state.replace(frozen=quant.dequantize_params(state.frozen, jnp.float32))
@@ -144,7 +144,7 @@ def test_quantized_kernels_shard_like_dense_kernels():
   model_config, _ = train.model_config_from(config)
   mesh = sharding.make_mesh((2, 2, 2))
   optimizer, _ = train.optim.make_optimizer(config.optim, 10)
-  with mesh, nn.logical_axis_rules(sharding.DEFAULT_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     state = train.init_train_state(config, model_config, None, optimizer, mesh,
                                    sharding.DEFAULT_RULES)
   node = state.frozen['layers']['mlp']['up_proj']['kernel']  # ('layers', 'embed', 'mlp')

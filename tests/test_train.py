@@ -66,7 +66,7 @@ def run_steps(config, mesh_shape, batches, devices=None):
   mesh = sharding.make_mesh(mesh_shape, devices)
   rules = sharding.DEFAULT_RULES
   optimizer, schedule = optim.make_optimizer(config.optim, 10)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = train.init_train_state(config, model_config, None, optimizer, mesh, rules)
     shardings = train.state_shardings(state)
     rows = train.batch_sharding(mesh)
