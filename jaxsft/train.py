@@ -340,8 +340,11 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
   writer = MetricWriter(workdir, config.train.tensorboard)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  # Init places every array explicitly; the mesh context is for tracing the model's
+  # activation constraints in the step (HF loading under it trips on abstract meshes).
+  with nn.logical_axis_rules(rules):
     state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '
               'tokens', model_config.model_type, f'{model_config.num_params():,}',
