@@ -192,7 +192,9 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
   quantize_leaf = _leaf_quantizer(config, boxed, mesh, rules)
   if folder is not None:
     # Each tensor is quantized as soon as it is read: the dense model never exists whole.
-    _, params = hf.load_checkpoint(folder, dtype=model_config.param_dtype, mesh=mesh,
+    # Frozen 4-bit bases load in bf16 (checkpoints are bf16; half the transient bytes).
+    load_dtype = FROZEN_DENSE_DTYPE if quantize_leaf is not None else model_config.param_dtype
+    _, params = hf.load_checkpoint(folder, dtype=load_dtype, mesh=mesh,
                                    rules=rules, config_overrides=_execution_fields(model_config),
                                    transform=quantize_leaf)
   else:
