@@ -69,9 +69,18 @@ def _load_config(config_path: str, overrides: Sequence[str]):
 
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-  from jaxsft import train  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft import distributed, train
   config = _load_config(args.config, overrides)
-  result = train.train(config, args.workdir)
+  distributed.initialize(config.distributed)  # before anything touches a JAX backend
+  try:
+    result = train.train(config, args.workdir)
+  except train.NonFiniteLoss as error:
+    logging.getLogger('jaxsft').error('%s', error)
+    return train.EXIT_NON_FINITE
+  except train.Preempted as preempted:
+    logging.getLogger('jaxsft').warning('%s', preempted)
+    return train.EXIT_PREEMPTED
   train.write_summary(args.workdir, result)
   return 0
 

@@ -81,6 +81,17 @@ def default_config() -> ml_collections.ConfigDict:
       'tensorboard': True,   # event files in workdir/tensorboard (metrics.jsonl always)
       'progress_bar': True,
   })
+  config.checkpoint = ml_collections.ConfigDict({
+      'save_every': 0,       # steps between checkpoints; 0 = only at the end (and on SIGTERM)
+      'keep': 3,             # the newest checkpoints kept
+      'async_save': True,    # write in the background while training continues
+      'resume': True,        # continue from the newest checkpoint in the work directory
+  })
+  config.distributed = ml_collections.ConfigDict({
+      'coordinator_address': '',  # host:port of process 0; '' = auto (TPU pods, SLURM, env)
+      'num_processes': 0,    # with coordinator_address
+      'process_id': -1,      # with coordinator_address
+  })
   config.mesh = ml_collections.ConfigDict({
       'shape': (-1, 1, 1),   # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
       'rules': (),           # extra (logical name, mesh axes) pairs that override the defaults

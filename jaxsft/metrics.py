@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 
 _LOG = logging.getLogger('jaxsft')
 
@@ -41,33 +42,48 @@ def compiled_flops(compiled: Any) -> float | None:
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).
+
+  A local work directory gets an appended file; a bucket (`gs://`), where objects cannot be
+  appended to, gets the file rewritten at each write through `etils.epath`.
+  """
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._remote_path, self._remote_lines = None, []
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
+    if str(workdir).startswith('gs://'):
+      self._remote_path = epath.Path(workdir) / 'metrics.jsonl'
+      if self._remote_path.exists():
+        self._remote_lines = self._remote_path.read_text().splitlines(keepends=True)
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(os.path.join(str(workdir), 'tensorboard'))
 
   def write(self, step: int, scalars: dict[str, float], prefix: str = 'train') -> None:
     if not self.enabled:
       return
     record = {'step': step, **{f'{prefix}/{k}': v for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    line = json.dumps(record) + '\n'
+    if self._remote_path is not None:
+      self._remote_lines.append(line)
+      self._remote_path.write_text(''.join(self._remote_lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for key, value in scalars.items():
         if value is not None and math.isfinite(value):
           self._tb.add_scalar(f'{prefix}/{key}', value, step)
 
   def close(self) -> None:
-    if self._jsonl:
+    if self._jsonl and not self._jsonl.closed:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()

@@ -16,8 +16,9 @@ import functools
 import json
 import logging
 import math
-import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsft import hf, lora, optim, presets, quant
@@ -317,17 +319,54 @@ def check_batch_layout(config: Any, mesh: Mesh) -> None:
                      'make batch_size / grad_accum_steps a multiple of that.')
 
 
+EXIT_NON_FINITE = 3    # the CLI's exit code when the loss became NaN or infinite
+EXIT_PREEMPTED = 75    # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; start it again
+
+
+class Preempted(Exception):
+  """SIGTERM or a TPU preemption notice: the state at `step` is checkpointed."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted at step {step}; the checkpoint is saved and the run resumes '
+                     'from it when started again on the same work directory.')
+    self.step = step
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    _LOG.warning('SIGTERM received: saving a checkpoint after this step, then exiting.')
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(config: Any, workdir: str) -> dict[str, Any]:
-  """Runs a training job; returns the last train metrics and the final eval metrics."""
+  """Runs (or resumes) a training job; returns the last train and eval metrics and the state.
+
+  Raises `NonFiniteLoss` (checkpoints of earlier steps intact) and `Preempted` (after saving).
+  """
   # pylint: disable=import-outside-toplevel
-  from jaxsft import demo
+  from jaxsft import checkpoint, demo
   from jaxsft.data import Pipeline, load_tokenizer
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_writable(workdir)
   if config.demo.enabled:
     demo.prepare(config, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
   model_config, folder = model_config_from(config)
   mesh, rules = mesh_and_rules(config)
   check_batch_layout(config, mesh)
@@ -341,11 +380,27 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   total_steps = _total_steps(config, data)
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
   writer = MetricWriter(workdir, config.train.tensorboard)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                         save_every=config.checkpoint.save_every,
+                                         async_save=config.checkpoint.async_save)
+  meta = {'config': json.loads(config.to_json_best_effort()),
+          'base': checkpoint.base_identity(folder) if config.lora.enabled else None}
 
   # Init places every array explicitly; the mesh context is for tracing the model's
   # activation constraints in the step (HF loading under it trips on abstract meshes).
   with nn.logical_axis_rules(rules):
     state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
+  data_state = None
+  latest = checkpointer.latest_step() if config.checkpoint.resume else None
+  if latest is not None:
+    checkpoint.log_restore(latest, checkpointer.directory)
+    state, data_states, saved_meta = checkpointer.restore(latest, state)
+    if config.lora.enabled and saved_meta.get('base') != meta['base']:
+      raise ValueError(f'the checkpoint in {checkpointer.directory} adapts the base '
+                       f'{saved_meta.get("base")}, but this run loads {meta["base"]}; point '
+                       'model.path at the original base or use a new --workdir.')
+    data_state = checkpoint.data_state_for_process(data_states, jax.process_index(),
+                                                   jax.process_count())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '
@@ -365,14 +420,17 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     demo_before = demo.report(config, state, model_config, tokenizer, workdir, 'before') \
         if config.demo.enabled else None
 
-    batches = data.train_batches()
+    batches = data.train_batches(data_state)
     first_local = next(batches)
     compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
-    flops = compiled_flops(compiled)
-    peak = device_peak_flops()
-    last = _run_steps(config, compiled, state, first_local, batches, rows, total_steps, writer,
-                      flops, peak, eval_fn, data)
-    state, train_metrics = last
+    loop = _Loop(config, compiled, batches, rows, total_steps, writer, compiled_flops(compiled),
+                 device_peak_flops(), eval_fn, data, checkpointer, meta)
+    try:
+      with _SigtermFlag() as sigterm:
+        state, train_metrics = loop.run(state, first_local, sigterm)
+    finally:
+      checkpointer.wait()
+      writer.close()
     eval_metrics = evaluate_loss(eval_fn, state, data, rows)
     if eval_metrics:
       writer.write(int(state.step), eval_metrics, prefix='eval')
@@ -385,6 +443,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
                         'after': demo.report(config, state, model_config, tokenizer, workdir,
                                              'after')}
   writer.close()
+  checkpointer.close()
   return result
 
 
@@ -397,49 +456,78 @@ def _total_steps(config: Any, data: Any) -> int:
   return max(1, math.ceil(config.train.num_epochs * rows / config.batch_size))
 
 
-def _run_steps(config, compiled, state, local, batches, rows, total_steps, writer, flops,
-               peak, eval_fn, data):
-  """The step loop. Each step's loss is checked while the next step runs (no stall)."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  progress = tqdm(total=total_steps, disable=not config.train.progress_bar or
-                  jax.process_index() != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
-                  leave=False)
-  say = progress.write if not progress.disable else _LOG.info
-  window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-  pending, last_metrics = None, {}
-  batch = global_batch(local, rows)
-  for step in range(int(state.step), total_steps):
-    window_tokens += int((local['segment_ids'] > 0).sum()) * jax.process_count()
-    state, metrics = compiled(state, batch)
-    if step + 1 < total_steps:  # prepare the next batch while this step runs
-      local = next(batches)
-      batch = global_batch(local, rows)
+@dataclasses.dataclass
+class _Loop:
+  """The step loop. Each step's loss is checked while the next step runs (no stall), except
+  before a checkpoint: a state is only saved once its loss is known to be finite."""
+
+  config: Any
+  compiled: Any
+  batches: Any
+  rows: NamedSharding
+  total_steps: int
+  writer: MetricWriter
+  flops: float | None
+  peak: float | None
+  eval_fn: Any
+  data: Any
+  checkpointer: Any
+  meta: dict
+
+  def run(self, state: TrainState, local: dict, sigterm: _SigtermFlag):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    config, total_steps = self.config, self.total_steps
+    progress = tqdm(total=total_steps, initial=int(state.step), dynamic_ncols=True, leave=False,
+                    disable=not config.train.progress_bar or jax.process_index() != 0 or
+                    not sys.stderr.isatty())
+    say = progress.write if not progress.disable else _LOG.info
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    pending, last_metrics = None, {}
+    batch = global_batch(local, self.rows)
+    position = self.batches.state()  # the data position after this step's batch
+    for step in range(int(state.step), total_steps):
+      window_tokens += int((local['segment_ids'] > 0).sum()) * jax.process_count()
+      state, metrics = self.compiled(state, batch)
+      next_position = position
+      if step + 1 < total_steps:  # prepare the next batch while this step runs
+        local = next(self.batches)
+        batch = global_batch(local, self.rows)
+        position = self.batches.state()
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step + 1, metrics)
+      window_steps += 1
+      progress.update(1)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(done, values)
+        elapsed = time.perf_counter() - window_start
+        values['tokens_per_s'] = window_tokens / elapsed
+        values['mfu'] = (self.flops * window_steps / elapsed / self.peak
+                         if self.flops and self.peak else None)
+        self.writer.write(done, values)
+        say(format_step(done, total_steps, values))
+        last_metrics = values
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+      preempted = sigterm.raised or self.checkpointer.reached_preemption(done)
+      if self.checkpointer.should_save(done) or done == total_steps or preempted:
+        _check_finite(done, jax.device_get(metrics))
+        self.checkpointer.save(done, state, next_position, self.meta)
+      if preempted:
+        self.checkpointer.wait()
+        progress.close()
+        raise Preempted(done)
+      if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
+        eval_metrics = evaluate_loss(self.eval_fn, state, self.data, self.rows)
+        if eval_metrics:
+          self.writer.write(done, eval_metrics, prefix='eval')
+          say(f'eval at step {done} | loss {eval_metrics["loss"]:.4f} | ppl '
+              f'{eval_metrics["perplexity"]:.2f} | acc {eval_metrics["accuracy"]:.3f}')
     if pending is not None:
       _check_finite(*pending)
-    pending = (step + 1, metrics)
-    window_steps += 1
-    progress.update(1)
-    if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step + 1, values)
-      elapsed = time.perf_counter() - window_start
-      values['tokens_per_s'] = window_tokens / elapsed
-      values['mfu'] = (flops * window_steps / elapsed / peak) if flops and peak else None
-      writer.write(step + 1, values)
-      say(format_step(step + 1, total_steps, values))
-      last_metrics = values
-      window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    if config.train.eval_every and (step + 1) % config.train.eval_every == 0 \
-        and step + 1 < total_steps:
-      eval_metrics = evaluate_loss(eval_fn, state, data, rows)
-      if eval_metrics:
-        writer.write(step + 1, eval_metrics, prefix='eval')
-        say(f'eval at step {step + 1} | loss {eval_metrics["loss"]:.4f} | ppl '
-            f'{eval_metrics["perplexity"]:.2f} | acc {eval_metrics["accuracy"]:.3f}')
-  if pending is not None:
-    _check_finite(*pending)
-  progress.close()
-  return state, last_metrics
+    progress.close()
+    return state, last_metrics
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -474,5 +562,4 @@ def evaluate_loss(eval_fn, state: TrainState, data: Any, rows: NamedSharding
 def write_summary(workdir: str, result: dict[str, Any]) -> None:
   if jax.process_index() == 0:
     summary = {k: v for k, v in result.items() if k not in ('state', 'model_config')}
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=str)
+    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))

@@ -280,8 +280,10 @@ class Pipeline:
     keys = {'seed': self.config.seed, 'max_seq_len': self.seq_len, 'batch_size': self.batch_size,
             'packing': self.config.packing, 'streaming': self.config.streaming,
             'pack_window': self.config.pack_window, 'eval_size': self.config.eval_size,
-            'specs': self.specs, 'process_count': self.process_count}
-    if not self.config.streaming:
+            'specs': self.specs}
+    if self.config.streaming:  # each process reads its own shards
+      keys['process_count'] = self.process_count
+    else:  # one global plan: any number of processes continues it
       keys['sizes'] = [len(s.train_rows) for s in self.sources]
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -326,6 +328,7 @@ class BatchIterator(Iterator[Batch]):
 
   def state(self) -> dict[str, Any]:
     return {'version': STATE_VERSION, 'fingerprint': self.pipeline.fingerprint(),
+            'streaming': bool(self.pipeline.config.streaming),
             'process_index': self.pipeline.process_index, 'window': self.window,
             'row': self.row}
 
@@ -335,9 +338,10 @@ class BatchIterator(Iterator[Batch]):
                        f'{STATE_VERSION}; it was saved by another jaxsft version.')
     if state['fingerprint'] != self.pipeline.fingerprint():
       raise ValueError('the saved data iterator state belongs to a different data setup (seed, '
-                       'sources, max_seq_len, batch_size, packing or process count changed); '
+                       'sources, max_seq_len, batch_size, packing, or the process count of a '
+                       'stream changed); '
                        'resuming would not see the same batches. Restore those settings.')
-    if state['process_index'] != self.pipeline.process_index:
+    if state.get('streaming') and state['process_index'] != self.pipeline.process_index:
       raise ValueError(f'data state of process {state["process_index"]} given to process '
                        f'{self.pipeline.process_index}.')
 

@@ -1,0 +1,47 @@
+"""Multi-process runs: one JAX process per host (TPU pod slice) or per GPU node.
+
+`initialize` calls `jax.distributed.initialize` when the run spans processes: with an explicit
+coordinator from the config, or with JAX's own detection (TPU pods, SLURM, Open MPI, and the
+`JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` environment). A plain
+single-process run is left alone. It must run before anything touches a JAX backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+
+_LOG = logging.getLogger('jaxsft')
+_ENVIRONMENT_HINTS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                      'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def initialize(distributed_config: Any) -> None:
+  """Joins the processes of a multi-process run (no-op for a single process)."""
+  address = distributed_config.coordinator_address
+  if address:
+    if distributed_config.num_processes < 1 or distributed_config.process_id < 0:
+      raise ValueError('distributed.coordinator_address is set, so distributed.num_processes '
+                       'and distributed.process_id must be too.')
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=distributed_config.num_processes,
+                               process_id=distributed_config.process_id)
+  elif any(os.environ.get(name) for name in _ENVIRONMENT_HINTS) and _multi_host_tpu_or_cluster():
+    jax.distributed.initialize()
+  else:
+    return
+  _LOG.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _multi_host_tpu_or_cluster() -> bool:
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if hosts:
+    return len(hosts.split(',')) > 1
+  for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'JAX_NUM_PROCESSES'):
+    if os.environ.get(name, '1').isdigit() and int(os.environ.get(name, '1')) > 1:
+      return True
+  return bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))

@@ -1,0 +1,183 @@
+"""Checkpoints: exact resume after SIGTERM, resharding on restore, NaN stops with the last good
+checkpoint intact, partial checkpoints ignored, unwritable work directories refused early."""
+
+import hashlib
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsft import checkpoint, train
+from jaxsft.config import default_config
+from jaxsft.data import pipeline as pipeline_lib
+
+from conftest import shared_data
+
+ARCH = {'vocab_size': 32000, 'hidden_size': 64, 'intermediate_size': 128, 'num_layers': 2,
+        'num_heads': 4, 'num_kv_heads': 2, 'max_position_embeddings': 512}
+
+
+def run_config(tmp_path, lora=False, mesh=(8, 1, 1), steps=12):
+  config = default_config()
+  config.model.architecture = ARCH
+  config.model.dtype = 'float32'
+  config.model.attention_implementation = 'xla'
+  config.lora.enabled = lora
+  config.lora.rank = 4
+  config.lora.dropout = 0.1 if lora else 0.0  # dropout rngs must resume too
+  config.data.datasets = [{'path': str(shared_data('instructions/alpaca_tiny.json'))}]
+  config.data.tokenizer = str(shared_data('tokenizers/llama2'))
+  config.data.max_seq_len = 128
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.batch_size = 8
+  config.mesh.shape = mesh
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 2
+  config.train.num_steps = steps
+  config.train.neftune_alpha = 5.0
+  config.train.log_every = 1
+  config.train.progress_bar = False
+  config.train.tensorboard = False
+  config.checkpoint.save_every = 4
+  config.checkpoint.async_save = True
+  return config
+
+
+@pytest.fixture
+def seen_batches(monkeypatch):
+  """Hashes of every training batch the data iterators hand out, in order."""
+  seen = []
+  original = pipeline_lib.Pipeline.train_batches
+
+  def recording(self, state=None):
+    iterator = original(self, state)
+    original_next = type(iterator).__next__
+
+    class Recording(type(iterator)):
+      def __next__(inner):
+        batch = original_next(inner)
+        seen.append(hashlib.sha256(batch['inputs'].tobytes()).hexdigest()[:12])
+        return batch
+
+    iterator.__class__ = Recording
+    return iterator
+
+  monkeypatch.setattr(pipeline_lib.Pipeline, 'train_batches', recording)
+  return seen
+
+
+def sigterm_at(monkeypatch, step):
+  """Sends this process a real SIGTERM when the metrics of `step` are written."""
+  original = train.MetricWriter.write
+
+  def write(self, at, scalars, prefix='train'):
+    original(self, at, scalars, prefix)
+    if at == step and prefix == 'train':
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.MetricWriter, 'write', write)
+  return original
+
+
+def host_params(result):
+  return jax.device_get(result['state'].params)
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_resume_after_sigterm_is_bitwise_exact(tmp_path, monkeypatch, seen_batches, lora):
+  straight = train.train(run_config(tmp_path, lora), str(tmp_path / 'straight'))
+  straight_batches = list(seen_batches)
+  seen_batches.clear()
+
+  original = sigterm_at(monkeypatch, 6)
+  with pytest.raises(train.Preempted) as preempted:
+    train.train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
+  assert preempted.value.step == 6
+  first_part = list(seen_batches)
+  seen_batches.clear()
+  monkeypatch.setattr(train.MetricWriter, 'write', original)
+  resumed = train.train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
+  assert resumed['steps'] == 12
+  assert first_part[:6] + seen_batches == straight_batches  # the same batches, in order
+  for x, y in zip(jax.tree_util.tree_leaves(host_params(resumed)),
+                  jax.tree_util.tree_leaves(host_params(straight))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  if lora:  # only adapters (and their optimizer state) are in the checkpoint
+    saved = checkpoint.Checkpointer(str(tmp_path / 'interrupted')).manager
+    metadata = saved.item_metadata(12)['state']
+    assert metadata['frozen'] is None or not jax.tree_util.tree_leaves(metadata['frozen'])
+
+
+def test_restore_onto_another_mesh(tmp_path, monkeypatch):
+  def losses(workdir):
+    import json
+    with open(workdir / 'metrics.jsonl') as f:
+      return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
+
+  train.train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'straight'))
+  original = sigterm_at(monkeypatch, 6)
+  with pytest.raises(train.Preempted):
+    train.train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'moved'))
+  monkeypatch.setattr(train.MetricWriter, 'write', original)
+  train.train(run_config(tmp_path, mesh=(2, 2, 2)), str(tmp_path / 'moved'))
+  straight, moved = losses(tmp_path / 'straight'), losses(tmp_path / 'moved')
+  for step in range(7, 13):
+    np.testing.assert_allclose(moved[step], straight[step], rtol=1e-5)
+
+
+def test_nan_stops_with_exit_code_and_the_last_good_checkpoint_restores(tmp_path, monkeypatch):
+  from jaxsft import cli
+  original = pipeline_lib.Pipeline.train_batches
+
+  def poisoned(self, state=None):
+    iterator = original(self, state)
+    original_next = type(iterator).__next__
+    count = [0]
+
+    class Poisoned(type(iterator)):
+      def __next__(inner):
+        batch = original_next(inner)
+        count[0] += 1
+        if count[0] == 7:  # the batch of step 7: ids past the vocabulary give NaN
+          batch = {**batch, 'inputs': np.full_like(batch['inputs'], 10 ** 6)}
+        return batch
+
+    iterator.__class__ = Poisoned
+    return iterator
+
+  monkeypatch.setattr(pipeline_lib.Pipeline, 'train_batches', poisoned)
+  config_file = tmp_path / 'run.py'
+  config_file.write_text(
+      'import sys\nsys.path.insert(0, %r)\nfrom test_checkpoint import run_config\n'
+      'import pathlib\n\ndef get_config():\n  return run_config(pathlib.Path(%r))\n'
+      % (os.path.dirname(__file__), str(tmp_path)))
+  code = cli.main(['train', '--config', str(config_file), '--workdir', str(tmp_path / 'run')])
+  assert code == train.EXIT_NON_FINITE
+  saved = checkpoint.Checkpointer(str(tmp_path / 'run'))
+  assert saved.latest_step() == 4  # step 8 would have been saved; step 7 went NaN first
+  like = train.abstract_train_state(run_config(tmp_path))
+  like = jax.tree_util.tree_map(
+      lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+      else jax.numpy.zeros(x.shape, x.dtype), like)
+  state, data_states, meta = saved.restore(4, like)
+  assert int(state.step) == 4 and meta['config']['train']['num_steps'] == 12
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+  assert data_states[0]['row'] > 0
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path):
+  config = run_config(tmp_path, steps=4)
+  train.train(config, str(tmp_path / 'run'))
+  partial = tmp_path / 'run' / 'checkpoints' / '8.orbax-checkpoint-tmp-1234567'
+  partial.mkdir()
+  (partial / 'junk').write_text('cut off mid-write')
+  assert checkpoint.Checkpointer(str(tmp_path / 'run')).latest_step() == 4
+
+
+def test_unwritable_work_directory_fails_at_start(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(OSError, match='not writable'):
+    train.train(run_config(tmp_path), str(blocker / 'run'))
