@@ -186,9 +186,13 @@ def _random_params(model_config: LlamaConfig, rng: jax.Array) -> Any:
 def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
                      optimizer: optax.GradientTransformation, mesh: Mesh, rules: tuple
                      ) -> TrainState:
-  """The initial state, every array created (or read) straight into its sharding."""
-  rng = jax.random.key(config.train.seed)
-  init_rng, lora_rng, train_rng = jax.random.split(rng, 3)
+  """The initial state, every array created (or read) straight into its sharding.
+
+  Random keys are derived inside the jitted initialisers from the integer seed: a key made on
+  one process's device could not be placed on a mesh that spans processes.
+  """
+  seed = config.train.seed
+  key = lambda i: jax.random.split(jax.random.key(seed), 3)[i]  # noqa: E731  init, lora, train
   boxed = hf.abstract_params(model_config)
   param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
   quantize_leaf = _leaf_quantizer(config, boxed, mesh, rules)
@@ -200,8 +204,8 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
                                    rules=rules, config_overrides=_execution_fields(model_config),
                                    transform=quantize_leaf)
   else:
-    params = jax.jit(_random_params, static_argnums=0, out_shardings=param_shardings)(
-        model_config, init_rng)
+    params = jax.jit(lambda: _random_params(model_config, key(0)),
+                     out_shardings=param_shardings)()
     if quantize_leaf is not None:
       flat = flax.traverse_util.flatten_dict(params, sep=None)
       params = flax.traverse_util.unflatten_dict(
@@ -210,17 +214,17 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
   if config.lora.enabled:
     abstract = lora.abstract_lora(boxed, list(config.lora.targets), config.lora.rank)
     frozen, params = params, jax.jit(
-        functools.partial(lora.init_lora, abstract=abstract),
-        out_shardings=sharding_lib.logical_shardings(abstract, mesh, rules))(lora_rng)
+        lambda: lora.init_lora(key(1), abstract),
+        out_shardings=sharding_lib.logical_shardings(abstract, mesh, rules))()
   replicated = NamedSharding(mesh, PartitionSpec())
   # Moments shard like their params; counters and other non-param leaves are replicated.
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, param: param.sharding, jax.eval_shape(optimizer.init, params), params,
       transform_non_params=lambda _: replicated)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                    frozen=frozen, opt_state=opt_state,
-                    rng=jax.device_put(train_rng, replicated))
+  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), key(2)),
+                      out_shardings=(replicated, replicated))()
+  return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=rng)
 
 
 def check_quant_config(config: Any) -> bool:
