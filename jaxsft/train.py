@@ -365,7 +365,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   # pylint: disable=import-outside-toplevel
   from jaxsft import checkpoint, demo
   from jaxsft.data import Pipeline, load_tokenizer
-  checkpoint.check_writable(workdir)
+  checkpoint.check_writable(workdir)  # the space check follows once the state's size is known
   if config.demo.enabled:
     demo.prepare(config, workdir)
   if jax.process_index() == 0:
@@ -374,6 +374,9 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   model_config, folder = model_config_from(config)
   mesh, rules = mesh_and_rules(config)
   check_batch_layout(config, mesh)
+  checkpoint.check_writable(workdir, needed_bytes=config.checkpoint.keep * sum(
+      x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
+          checkpoint.saveable(abstract_train_state(config)))) // max(jax.process_count(), 1))
   tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
   if len(tokenizer) > model_config.vocab_size:
     # Ids past the embedding table would read garbage (NaN on some backends), not fail.
@@ -432,9 +435,10 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     try:
       with _SigtermFlag() as sigterm:
         state, train_metrics = loop.run(state, first_local, sigterm)
-    finally:
+    except BaseException:
       checkpointer.wait()
       writer.close()
+      raise
     eval_metrics = evaluate_loss(eval_fn, state, data, rows)
     if eval_metrics:
       writer.write(int(state.step), eval_metrics, prefix='eval')
@@ -484,7 +488,8 @@ class _Loop:
     progress = tqdm(total=total_steps, initial=int(state.step), dynamic_ncols=True, leave=False,
                     disable=not config.train.progress_bar or jax.process_index() != 0 or
                     not sys.stderr.isatty())
-    say = progress.write if not progress.disable else _LOG.info
+    say = progress.write if not progress.disable else (
+        _LOG.info if jax.process_index() == 0 else lambda *_: None)
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     pending, last_metrics = None, {}
     batch = global_batch(local, self.rows)
