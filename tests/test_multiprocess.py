@@ -9,9 +9,9 @@ import sys
 
 import jax
 import numpy as np
+from test_checkpoint import run_config
 
 from jaxsft import checkpoint, train
-from test_checkpoint import run_config
 
 
 def free_port():
