@@ -4,6 +4,7 @@
   jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
         text highlighted, length distribution, drop counts, packing efficiency
   jaxsft plan --config FILE [--device-memory-gib N]   per-device memory from shapes alone
+  jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
   jaxsft info PATH      an HF checkpoint's architecture and parameter count
 
 `--config` takes a Python file with `get_config()` (optionally `file.py:arg`), as ml-collections
@@ -92,6 +93,14 @@ def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def _export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft import export  # pylint: disable=import-outside-toplevel
+  export.export_run(args.workdir, args.format, args.out, args.dtype)
+  print(f'wrote {args.format} export of {args.workdir} to {args.out}')
+  return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--config', required=True,
                       help='config file with get_config() (file.py or file.py:arg); override '
@@ -114,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   plan.add_argument('--device-memory-gib', type=float, default=None,
                     help='device memory to judge the plan against, e.g. 80 for an H100')
   plan.set_defaults(run=_plan)
+  export = commands.add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
+  export.add_argument('--workdir', required=True)
+  export.add_argument('--format', choices=('merged', 'peft'), required=True)
+  export.add_argument('--out', required=True)
+  export.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
+  export.set_defaults(run=_export)
   data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
                                                                       required=True)
   inspect = data.add_parser('inspect', help='show what the model will be trained on')
@@ -122,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
   inspect.set_defaults(run=_data_inspect)
   args, overrides = parser.parse_known_args(argv)
-  if overrides and args.command == 'info':
+  if overrides and args.command in ('info', 'export'):
     parser.error(f'unrecognized arguments: {overrides}')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   return args.run(args, overrides)

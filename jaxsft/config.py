@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
       'dropout': 0.05,
       'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
       'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
+      'init_from': '',       # a PEFT adapter folder to start from (same rank and targets)
   })
   config.quant = ml_collections.ConfigDict({
       'kind': 'none',        # none | nf4 | int4: 4-bit frozen base weights (QLoRA; needs LoRA)

@@ -213,9 +213,11 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
   frozen = None
   if config.lora.enabled:
     abstract = lora.abstract_lora(boxed, list(config.lora.targets), config.lora.rank)
-    frozen, params = params, jax.jit(
-        lambda: lora.init_lora(key(1), abstract),
-        out_shardings=sharding_lib.logical_shardings(abstract, mesh, rules))()
+    lora_shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+    frozen, params = params, jax.jit(lambda: lora.init_lora(key(1), abstract),
+                                     out_shardings=lora_shardings)()
+    if config.lora.init_from:
+      params = _adapter_from_peft(config, abstract, model_config, lora_shardings)
   replicated = NamedSharding(mesh, PartitionSpec())
   # Moments shard like their params; counters and other non-param leaves are replicated.
   opt_shardings = optax.tree_map_params(
@@ -225,6 +227,21 @@ def init_train_state(config: Any, model_config: LlamaConfig, folder: str | None,
   step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), key(2)),
                       out_shardings=(replicated, replicated))()
   return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=rng)
+
+
+def _adapter_from_peft(config: Any, abstract: Any, model_config: LlamaConfig,
+                       shardings: Any) -> Any:
+  """The LoRA tree of a PEFT adapter folder (`lora.init_from`), checked against the config."""
+  from jaxsft import export  # pylint: disable=import-outside-toplevel
+  tree, adapter = export.load_peft_adapter(config.lora.init_from, abstract,
+                                           model_config.num_layers)
+  for key, ours in (('r', config.lora.rank), ('lora_alpha', config.lora.alpha),
+                    ('use_rslora', config.lora.rslora)):
+    if key in adapter and adapter[key] != ours and not (
+        isinstance(ours, float) and float(adapter[key]) == ours):
+      raise ValueError(f'lora.init_from={config.lora.init_from}: the adapter has {key}='
+                       f'{adapter[key]} but the config says {ours}; make them equal.')
+  return jax.tree_util.tree_map(jax.device_put, tree, shardings)
 
 
 def check_quant_config(config: Any) -> bool:

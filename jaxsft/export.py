@@ -1,0 +1,185 @@
+"""Back to the HF ecosystem: merged checkpoints, PEFT adapters, and adapters from PEFT.
+
+  merged   an HF folder `transformers` (and vLLM / TGI) load: LoRA folded into the kernels,
+           4-bit bases dequantized first, written in bf16 (or fp32/fp16) with the tokenizer.
+  peft     `adapter_config.json` + `adapter_model.safetensors` with PEFT's names
+           (`base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`, `[r, in]`;
+           `lora_B.weight`, `[out, r]`), loadable with `peft.PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from jaxsft import hf, lora, quant
+
+_PEFT_KEY = re.compile(r'^base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.'
+                       r'(\w+)\.lora_([AB])\.weight$')
+
+
+def _per_layer(tree: Any, num_layers: int) -> dict[tuple[int, str, str], dict[str, np.ndarray]]:
+  """`{(layer, group, projection): {'a': [in, r], 'b': [r, out]}}` from a scanned or unrolled
+  LoRA tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep=None)
+  out: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+  for path, value in flat.items():
+    top, group, projection, which = path
+    value = np.asarray(value, np.float32)
+    if top == 'layers':
+      for layer in range(num_layers):
+        out.setdefault((layer, group, projection), {})[which] = value[layer]
+    else:
+      out.setdefault((int(top.split('_')[1]), group, projection), {})[which] = value
+  return out
+
+
+def peft_tensors(lora_tree: Any, num_layers: int) -> dict[str, np.ndarray]:
+  """PEFT's state dict (float32) of a LoRA tree."""
+  tensors = {}
+  for (layer, group, projection), pair in sorted(_per_layer(lora_tree, num_layers).items()):
+    prefix = f'base_model.model.model.layers.{layer}.{group}.{projection}'
+    tensors[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(pair['a'].T)
+    tensors[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(pair['b'].T)
+  return tensors
+
+
+def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, *, rank: int, alpha: float,
+                      dropout: float, rslora: bool, base_model: str) -> None:
+  """Writes `adapter_config.json` and `adapter_model.safetensors` (process 0 only)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  tensors = peft_tensors(lora_tree, num_layers)
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  modules = sorted({key.split('.')[-3] for key in tensors})
+  adapter_config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank, 'lora_alpha': alpha,
+      'lora_dropout': dropout, 'use_rslora': rslora, 'target_modules': modules,
+      'bias': 'none', 'fan_in_fan_out': False, 'init_lora_weights': True,
+      'modules_to_save': None, 'inference_mode': True, 'base_model_name_or_path': base_model}
+  (path / 'adapter_config.json').write_text(json.dumps(adapter_config, indent=2))
+  save_file(tensors, os.path.join(out, 'adapter_model.safetensors'))
+
+
+def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
+                      ) -> tuple[Any, dict[str, Any]]:
+  """A PEFT adapter folder -> (LoRA tree shaped like `abstract_lora_tree`, adapter config)."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, 'adapter_config.json')) as f:
+    adapter_config = json.load(f)
+  files = [name for name in ('adapter_model.safetensors',) if
+           os.path.exists(os.path.join(folder, name))]
+  if not files:
+    raise FileNotFoundError(f'{folder} has no adapter_model.safetensors (PEFT adapters saved '
+                            'as .bin need `safe_serialization=True`).')
+  tensors = load_file(os.path.join(folder, files[0]))
+  found: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    match = _PEFT_KEY.match(key.replace('.default.', '.'))
+    if not match:
+      raise ValueError(f'{folder}: unexpected adapter tensor {key!r}; jaxsft imports LoRA on '
+                       'the decoder projections of LLaMA-family models.')
+    layer, group, projection, which = match.groups()
+    found.setdefault((int(layer), group, projection), {})['a' if which == 'A' else 'b'] = (
+        value.T.astype(np.float32))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn_unbox(abstract_lora_tree)),
+                                         sep=None)
+  out, used = {}, set()
+  for path, leaf in flat.items():
+    top, group, projection, which = path
+    layers = range(num_layers) if top == 'layers' else [int(top.split('_')[1])]
+    parts = []
+    for layer in layers:
+      pair = found.get((layer, group, projection))
+      if pair is None or which not in pair:
+        raise ValueError(f'{folder}: no adapter for layer {layer} {group}.{projection}; set '
+                         'lora.targets to the adapter\'s target_modules '
+                         f'({adapter_config.get("target_modules")}).')
+      used.add((layer, group, projection))
+      parts.append(pair[which])
+    value = np.stack(parts) if top == 'layers' else parts[0]
+    if value.shape != tuple(leaf.shape):
+      raise ValueError(f'{folder}: {"/".join(path)} has shape {value.shape}, expected '
+                       f'{tuple(leaf.shape)} (lora.rank must equal the adapter\'s r='
+                       f'{adapter_config.get("r")}).')
+    out[path] = jnp.asarray(value, leaf.dtype)
+  leftover = sorted(set(found) - used)
+  if leftover:
+    raise ValueError(f'{folder}: adapters for {leftover[:4]} are not in lora.targets; add '
+                     f'{sorted({p for _, _, p in leftover})} to lora.targets.')
+  return flax.traverse_util.unflatten_dict(out), adapter_config
+
+
+def nn_unbox(tree: Any) -> Any:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return nn.unbox(tree)
+
+
+def merged_params(params: Any, lora_tree: Any | None, scale: float) -> Any:
+  """Dense params for export: LoRA merged, quantized kernels dequantized."""
+  if lora_tree is not None:
+    return lora.merge_lora(params, lora_tree, scale, quantized_dtype=jnp.float32)
+  return quant.dequantize_params(params, jnp.float32)
+
+
+def save_merged(out: str, model_config: Any, params: Any, lora_tree: Any | None, scale: float,
+                dtype: Any = jnp.bfloat16, tokenizer_dir: str | None = None) -> None:
+  hf.save_checkpoint(out, model_config, merged_params(params, lora_tree, scale), dtype=dtype,
+                     tokenizer_dir=tokenizer_dir)
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, str | None, Any]:
+  """A run's `(config, model_config, base folder, train state)` from its work directory: the
+  resolved config it saved, its base weights, and its newest (or `step`) checkpoint."""
+  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  import ml_collections
+
+  from jaxsft import checkpoint, optim, train
+  config_path = epath.Path(workdir) / 'config.json'
+  if not config_path.exists():
+    raise FileNotFoundError(f'{workdir} has no config.json; is it a jaxsft train --workdir?')
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  model_config, folder = train.model_config_from(config)
+  mesh, rules = train.mesh_and_rules(config)
+  optimizer, _ = optim.make_optimizer(config.optim, max(int(config.train.num_steps), 1))
+  with nn.logical_axis_rules(rules):
+    state = train.init_train_state(config, model_config, folder, optimizer, mesh, rules)
+  saved = checkpoint.Checkpointer(workdir)
+  step = saved.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint to export.')
+  state, _, _ = saved.restore(step, state)
+  saved.close()
+  return config, model_config, folder, state
+
+
+def export_run(workdir: str, fmt: str, out: str, dtype: Any = jnp.bfloat16) -> None:
+  """`jaxsft export`: a run's newest checkpoint as a merged HF folder or a PEFT adapter."""
+  config, model_config, folder, state = load_run(workdir)
+  scale = lora.lora_scale(config.lora.rank, config.lora.alpha, config.lora.rslora)
+  tokenizer_dir = config.data.tokenizer or folder
+  if fmt == 'merged':
+    if config.lora.enabled:
+      save_merged(out, model_config, state.frozen, state.params, scale, dtype, tokenizer_dir)
+    else:
+      save_merged(out, model_config, state.params, None, scale, dtype, tokenizer_dir)
+  elif fmt == 'peft':
+    if not config.lora.enabled:
+      raise ValueError('--format peft needs a LoRA run; this one fine-tuned every weight '
+                       '(use --format merged).')
+    save_peft_adapter(out, state.params, model_config.num_layers, rank=config.lora.rank,
+                      alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      rslora=config.lora.rslora, base_model=config.model.path)
+  else:
+    raise ValueError(f'unknown export format {fmt!r}; use merged or peft.')

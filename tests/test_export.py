@@ -1,0 +1,71 @@
+"""Export to transformers and PEFT, and import from PEFT: the same logits everywhere."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import peft
+import torch
+import transformers
+from test_train import e2e_config
+
+from jaxsft import export, optim, sharding, train
+from jaxsft.models import Llama
+
+from hf_reference import make_model, random_tokens
+
+
+def torch_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def test_lora_run_exports_as_peft_adapter_and_merged_checkpoint(tmp_path):
+  model_dir = tmp_path / 'model'
+  make_model('llama2_mha', vocab_size=32000).save_pretrained(model_dir)
+  config = e2e_config(tmp_path, model_dir, lora=True)
+  config.train.num_steps = 4
+  config.lora.targets = ['q_proj', 'v_proj', 'down_proj']
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  result = train.train(config, str(tmp_path / 'run'))
+  tokens = random_tokens(2, 16, vocab=32000)
+  ours = np.asarray(Llama(result['model_config']).apply(
+      jax.device_get(result['state'].variables()), tokens))
+  assert np.abs(np.asarray(jax.device_get(result['state'].params['layers']['self_attn']
+                                          ['q_proj']['b']))).max() > 0  # B really trained
+
+  export.export_run(str(tmp_path / 'run'), 'peft', str(tmp_path / 'adapter'))
+  base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  adapted = peft.PeftModel.from_pretrained(base, tmp_path / 'adapter').eval()
+  np.testing.assert_allclose(torch_logits(adapted, tokens), ours, atol=1e-4)
+
+  export.export_run(str(tmp_path / 'run'), 'merged', str(tmp_path / 'merged'), 'float32')
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged',
+                                                             dtype=torch.float32).eval()
+  np.testing.assert_allclose(torch_logits(merged, tokens), ours, atol=1e-4)
+  assert (tmp_path / 'merged' / 'tokenizer.json').exists() or (
+      tmp_path / 'merged' / 'tokenizer.model').exists()
+
+
+def test_peft_adapter_imports_with_peft_logits(tmp_path):
+  model_dir = tmp_path / 'model'
+  hf_model = make_model('llama3_gqa')
+  hf_model.save_pretrained(model_dir)
+  peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'up_proj'], lora_dropout=0.0,
+      init_lora_weights=False))  # random non-zero B
+  peft_model.save_pretrained(tmp_path / 'adapter')
+  tokens = random_tokens(2, 16)
+  expected = torch_logits(peft_model.eval(), tokens)
+
+  config = e2e_config(tmp_path, model_dir, lora=True)
+  config.lora.rank, config.lora.alpha, config.lora.dropout = 4, 8.0, 0.0
+  config.lora.targets = ['q_proj', 'v_proj', 'up_proj']
+  config.lora.init_from = str(tmp_path / 'adapter')
+  model_config, folder = train.model_config_from(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  optimizer, _ = optim.make_optimizer(config.optim, 10)
+  with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    state = train.init_train_state(config, model_config, folder, optimizer, mesh,
+                                   sharding.DEFAULT_RULES)
+  ours = np.asarray(Llama(model_config).apply(jax.device_get(state.variables()), tokens))
+  np.testing.assert_allclose(ours, expected, atol=1e-4)
