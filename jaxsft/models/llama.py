@@ -37,6 +37,7 @@ def _projection(c: LlamaConfig, deterministic: bool, **kwargs):
 class Attention(nn.Module):
   config: LlamaConfig
   deterministic: bool = True
+  decode: bool = False  # use and extend the KV cache in the `cache` collection
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
@@ -54,13 +55,44 @@ class Attention(nn.Module):
     k_btkh = nn.with_logical_constraint(apply_rotary(k_btkh, cos_bth, sin_bth),
                                         ('act_batch', 'act_length', 'act_kv_heads', None))
     v_btkh = nn.with_logical_constraint(v_btkh, ('act_batch', 'act_length', 'act_kv_heads', None))
+    kv_segment_ids, q_offset = segment_ids_bt, 0
+    if self.decode:
+      k_btkh, v_btkh, kv_segment_ids, q_offset = self._extend_cache(k_btkh, v_btkh,
+                                                                    segment_ids_bt)
     out_btnh = attention(q_btnh, k_btkh, v_btkh, q_segment_ids=segment_ids_bt,
-                         kv_segment_ids=segment_ids_bt,
-                         implementation=c.attention_implementation,
+                         kv_segment_ids=kv_segment_ids,
+                         implementation=c.attention_implementation, q_offset=q_offset,
                          sliding_window=c.sliding_window)
     out_btnh = checkpoint_name(out_btnh, 'attention_out')
     return proj(c.hidden_size, ('heads', 'embed'), c.o_bias, name='o_proj')(
         out_btnh.reshape(b, t, n * h))
+
+
+  def _extend_cache(self, k_btkh, v_btkh, segment_ids_bt):
+    """Writes this call's keys/values at the cache index and returns the whole cache.
+
+    The cache is created by `init` on an input of the full length S (prompt + new tokens), so
+    its arrays are `[B, S, K, H]`; later calls write their T entries at `cache_index`. Unwritten
+    slots have segment 0, which no real query attends to.
+    """
+    b, t, k, h = k_btkh.shape
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_btkh.shape, k_btkh.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_btkh.shape, v_btkh.dtype)
+    cached_segments = self.variable('cache', 'cached_segments', jnp.zeros, segment_ids_bt.shape,
+                                    jnp.int32)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # `init` only sizes the cache
+      return k_btkh, v_btkh, segment_ids_bt, 0
+    start = index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_btkh.astype(
+        cached_key.value.dtype), (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_btkh.astype(
+        cached_value.value.dtype), (0, start, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segment_ids_bt.astype(jnp.int32), (0, start))
+    index.value = start + t
+    return cached_key.value, cached_value.value, cached_segments.value, start
 
 
 class MLP(nn.Module):
@@ -83,13 +115,14 @@ class DecoderLayer(nn.Module):
 
   config: LlamaConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
     c = self.config
     norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype)
-    x_btd = x_btd + Attention(c, self.deterministic, name='self_attn')(
+    x_btd = x_btd + Attention(c, self.deterministic, self.decode, name='self_attn')(
         norm(name='input_layernorm')(x_btd), cos_bth, sin_bth, segment_ids_bt)
     x_btd = x_btd + MLP(c, self.deterministic, name='mlp')(
         norm(name='post_attention_layernorm')(x_btd))
@@ -127,6 +160,7 @@ class Llama(nn.Module):
 
   config: LlamaConfig
   deterministic: bool = True
+  decode: bool = False  # KV cache in the `cache` collection (see jaxsft.generate)
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, neftune_alpha: float = 0.0):
@@ -154,15 +188,15 @@ class Llama(nn.Module):
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat_policy],
                            prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(layer_cls, variable_axes={'params': 0, 'lora': 0},
+      stack = nn.scan(layer_cls, variable_axes={'params': 0, 'lora': 0, 'cache': 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_btd, _ = stack(c, self.deterministic, name='layers')(x_btd, cos_bth, sin_bth,
-                                                              segment_ids)
+      x_btd, _ = stack(c, self.deterministic, self.decode, name='layers')(
+          x_btd, cos_bth, sin_bth, segment_ids)
     else:
       for i in range(c.num_layers):
-        x_btd, _ = layer_cls(c, self.deterministic, name=f'layers_{i}')(
+        x_btd, _ = layer_cls(c, self.deterministic, self.decode, name=f'layers_{i}')(
             x_btd, cos_bth, sin_bth, segment_ids)
 
     x_btd = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name='norm')(x_btd)
