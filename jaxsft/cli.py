@@ -5,6 +5,9 @@
         text highlighted, length distribution, drop counts, packing efficiency
   jaxsft plan --config FILE [--device-memory-gib N]   per-device memory from shapes alone
   jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
+  jaxsft eval --workdir DIR | --hf PATH [--data FILE] [--generate N]   NLL, perplexity, ...
+  jaxsft generate --workdir DIR | --hf PATH --prompt "..."   (or --prompts file.jsonl)
+  jaxsft chat --workdir DIR | --hf PATH     interactive, multi-turn
   jaxsft info PATH      an HF checkpoint's architecture and parameter count
 
 `--config` takes a Python file with `get_config()` (optionally `file.py:arg`), as ml-collections
@@ -101,6 +104,93 @@ def _export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def _model(args: argparse.Namespace):
+  from jaxsft import evaluate  # pylint: disable=import-outside-toplevel
+  if bool(args.workdir) == bool(args.hf):
+    raise SystemExit('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
+  if args.workdir:
+    return evaluate.from_workdir(args.workdir)
+  return evaluate.from_hf(args.hf, template=args.template, max_seq_len=args.max_seq_len)
+
+
+def _eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft import evaluate  # pylint: disable=import-outside-toplevel
+  model = _model(args)
+  data = args.data or (model.config.data.eval_datasets[0]['path']
+                       if model.config.data.eval_datasets else '')
+  if not data:
+    raise SystemExit('no eval data: pass --data FILE (json/jsonl/parquet).')
+  report = {'data': data, **evaluate.likelihood(model, data, args.batch_size)}
+  if args.generate:
+    report.update(evaluate.generation_metrics(model, data, args.generate, args.max_new_tokens))
+  text = json.dumps(report, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  return 0
+
+
+def _generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft import evaluate, generate  # pylint: disable=import-outside-toplevel
+  model = _model(args)
+  prompts = list(args.prompt)
+  if args.prompts:
+    with open(args.prompts) as f:
+      prompts += [json.loads(line)['prompt'] for line in f if line.strip()]
+  if not prompts:
+    raise SystemExit('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...}).')
+  sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
+                                     args.top_p)
+  answers = evaluate.answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
+                            sampling, args.seed)
+  for prompt, text in zip(prompts, answers):
+    print(json.dumps({'prompt': prompt, 'answer': text}, ensure_ascii=False))
+  return 0
+
+
+def _chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft import evaluate, generate  # pylint: disable=import-outside-toplevel
+  model = _model(args)
+  sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
+                                     args.top_p)
+  history = [{'role': 'system', 'content': args.system}] if args.system else []
+  print('chat: an empty line or Ctrl-D ends; /reset forgets the conversation.')
+  while True:
+    try:
+      line = input('you> ').strip()
+    except EOFError:
+      return 0
+    if not line:
+      return 0
+    if line == '/reset':
+      history = history[:1] if args.system else []
+      continue
+    history.append({'role': 'user', 'content': line})
+    reply = evaluate.answer(model, [history], sampling, args.seed)[0]
+    history.append({'role': 'assistant', 'content': reply})
+    print(f'model> {reply}')
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--workdir', default='', help='a jaxsft train work directory')
+  parser.add_argument('--hf', default='', help='or a plain HF checkpoint folder')
+  parser.add_argument('--template', default='jinja',
+                      help='with --hf: chat template (jinja = the tokenizer\'s own)')
+  parser.add_argument('--max-seq-len', type=int, default=2048)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--max-new-tokens', type=int, default=256)
+  parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--config', required=True,
                       help='config file with get_config() (file.py or file.py:arg); override '
@@ -129,6 +219,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   export.add_argument('--out', required=True)
   export.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
   export.set_defaults(run=_export)
+  evaluation = commands.add_parser('eval', help='NLL / perplexity / accuracy (+ exact match, '
+                                   'ROUGE-L) of a run or HF checkpoint on a data file')
+  _add_model_arguments(evaluation)
+  evaluation.add_argument('--data', default='', help='json/jsonl/parquet records; default: '
+                          "the run's eval data")
+  evaluation.add_argument('--batch-size', type=int, default=8)
+  evaluation.add_argument('--generate', type=int, default=0,
+                          help='also answer the first N records greedily and score them')
+  evaluation.add_argument('--max-new-tokens', type=int, default=256)
+  evaluation.add_argument('--out', default='', help='write the JSON report here too')
+  evaluation.set_defaults(run=_eval)
+  gen = commands.add_parser('generate', help='answer prompts with a run or HF checkpoint')
+  _add_model_arguments(gen)
+  gen.add_argument('--prompt', action='append', default=[])
+  gen.add_argument('--prompts', default='', help='a .jsonl file of {"prompt": ...}')
+  _add_sampling_arguments(gen)
+  gen.set_defaults(run=_generate)
+  chat = commands.add_parser('chat', help='talk to a run or HF checkpoint (multi-turn)')
+  _add_model_arguments(chat)
+  chat.add_argument('--system', default='')
+  _add_sampling_arguments(chat)
+  chat.set_defaults(run=_chat)
   data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
                                                                       required=True)
   inspect = data.add_parser('inspect', help='show what the model will be trained on')
@@ -137,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
   inspect.set_defaults(run=_data_inspect)
   args, overrides = parser.parse_known_args(argv)
-  if overrides and args.command in ('info', 'export'):
+  if overrides and args.command in ('info', 'export', 'eval', 'generate', 'chat'):
     parser.error(f'unrecognized arguments: {overrides}')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   return args.run(args, overrides)

@@ -91,9 +91,10 @@ def _generate(variables, tokens_bp, segments_bp, positions_bp, stop_ids, rng, *,
 
 
 def generate(model_config: LlamaConfig, variables: Any, prompts: Sequence[Sequence[int]],
-             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
+             sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
              seed: int = 0) -> list[list[int]]:
   """New token ids for each prompt (stop tokens excluded)."""
+  sampling = sampling or SamplingConfig()
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('generate needs at least one prompt, each with at least one token.')
   width = max(len(p) for p in prompts)

@@ -1,0 +1,140 @@
+"""Evaluation of a run or a plain HF checkpoint: likelihood metrics over supervised tokens and,
+for data with reference answers, generation metrics (exact match, ROUGE-L).
+
+  nll         mean negative log-likelihood per supervised token (nats)
+  perplexity  exp(nll)
+  accuracy    argmax next-token accuracy over supervised tokens
+  exact_match fraction of greedy answers equal to the reference (whitespace-stripped)
+  rouge_l     mean ROUGE-L F1 (the `rouge-score` package) of greedy answers vs references
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxsft import generate, hf, train
+from jaxsft.config import default_config
+from jaxsft.models import Llama
+
+
+@dataclasses.dataclass
+class Model:
+  """What evaluation and generation need: architecture, variables, tokenizer, template."""
+
+  config: Any            # the run's config (data section: template, max_seq_len, ...)
+  model_config: Any
+  variables: Any
+  tokenizer: Any
+
+
+def from_workdir(workdir: str) -> Model:
+  from jaxsft import export  # pylint: disable=import-outside-toplevel
+  from jaxsft.data import load_tokenizer  # pylint: disable=import-outside-toplevel
+  config, model_config, folder, state = export.load_run(workdir)
+  tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
+  return Model(config, model_config, state.variables(), tokenizer)
+
+
+def from_hf(path: str, template: str = 'jinja', max_seq_len: int = 2048,
+            dtype: str = 'float32') -> Model:
+  """A plain HF checkpoint (no work directory)."""
+  from jaxsft.data import load_tokenizer  # pylint: disable=import-outside-toplevel
+  config = default_config()
+  config.model.path = path
+  config.data.template = template
+  config.data.max_seq_len = max_seq_len
+  model_config, params = hf.load_checkpoint(path, dtype=dtype, config_overrides={
+      'dtype': dtype, 'attention_implementation': 'xla'})
+  return Model(config, model_config, {'params': params}, load_tokenizer(path))
+
+
+def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, float]:
+  """nll, perplexity and accuracy over the supervised tokens of every record of `data_file`,
+  rendered with the model's template and packed as in training."""
+  from jaxsft.data import Pipeline  # pylint: disable=import-outside-toplevel
+  data_config = ml_collections.ConfigDict(model.config.data.to_dict())
+  data_config.datasets = [{'path': data_file}]
+  data_config.eval_datasets = [{'path': data_file}]
+  data_config.eval_size = 0.0
+  data_config.streaming = False
+  pipeline = Pipeline(data_config, model.tokenizer, batch_size=batch_size * jax.process_count(),
+                      process_index=jax.process_index(), process_count=jax.process_count())
+  llama = Llama(model.model_config)
+
+  @jax.jit
+  def eval_step(variables, batch):
+    loss_sum, correct = train.loss_terms(llama, variables, batch, {})
+    return loss_sum, correct, jnp.sum(batch['loss_mask'].astype(jnp.float32))
+
+  totals = {'loss_sum': 0.0, 'correct': 0.0, 'supervised_tokens': 0.0}
+  for batch in pipeline.eval_batches():
+    for key, value in zip(totals, jax.device_get(eval_step(model.variables, batch))):
+      totals[key] += float(value)
+  nll = totals['loss_sum'] / max(totals['supervised_tokens'], 1.0)
+  return {'nll': nll, 'perplexity': float(np.exp(min(nll, 50.0))),
+          'accuracy': totals['correct'] / max(totals['supervised_tokens'], 1.0),
+          'supervised_tokens': totals['supervised_tokens'],
+          'records': sum(stats.records for label, stats in pipeline.stats.items()
+                         if label.startswith('eval_datasets'))}
+
+
+def prompt_ids(model: Model, messages: list[dict[str, str]]) -> list[int]:
+  """The rendered prompt (with the assistant header) as token ids."""
+  from jaxsft.data.templates import load_template, render  # pylint: disable=import-outside-toplevel
+  template = load_template(model.config.data.template, model.tokenizer)
+  text, _ = render(messages, template, model.tokenizer, add_generation_prompt=True)
+  return model.tokenizer(text, add_special_tokens=False)['input_ids']
+
+
+def stop_ids(model: Model) -> list[int]:
+  tokenizer = model.tokenizer
+  ids = {tokenizer.eos_token_id}
+  for token in ('<|im_end|>', '<|eot_id|>', '<|end|>', '</s>'):
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+      ids.add(token_id)
+  return sorted(i for i in ids if i is not None)
+
+
+def answer(model: Model, conversations: list[list[dict[str, str]]],
+           sampling: generate.SamplingConfig | None = None, seed: int = 0) -> list[str]:
+  """The model's next assistant turn for each conversation (greedy by default)."""
+  sampling = sampling or generate.SamplingConfig()
+  prompts = [prompt_ids(model, messages) for messages in conversations]
+  outputs = generate.generate(model.model_config, model.variables, prompts, sampling,
+                              stop_ids=stop_ids(model), seed=seed)
+  return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+
+
+def generation_metrics(model: Model, data_file: str, limit: int,
+                       max_new_tokens: int = 256) -> dict[str, float]:
+  """Exact match and ROUGE-L of greedy answers to the first `limit` records' last turn."""
+  from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel
+
+  from jaxsft.data.formats import to_messages  # pylint: disable=import-outside-toplevel
+  records = _read_records(data_file)[:limit]
+  conversations = [to_messages(r) for r in records]
+  prompts = [m[:max(i for i, x in enumerate(m) if x['role'] == 'assistant')]
+             for m in conversations]
+  references = [m[max(i for i, x in enumerate(m) if x['role'] == 'assistant')]['content'].strip()
+                for m in conversations]
+  answers = answer(model, prompts, generate.SamplingConfig(max_new_tokens=max_new_tokens))
+  scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=False)
+  rouge = [scorer.score(ref, out)['rougeL'].fmeasure for ref, out in zip(references, answers)]
+  return {'exact_match': float(np.mean([a == r for a, r in zip(answers, references)])),
+          'rouge_l': float(np.mean(rouge)), 'generated': len(answers)}
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    text = f.read()
+  if path.endswith('.jsonl'):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+  return json.loads(text)
