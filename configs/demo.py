@@ -32,4 +32,7 @@ def get_config():
   config.optim.weight_decay = 0.0
   config.train.num_steps = 1200
   config.train.log_every = 100
+  config.train.sample_prompts = ['upper kite', 'km to m: 47']
+  config.train.sample_every = 600
+  config.train.sample_max_new_tokens = 12
   return config

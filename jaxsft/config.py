@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
       'log_every': 10,       # steps between log lines
       'eval_every': 0,       # steps between eval-loss passes; 0 = only at the end
       'tensorboard': True,   # event files in workdir/tensorboard (metrics.jsonl always)
+      'sample_prompts': [],  # user prompts answered greedily every sample_every steps, logged
+      'sample_every': 0,     # 0 = never
+      'sample_max_new_tokens': 64,
       'progress_bar': True,
   })
   config.checkpoint = ml_collections.ConfigDict({

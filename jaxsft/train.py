@@ -448,7 +448,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     first_local = next(batches)
     compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
     loop = _Loop(config, compiled, batches, rows, total_steps, writer, compiled_flops(compiled),
-                 device_peak_flops(), eval_fn, data, checkpointer, meta)
+                 device_peak_flops(), eval_fn, data, checkpointer, meta,
+                 _sampler(config, model_config, tokenizer, workdir))
     try:
       with _SigtermFlag() as sigterm:
         state, train_metrics = loop.run(state, first_local, sigterm)
@@ -470,6 +471,32 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   writer.close()
   checkpointer.close()
   return result
+
+
+def _sampler(config: Any, model_config: LlamaConfig, tokenizer: Any, workdir: str):
+  """`(state, step) -> [(prompt, answer)]` for `train.sample_prompts`, appending each answer
+  to `workdir/samples.jsonl`; None when sampling is off."""
+  if not (config.train.sample_every and config.train.sample_prompts):
+    return None
+  # pylint: disable=import-outside-toplevel
+  from jaxsft import evaluate, generate
+  model = evaluate.Model(config, model_config, None, tokenizer)
+  prompts = list(config.train.sample_prompts)
+  sampling = generate.SamplingConfig(max_new_tokens=config.train.sample_max_new_tokens)
+
+  def sample(state: TrainState, step: int) -> list[tuple[str, str]]:
+    model.variables = state.variables()
+    answers = evaluate.answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
+                              sampling)
+    if jax.process_index() == 0:
+      path = epath.Path(workdir) / 'samples.jsonl'
+      previous = path.read_text() if path.exists() else ''
+      path.write_text(previous + ''.join(
+          json.dumps({'step': step, 'prompt': p, 'answer': a}) + '\n'
+          for p, a in zip(prompts, answers)))
+    return list(zip(prompts, answers))
+
+  return sample
 
 
 def _total_steps(config: Any, data: Any) -> int:
@@ -498,6 +525,7 @@ class _Loop:
   data: Any
   checkpointer: Any
   meta: dict
+  sampler: Any = None
 
   def run(self, state: TrainState, local: dict, sigterm: _SigtermFlag):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -544,6 +572,9 @@ class _Loop:
         self.checkpointer.wait()
         progress.close()
         raise Preempted(done)
+      if self.sampler is not None and done % config.train.sample_every == 0:
+        for prompt, text in self.sampler(state, done):
+          say(f'sample at step {done} | {prompt!r} -> {text!r}')
       if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
         eval_metrics = evaluate_loss(self.eval_fn, state, self.data, self.rows)
         if eval_metrics:

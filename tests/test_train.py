@@ -198,6 +198,9 @@ def test_end_to_end_on_real_data(tmp_path, lora):
   model_dir = tmp_path / 'model'
   make_model('llama2_mha', vocab_size=32000).save_pretrained(model_dir)
   config = e2e_config(tmp_path, model_dir, lora)
+  config.train.sample_prompts = ['Name a fruit.']
+  config.train.sample_every = 6
+  config.train.sample_max_new_tokens = 4
   from jaxsft import hf
   _, base = hf.load_checkpoint(model_dir)
   base = jax.device_get(base)
@@ -207,6 +210,8 @@ def test_end_to_end_on_real_data(tmp_path, lora):
   assert len(losses) == 12
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
   assert result['eval']['loss'] < 20
+  samples = [json.loads(line) for line in (tmp_path / 'run' / 'samples.jsonl').open()]
+  assert [s['step'] for s in samples] == [6, 12] and samples[0]['prompt'] == 'Name a fruit.'
   state = jax.device_get(result['state'])
   if lora:  # the base weights are bitwise the ones loaded
     for x, y in zip(jax.tree_util.tree_leaves(state.frozen), jax.tree_util.tree_leaves(base)):
