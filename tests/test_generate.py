@@ -76,3 +76,20 @@ def test_top_k_and_top_p_filters():
   samples = [int(generate._choose(logits, jax.random.key(i), generate.SamplingConfig(  # pylint: disable=protected-access
       temperature=1.0, top_p=0.75))[0]) for i in range(50)]
   assert set(samples) <= {0, 1} and len(set(samples)) == 2
+
+
+def test_generation_with_a_4bit_base_and_on_a_sharded_mesh(tmp_path):
+  from jaxsft import quant, sharding
+  model = make_model('llama3_gqa')
+  model.save_pretrained(tmp_path)
+  config, params = hf.load_checkpoint(tmp_path)
+  sampling = generate.SamplingConfig(max_new_tokens=10)
+  quantized = quant.quantize(params)
+  assert (generate.generate(config, {'params': quantized}, PROMPTS, sampling) ==
+          generate.generate(config, {'params': quant.dequantize_params(quantized)}, PROMPTS,
+                            sampling))
+  mesh = sharding.make_mesh((1, 4, 2))
+  _, sharded = hf.load_checkpoint(tmp_path, mesh=mesh)
+  assert len(sharded['layers']['mlp']['up_proj']['kernel'].sharding.device_set) == 8
+  assert (generate.generate(config, {'params': sharded}, PROMPTS, sampling) ==
+          generate.generate(config, {'params': params}, PROMPTS, sampling))
