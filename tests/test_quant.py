@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsft import lora, quant, sharding, train
+from jaxsft import hf, lora, quant, sharding, train
 from jaxsft.models import Llama, LlamaConfig
 
 SHAPES = [(256, 512), (384, 1024), (128, 11008)]  # HF [out, in]
@@ -177,7 +177,7 @@ def test_qlora_training_lowers_the_loss(tmp_path):
 def test_merge_handles_a_quantized_base():
   params = nn.unbox(Llama(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
   quantized = quant.quantize(params)
-  abstract = lora.abstract_lora(train.hf.abstract_params(TINY), ['q_proj'], 4)
+  abstract = lora.abstract_lora(hf.abstract_params(TINY), ['q_proj'], 4)
   adapters = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.01, x.dtype),
                                     nn.unbox(abstract))
   merged = lora.merge_lora(quantized, adapters, 2.0, quantized_dtype=jnp.float32)
