@@ -57,19 +57,30 @@ def _data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _load_config(config_path: str, overrides: Sequence[str]):
-  """ml-collections `config_flags` semantics: `--config file.py[:arg]` plus
-  `--config.a.b=value` overrides, type-checked against the locked config."""
+  """`--config file.py[:arg]` read by ml-collections `config_flags` (locked), then each
+  `--config.a.b=value` applied with `jaxsft.config.apply_override`: the value is a Python
+  literal (numbers, booleans, tuples, lists of dicts) or else a string, type-checked against the
+  locked config, and an unknown key is an error. (`config_flags`' own overrides skip list and
+  tuple fields such as `data.datasets` and `mesh.shape`.)"""
   # pylint: disable=import-outside-toplevel
   from absl import flags
   from ml_collections import config_flags
+
+  from jaxsft.config import apply_override
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'run config', flag_values=flag_values,
                                   lock_config=True)
-  bad = [o for o in overrides if not o.startswith('--config.')]
+  bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
   if bad:
     raise SystemExit(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
-  flag_values(['jaxsft', f'--config={config_path}', *overrides])
-  return flag_values.config
+  flag_values(['jaxsft', f'--config={config_path}'])
+  config = flag_values.config
+  for override in overrides:
+    try:
+      apply_override(config, override[len('--config.'):])
+    except (KeyError, TypeError, ValueError) as error:
+      raise SystemExit(f'{override}: {error}') from None
+  return config
 
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:

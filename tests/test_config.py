@@ -40,3 +40,19 @@ def test_dataset_entries_get_defaults():
   spec = dataset_spec('a.jsonl', 'data.datasets[0]')
   assert spec['path'] == 'a.jsonl' and spec['weight'] == 1.0 and spec['format'] == 'auto'
   assert default_config().data.packing == 'bfd'
+
+
+def test_cli_overrides_take_lists_tuples_and_refuse_unknown_keys():
+  from jaxsft.cli import _load_config
+  config = _load_config('configs/llama2_7b_lora.py', [
+      "--config.data.datasets=[{'path': 'data/alpaca.json'}]", '--config.mesh.shape=(1,-1,1)',
+      "--config.lora.targets=['q_proj']", '--config.model.path=',
+      '--config.optim.learning_rate=1e-4', '--config.lora.enabled=False'])
+  assert config.data.datasets == [{'path': 'data/alpaca.json'}]
+  assert tuple(config.mesh.shape) == (1, -1, 1) and list(config.lora.targets) == ['q_proj']
+  assert config.model.path == '' and config.optim.learning_rate == 1e-4
+  assert config.lora.enabled is False
+  with pytest.raises(SystemExit, match="unknown key 'optim.learnin_rate'"):
+    _load_config('configs/llama2_7b_lora.py', ['--config.optim.learnin_rate=1'])
+  with pytest.raises(SystemExit, match='cannot be casted'):
+    _load_config('configs/llama2_7b_lora.py', ['--config.batch_size=big'])
