@@ -1,9 +1,7 @@
 """Alpaca-format instructions with the LLaMA-2 chat template (the data section only).
 
-  jaxsft data inspect --config configs/alpaca_llama2_data.py \
-      --set data.tokenizer=PATH/TO/TOKENIZER --set model.path=...
-
-`get_config('path/to/data.json')` points it at another file.
+  jaxsft data inspect --config configs/alpaca_llama2_data.py:path/to/data.json \
+      --config.data.tokenizer=PATH/TO/TOKENIZER
 """
 
 from jaxsft.config import default_config

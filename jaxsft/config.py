@@ -2,7 +2,8 @@
 
 A config file is Python with `get_config(arg: str | None = None)` that starts from
 `default_config()` and overrides what it needs (the big_vision style). The command line adds
-`--set key=value` overrides (`--set data.max_seq_len=1024`). The config is locked, so a
+`--config.key=value` overrides (`--config.data.max_seq_len=1024`, applied by
+`apply_override`). The config is locked, so a
 misspelled key is an error, never a silently ignored setting; the entries of `data.datasets`
 are dicts checked against `DATASET_DEFAULTS` the same way.
 """
