@@ -6,8 +6,7 @@
                 addition, reversing, upper-casing and repeating words, unit conversion
   eval.jsonl    held-out single-turn prompts
 and points the config's data and model at them. `report` measures exact-match accuracy on the
-held-out prompts with greedy decoding (a full forward pass per token; no cache needed at this
-size) before and after training.
+held-out prompts with greedy decoding before and after training.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import string
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 SPECIAL_TOKENS = ['<pad>', '<unk>', '<s>', '<|im_start|>', '<|im_end|>']
@@ -100,59 +98,19 @@ def prepare(config: Any, workdir: str) -> None:
   config.model.architecture = architecture
 
 
-def greedy_generate(model_config: Any, variables: Any, prompts: list[list[int]],
-                    max_new_tokens: int, eos_id: int) -> list[list[int]]:
-  """Greedy continuation of each prompt until EOS (without it) or `max_new_tokens`."""
-  from jaxsft.models import Llama  # pylint: disable=import-outside-toplevel
-  model = Llama(model_config)
-  width = max(len(p) for p in prompts) + max_new_tokens
-  tokens = np.zeros((len(prompts), width), np.int32)
-  lengths = np.array([len(p) for p in prompts])
-  for i, prompt in enumerate(prompts):
-    tokens[i, :len(prompt)] = prompt
-
-  @jax.jit
-  def next_tokens(variables, tokens, lengths):
-    # Causal attention: whatever sits after a row's current length cannot affect it.
-    logits = model.apply(variables, tokens)
-    return jnp.argmax(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0],
-                      axis=-1)
-
-  done = np.zeros(len(prompts), bool)
-  outputs: list[list[int]] = [[] for _ in prompts]
-  for _ in range(max_new_tokens):
-    chosen = np.asarray(next_tokens(variables, tokens, lengths))
-    for i, token in enumerate(chosen):
-      if done[i]:
-        continue
-      if token == eos_id:
-        done[i] = True
-        continue
-      outputs[i].append(int(token))
-      tokens[i, lengths[i]] = token
-      lengths[i] += 1
-    if done.all():
-      break
-  return outputs
-
-
 def report(config: Any, state: Any, model_config: Any, tokenizer: Any, workdir: str,
            when: str) -> dict[str, Any]:
-  """Exact-match accuracy on the held-out prompts (printed, and returned)."""
-  from jaxsft.data.templates import load_template, render  # pylint: disable=import-outside-toplevel
-  template = load_template(config.data.template, tokenizer)
+  """Exact-match accuracy of greedy answers (KV-cache decoding, `jaxsft.evaluate.answer`) on
+  the held-out prompts, printed and returned."""
+  # pylint: disable=import-outside-toplevel
+  from jaxsft import evaluate, generate
   with open(os.path.join(workdir, 'demo', 'eval.jsonl')) as f:
     records = [json.loads(line) for line in f]
-  prompts, answers = [], []
-  for record in records:
-    messages = record['messages']
-    text, _ = render(messages[:-1], template, tokenizer, add_generation_prompt=True)
-    prompts.append(tokenizer(text, add_special_tokens=False)['input_ids'])
-    answers.append(messages[-1]['content'])
-  outputs = greedy_generate(model_config, jax.device_get(state.variables()), prompts,
-                            max_new_tokens=16, eos_id=tokenizer.convert_tokens_to_ids('<|im_end|>'))
-  generated = [tokenizer.decode(ids) for ids in outputs]
-  correct = [g.strip() == a for g, a in zip(generated, answers)]
+  model = evaluate.Model(config, model_config, jax.device_get(state.variables()), tokenizer)
+  generated = evaluate.answer(model, [r['messages'][:-1] for r in records],
+                              generate.SamplingConfig(max_new_tokens=16))
+  answers = [r['messages'][-1]['content'] for r in records]
+  correct = [g == a for g, a in zip(generated, answers)]
   accuracy = float(np.mean(correct))
   print(f'demo: held-out exact match {when} training: {accuracy:.1%} '
         f'({sum(correct)}/{len(correct)})', flush=True)

@@ -15,13 +15,11 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxsft import generate, hf, train
 from jaxsft.config import default_config
-from jaxsft.models import Llama
 
 
 @dataclasses.dataclass
@@ -60,29 +58,20 @@ def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, f
   rendered with the model's template and packed as in training."""
   from jaxsft.data import Pipeline  # pylint: disable=import-outside-toplevel
   data_config = ml_collections.ConfigDict(model.config.data.to_dict())
-  data_config.datasets = [{'path': data_file}]
+  data_config.datasets = []  # eval only: the file is read and tokenized once
   data_config.eval_datasets = [{'path': data_file}]
   data_config.eval_size = 0.0
   data_config.streaming = False
   pipeline = Pipeline(data_config, model.tokenizer, batch_size=batch_size * jax.process_count(),
                       process_index=jax.process_index(), process_count=jax.process_count())
-  llama = Llama(model.model_config)
-
-  @jax.jit
-  def eval_step(variables, batch):
-    loss_sum, correct = train.loss_terms(llama, variables, batch, {})
-    return loss_sum, correct, jnp.sum(batch['loss_mask'].astype(jnp.float32))
-
-  totals = {'loss_sum': 0.0, 'correct': 0.0, 'supervised_tokens': 0.0}
-  for batch in pipeline.eval_batches():
-    for key, value in zip(totals, jax.device_get(eval_step(model.variables, batch))):
-      totals[key] += float(value)
-  nll = totals['loss_sum'] / max(totals['supervised_tokens'], 1.0)
-  return {'nll': nll, 'perplexity': float(np.exp(min(nll, 50.0))),
-          'accuracy': totals['correct'] / max(totals['supervised_tokens'], 1.0),
-          'supervised_tokens': totals['supervised_tokens'],
-          'records': sum(stats.records for label, stats in pipeline.stats.items()
-                         if label.startswith('eval_datasets'))}
+  metrics = train.evaluate_loss(jax.jit(train.make_eval_step(model.model_config)),
+                                model.variables, pipeline, None)
+  if not metrics:
+    raise ValueError(f'{data_file}: no supervised tokens to evaluate (every record was '
+                     'dropped or has no assistant turn).')
+  return {'nll': metrics['loss'], 'perplexity': metrics['perplexity'],
+          'accuracy': metrics['accuracy'], 'supervised_tokens': metrics['supervised_tokens'],
+          'records': pipeline.total_stats().records}
 
 
 def prompt_ids(model: Model, messages: list[dict[str, str]]) -> list[int]:

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +93,7 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
     layer, group, projection, which = match.groups()
     found.setdefault((int(layer), group, projection), {})['a' if which == 'A' else 'b'] = (
         value.T.astype(np.float32))
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn_unbox(abstract_lora_tree)),
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.unbox(abstract_lora_tree)),
                                          sep=None)
   out, used = {}, set()
   for path, leaf in flat.items():
@@ -118,11 +119,6 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
     raise ValueError(f'{folder}: adapters for {leftover[:4]} are not in lora.targets; add '
                      f'{sorted({p for _, _, p in leftover})} to lora.targets.')
   return flax.traverse_util.unflatten_dict(out), adapter_config
-
-
-def nn_unbox(tree: Any) -> Any:
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return nn.unbox(tree)
 
 
 def merged_params(params: Any, lora_tree: Any | None, scale: float) -> Any:

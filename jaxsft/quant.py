@@ -32,7 +32,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 KINDS = ('nf4', 'int4')
 # The NF4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes stores them in float32.
@@ -294,10 +294,6 @@ def node_shardings(names: Sequence[str | None], node: QuantizedKernel, mesh: Mes
       spec(node.codes, names), spec(node.absmax, names),
       spec(node.absmax_scale, (*lead, None)), spec(node.absmax_offset, (*lead, None, None)),
       node.kind, node.block_size)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 def bits_per_parameter(node: QuantizedKernel) -> float:

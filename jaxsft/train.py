@@ -130,12 +130,13 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
   return train_step
 
 
-def make_eval_step(model_config: LlamaConfig) -> Callable[[TrainState, Batch], dict]:
-  """Summed loss, correct and supervised tokens of one batch (deterministic model)."""
+def make_eval_step(model_config: LlamaConfig) -> Callable[[dict, Batch], dict]:
+  """`eval_step(variables, batch)`: summed loss, correct and supervised tokens of one batch
+  (deterministic model)."""
   model = Llama(model_config)
 
-  def eval_step(state: TrainState, batch: Batch) -> dict:
-    loss_sum, correct = loss_terms(model, state.variables(), batch, {})
+  def eval_step(variables: dict, batch: Batch) -> dict:
+    loss_sum, correct = loss_terms(model, variables, batch, {})
     return {'loss_sum': loss_sum, 'correct': correct,
             'supervised_tokens': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 
@@ -257,7 +258,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
                                       neftune_alpha=config.train.neftune_alpha),
                       in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(model_config), in_shardings=(shardings, batch_shardings))
+    eval_fn = jax.jit(make_eval_step(model_config),
+                      in_shardings=(shardings.variables(), batch_shardings))
     demo_before = demo.report(config, state, model_config, tokenizer, workdir, 'before') \
         if config.demo.enabled else None
 
@@ -274,7 +276,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       checkpointer.wait()
       writer.close()
       raise
-    eval_metrics = evaluate_loss(eval_fn, state, data, rows)
+    eval_metrics = evaluate_loss(eval_fn, state.variables(), data, rows)
     if eval_metrics:
       writer.write(int(state.step), eval_metrics, prefix='eval')
       _LOG.info('eval | loss %.4f | ppl %.2f | acc %.3f', eval_metrics['loss'],
@@ -393,7 +395,8 @@ class _Loop:
         for prompt, text in self.sampler(state, done):
           say(f'sample at step {done} | {prompt!r} -> {text!r}')
       if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
-        eval_metrics = evaluate_loss(self.eval_fn, state, self.data, self.rows)
+        eval_metrics = evaluate_loss(self.eval_fn, state.variables(), self.data,
+                                     self.rows)
         if eval_metrics:
           self.writer.write(done, eval_metrics, prefix='eval')
           say(f'eval at step {done} | loss {eval_metrics["loss"]:.4f} | ppl '
@@ -417,12 +420,14 @@ def _check_finite(step: int, metrics: dict) -> None:
         'model.param_dtype="float32".')
 
 
-def evaluate_loss(eval_fn, state: TrainState, data: Any, rows: NamedSharding
+def evaluate_loss(eval_fn, variables: dict, data: Any, rows: NamedSharding | None
                   ) -> dict[str, float]:
-  """Token-weighted loss, perplexity and accuracy over the eval split ({} if none)."""
+  """Token-weighted loss, perplexity and accuracy over `data.eval_batches()` ({} if none).
+  `rows`: the batch sharding of a run's mesh; None passes host batches as they are."""
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'supervised_tokens': 0.0}
   for local in data.eval_batches():
-    out = jax.device_get(eval_fn(state, global_batch(local, rows)))
+    batch = local if rows is None else global_batch(local, rows)
+    out = jax.device_get(eval_fn(variables, batch))
     for key in totals:
       totals[key] += float(out[key])
   if not totals['supervised_tokens']:

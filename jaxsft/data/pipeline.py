@@ -109,7 +109,7 @@ class Pipeline:
                        f'processes ({self.process_count}); each process feeds an equal slice.')
     if data_config.packing not in STRATEGIES:
       raise ValueError(f'data.packing={data_config.packing!r}; choose one of {STRATEGIES}.')
-    if not data_config.datasets:
+    if not data_config.datasets and not data_config.eval_datasets:
       raise ValueError('data.datasets is empty; add at least one {"path": ...} entry.')
     self.template = load_template(data_config.template, tokenizer)
     self.seq_len = data_config.max_seq_len
@@ -133,43 +133,42 @@ class Pipeline:
 
   # ----------------------------------------------------------------------------- in memory
 
-  def _tokenized(self, spec: dict[str, Any], label: str) -> datasets.Dataset:
+  def _tokenized(self, spec: dict[str, Any], label: str
+                 ) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
+    """A source's tokenized table, the table rows it keeps and every row's token count; its
+    record counts go into `self.stats`."""
     raw = load_source(spec, cache_dir=self.config.cache_dir)
-    return tokenize_source(raw, spec, label, tokenizer=self.tokenizer, template=self.template,
-                           data_config=self.config)
+    table = tokenize_source(raw, spec, label, tokenizer=self.tokenizer, template=self.template,
+                            data_config=self.config)
+    status = read_column(table, 'status')
+    num_tokens = read_column(table, 'num_tokens')
+    self.stats[label] = SourceStats()
+    self.stats[label].add(status, num_tokens)
+    return table, np.flatnonzero(status <= TRUNCATED), num_tokens
 
   def _init_in_memory(self) -> None:
     self.sources: list[_Source] = []
     self.eval_sources: list[_Source] = []
     for i, spec in enumerate(self.specs):
       label = f'datasets[{i}] {spec["path"]}'
-      table = self._tokenized(spec, label)
-      status = read_column(table, 'status')
-      num_tokens = read_column(table, 'num_tokens')
-      self.stats[label] = stats = SourceStats()
-      stats.add(status, num_tokens)
-      kept = np.flatnonzero(status <= TRUNCATED)
+      table, kept, num_tokens = self._tokenized(spec, label)
       held_out = self._eval_count(len(kept), label)
       order = _rng(self.config.seed, 'eval', i).permutation(len(kept))
       eval_rows = np.sort(kept[order[:held_out]])
       train_rows = np.sort(kept[order[held_out:]])
       if not len(train_rows):
-        raise ValueError(f'{label}: no training examples left ({stats.summary()}).')
+        raise ValueError(f'{label}: no training examples left ({self.stats[label].summary()}).')
       self.sources.append(_Source(label, spec, table, train_rows, eval_rows, num_tokens))
       if held_out:
         self.eval_sources.append(_Source(label, spec, table, eval_rows, eval_rows, num_tokens))
     for i, spec in enumerate(self.eval_specs):
       label = f'eval_datasets[{i}] {spec["path"]}'
-      table = self._tokenized(spec, label)
-      status = read_column(table, 'status')
-      num_tokens = read_column(table, 'num_tokens')
-      self.stats[label] = stats = SourceStats()
-      stats.add(status, num_tokens)
-      rows = np.flatnonzero(status <= TRUNCATED)
-      self.eval_sources.append(_Source(label, spec, table, rows, rows, num_tokens))
+      table, kept, num_tokens = self._tokenized(spec, label)
+      self.eval_sources.append(_Source(label, spec, table, kept, kept, num_tokens))
     self.weights = [s.spec['weight'] for s in self.sources]
     self.epoch_examples = int(sum(len(s.train_rows) for s in self.sources))
-    self.window_counts = mixture_counts(self.weights, self.epoch_examples)
+    self.window_counts = (mixture_counts(self.weights, self.epoch_examples) if self.sources
+                          else np.zeros(0, np.int64))
 
   def _eval_count(self, available: int, label: str) -> int:
     size = self.config.eval_size
@@ -289,6 +288,9 @@ class Pipeline:
 
   def train_batches(self, state: dict[str, Any] | None = None) -> BatchIterator:
     """The endless training batches of this process, from the start or from a saved state."""
+    if not self.specs:
+      raise ValueError('data.datasets is empty; training needs at least one {"path": ...} '
+                       'entry (data.eval_datasets alone only serve eval_batches).')
     if self.config.streaming:
       return _StreamingBatches(self, state)
     return _InMemoryBatches(self, state)
