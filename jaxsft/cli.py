@@ -3,7 +3,8 @@
   jaxsft train --config FILE --workdir DIR [--config.a.b=value ...]   fine-tune
   jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
         text highlighted, length distribution, drop counts, packing efficiency
-  jaxsft plan --config FILE [--device-memory-gib N]   per-device memory from shapes alone
+  jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len]
+                                                   per-device memory from shapes alone
   jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
   jaxsft eval --workdir DIR | --hf PATH [--data FILE] [--generate N]   NLL, perplexity, ...
   jaxsft generate --workdir DIR | --hf PATH --prompt "..."   (or --prompts file.jsonl)
@@ -103,6 +104,18 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from jaxsft import plan  # pylint: disable=import-outside-toplevel
   config = _load_config(args.config, overrides)
+  if args.find_max_seq_len:
+    if not args.device_memory_gib:
+      raise SystemExit('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
+    length, memory = plan.max_seq_len(config, args.device_memory_gib)
+    if memory is None:
+      print(f'not even 256 tokens per row fit in {args.device_memory_gib:g} GiB per device '
+            f'with batch_size={config.batch_size}.')
+      return 1
+    print(f'longest data.max_seq_len that fits in {args.device_memory_gib:g} GiB per device '
+          f'(batch_size={config.batch_size}): {length}')
+    print(plan.report(memory, args.device_memory_gib))
+    return 0
   print(plan.report(plan.plan(config), args.device_memory_gib))
   return 0
 
@@ -223,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   _add_config_arguments(plan)
   plan.add_argument('--device-memory-gib', type=float, default=None,
                     help='device memory to judge the plan against, e.g. 80 for an H100')
+  plan.add_argument('--find-max-seq-len', action='store_true',
+                    help='search the longest data.max_seq_len (multiple of 256) that fits in '
+                         '--device-memory-gib')
   plan.set_defaults(run=_plan)
   export = commands.add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
   export.add_argument('--workdir', required=True)

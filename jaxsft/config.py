@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
       'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure)
       'scan_layers': True,
       'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
-      'attention_implementation': 'auto',  # xla | cudnn | splash | auto
+      'attention_implementation': 'auto',  # auto | blocked | xla | cudnn | splash
   })
   config.lora = ml_collections.ConfigDict({
       'enabled': False,      # False = full fine-tuning
@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
       'num_epochs': 1.0,
       'grad_accum_steps': 1,  # micro-batches per step (batch_size rows split evenly)
       'neftune_alpha': 0.0,  # NEFTune noise on input embeddings; 0 = off (5 is the paper's)
+      # Positions per row whose logits exist at once in the fused LM head + loss; only chunks
+      # holding supervised tokens are computed. 0 = whole [B, T, V] logits (the reference).
+      'loss_chunk_size': 256,
       'seed': 0,             # model init, LoRA init, dropout, NEFTune
       'log_every': 10,       # steps between log lines
       'eval_every': 0,       # steps between eval-loss passes; 0 = only at the end

@@ -1,4 +1,4 @@
-"""Run metrics: one log line per log step, `metrics.jsonl`, TensorBoard events, MFU."""
+"""Run metrics: one log line per log step, `metrics.jsonl`, TensorBoard events."""
 
 from __future__ import annotations
 
@@ -6,40 +6,11 @@ import json
 import logging
 import math
 import os
-from typing import Any
 
 import jax
 from etils import epath
 
 _LOG = logging.getLogger('jaxsft')
-
-# Dense bf16 peak FLOP/s per device, by substring of `device.device_kind` (vendor datasheets).
-PEAK_FLOPS = (
-    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12),
-    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('A10G', 70e12),
-)
-
-
-def device_peak_flops(device: jax.Device | None = None) -> float | None:
-  """Peak bf16 FLOP/s of one device, or None where unknown (CPUs)."""
-  kind = (device or jax.devices()[0]).device_kind
-  for name, flops in PEAK_FLOPS:
-    if name in kind:
-      return flops
-  return None
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
-
 
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).

@@ -9,6 +9,7 @@ verdict against a device memory size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -100,7 +101,8 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   step = train.make_train_step(model_config, optimizer, schedule,
                                grad_accum_steps=config.train.grad_accum_steps,
-                               neftune_alpha=config.train.neftune_alpha)
+                               neftune_alpha=config.train.neftune_alpha,
+                               loss_chunk_size=config.train.loss_chunk_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(step, in_shardings=(shardings, {k: rows for k in batch}),
                        out_shardings=(shardings, None), donate_argnums=(0,)).lower(
@@ -122,6 +124,45 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
       optimizer_bytes=_device_bytes(state.opt_state, shardings.opt_state),
       temporary_bytes=temporary, frozen_parameters=frozen_parameters,
       quantized_bits_per_parameter=bits)
+
+
+def max_seq_len(config: Any, device_memory_gib: float, multiple: int = 256,
+                limit: int = 131072, devices: Any = None,
+                cache: dict[int, MemoryPlan] | None = None) -> tuple[int, MemoryPlan | None]:
+  """The longest `data.max_seq_len` (a multiple of `multiple`, at most `limit`) whose plan fits
+  in `device_memory_gib`, and its plan; `(0, None)` when not even `multiple` fits.
+
+  Memory grows about linearly with the row length (attention saves O(T)), so two plans predict
+  the answer and a few more confirm it, each a compile from shapes alone. Pass the same `cache`
+  to searches of one config for several device sizes to share the plans.
+  """
+  budget = device_memory_gib * GIB
+  cache = {} if cache is None else cache
+
+  def measure(length: int) -> MemoryPlan:
+    if length not in cache:
+      probe = copy.deepcopy(config)
+      probe.data.max_seq_len = length
+      cache[length] = plan(probe, devices)
+    return cache[length]
+
+  def fits(length: int) -> bool:
+    return measure(length).total_bytes <= budget
+
+  low, high = multiple, 8 * multiple
+  if not fits(low):
+    return 0, None
+  slope = max((measure(high).total_bytes - measure(low).total_bytes) / (high - low), 1.0)
+  guess = low + int((budget - measure(low).total_bytes) / slope)
+  guess = int(min(max(guess // multiple * multiple, low), limit))
+  # Walk from the linear prediction to the exact boundary.
+  if fits(guess):
+    while guess + multiple <= limit and fits(guess + multiple):
+      guess += multiple
+  else:
+    while guess > low and not fits(guess):
+      guess -= multiple
+  return guess, measure(guess)
 
 
 def report(memory: MemoryPlan, device_memory_gib: float | None) -> str:

@@ -30,9 +30,12 @@ import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
+from jaxsft import loss as loss_lib
 from jaxsft import optim
-from jaxsft.metrics import MetricWriter, compiled_flops, device_peak_flops, format_step
+from jaxsft.flops import device_peak_flops, train_flops_per_token
+from jaxsft.metrics import MetricWriter, format_step
 from jaxsft.models import Llama, LlamaConfig
+from jaxsft.models.llama import head_kernel
 from jaxsft.state import (  # noqa: F401  (re-exported: train.TrainState, train.init_train_state, ...)
   BATCH_AXES,
   FROZEN_DENSE_DTYPE,
@@ -49,22 +52,37 @@ from jaxsft.state import (  # noqa: F401  (re-exported: train.TrainState, train.
 
 _LOG = logging.getLogger('jaxsft')
 Batch = dict[str, jax.Array]
+DEFAULT_LOSS_CHUNK = 256  # config.train.loss_chunk_size's default
 
 
 # ----------------------------------------------------------------------------- the step
 
 
 def loss_terms(model: Llama, variables: dict[str, Any], batch: Batch, rngs: dict[str, Any],
-               neftune_alpha: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)`."""
-  logits_btv = model.apply(variables, batch['inputs'], batch['positions'], batch['segment_ids'],
-                           neftune_alpha=neftune_alpha, rngs=rngs)
+               neftune_alpha: float = 0.0, loss_chunk_size: int = DEFAULT_LOSS_CHUNK
+               ) -> tuple[jax.Array, jax.Array]:
+  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)`.
+
+  With `loss_chunk_size` > 0 the LM head and the loss are fused and chunked
+  (`jaxsft.loss.fused_cross_entropy`: logits of supervised tokens only, never all at once);
+  0 forms the whole `[B, T, V]` logits (the reference). A target logit tied with the maximum
+  counts as correct in both.
+  """
+  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
+  kernel = head_kernel(model.config, variables) if loss_chunk_size > 0 else None
+  if kernel is not None:
+    hidden_btd = model.apply(variables, *args, neftune_alpha=neftune_alpha, rngs=rngs,
+                             return_hidden=True)
+    chunk = loss_lib.chunk_size(hidden_btd.shape[1], loss_chunk_size)
+    return loss_lib.fused_cross_entropy(hidden_btd, kernel, batch['targets'],
+                                        batch['loss_mask'], chunk)
+  logits_btv = model.apply(variables, *args, neftune_alpha=neftune_alpha, rngs=rngs)
   logits_btv = logits_btv.astype(jnp.float32)
   mask_bt = batch['loss_mask'].astype(jnp.float32)
   log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, batch['targets'][..., None], axis=-1)[..., 0]
   loss_sum = jnp.sum((log_z_bt - target_logit_bt) * mask_bt)
-  correct = jnp.sum((jnp.argmax(logits_btv, axis=-1) == batch['targets']) * mask_bt)
+  correct = jnp.sum((target_logit_bt >= jnp.max(logits_btv, axis=-1)) * mask_bt)
   return loss_sum, correct
 
 
@@ -79,7 +97,8 @@ def split_micro_batches(batch: Batch, count: int) -> Batch:
 
 def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1,
-                    neftune_alpha: float = 0.0) -> Callable[[TrainState, Batch],
+                    neftune_alpha: float = 0.0, loss_chunk_size: int = DEFAULT_LOSS_CHUNK
+                    ) -> Callable[[TrainState, Batch],
                                                             tuple[TrainState, dict]]:
   """The pure train step. Wrap it in `jax.jit` with shardings (see `jit_train_step`)."""
   model = Llama(model_config, deterministic=False)
@@ -89,7 +108,7 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
 
     def objective(trained):
       variables = dataclasses.replace(state, params=trained).variables()
-      return loss_terms(model, variables, micro, rngs, neftune_alpha)
+      return loss_terms(model, variables, micro, rngs, neftune_alpha, loss_chunk_size)
 
     (loss_sum, correct), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
@@ -130,13 +149,14 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
   return train_step
 
 
-def make_eval_step(model_config: LlamaConfig) -> Callable[[dict, Batch], dict]:
+def make_eval_step(model_config: LlamaConfig, loss_chunk_size: int = DEFAULT_LOSS_CHUNK
+                   ) -> Callable[[dict, Batch], dict]:
   """`eval_step(variables, batch)`: summed loss, correct and supervised tokens of one batch
   (deterministic model)."""
   model = Llama(model_config)
 
   def eval_step(variables: dict, batch: Batch) -> dict:
-    loss_sum, correct = loss_terms(model, variables, batch, {})
+    loss_sum, correct = loss_terms(model, variables, batch, {}, 0.0, loss_chunk_size)
     return {'loss_sum': loss_sum, 'correct': correct,
             'supervised_tokens': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 
@@ -255,10 +275,11 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
                                              'positions')}
     step_fn = jax.jit(make_train_step(model_config, optimizer, schedule,
                                       grad_accum_steps=config.train.grad_accum_steps,
-                                      neftune_alpha=config.train.neftune_alpha),
+                                      neftune_alpha=config.train.neftune_alpha,
+                                      loss_chunk_size=config.train.loss_chunk_size),
                       in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(model_config),
+    eval_fn = jax.jit(make_eval_step(model_config, config.train.loss_chunk_size),
                       in_shardings=(shardings.variables(), batch_shardings))
     demo_before = demo.report(config, state, model_config, tokenizer, workdir, 'before') \
         if config.demo.enabled else None
@@ -266,8 +287,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     batches = data.train_batches(data_state)
     first_local = next(batches)
     compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
-    loop = _Loop(config, compiled, batches, rows, total_steps, writer, compiled_flops(compiled),
-                 device_peak_flops(), eval_fn, data, checkpointer, meta,
+    loop = _Loop(config, compiled, batches, rows, total_steps, writer, _step_flops(config,
+                 model_config), _total_peak_flops(), eval_fn, data, checkpointer, meta,
                  _sampler(config, model_config, tokenizer, workdir))
     try:
       with _SigtermFlag() as sigterm:
@@ -318,6 +339,20 @@ def _sampler(config: Any, model_config: LlamaConfig, tokenizer: Any, workdir: st
   return sample
 
 
+def _step_flops(config: Any, model_config: LlamaConfig) -> float:
+  """Model FLOPs of one step over the global batch (`jaxsft.flops`; every row position)."""
+  seq_len = config.data.max_seq_len
+  per_token = train_flops_per_token(
+      model_config, seq_len, lora_rank=config.lora.rank if config.lora.enabled else 0,
+      lora_targets=list(config.lora.targets))
+  return per_token.total * config.batch_size * seq_len
+
+
+def _total_peak_flops() -> float | None:
+  peak = device_peak_flops()
+  return peak * jax.device_count() if peak else None
+
+
 def _total_steps(config: Any, data: Any) -> int:
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
@@ -338,8 +373,8 @@ class _Loop:
   rows: NamedSharding
   total_steps: int
   writer: MetricWriter
-  flops: float | None
-  peak: float | None
+  flops: float  # model FLOPs per step, global
+  peak: float | None  # peak FLOP/s of all devices
   eval_fn: Any
   data: Any
   checkpointer: Any
@@ -377,8 +412,7 @@ class _Loop:
         _check_finite(done, values)
         elapsed = time.perf_counter() - window_start
         values['tokens_per_s'] = window_tokens / elapsed
-        values['mfu'] = (self.flops * window_steps / elapsed / self.peak
-                         if self.flops and self.peak else None)
+        values['mfu'] = self.flops * window_steps / elapsed / self.peak if self.peak else None
         self.writer.write(done, values)
         say(format_step(done, total_steps, values))
         last_metrics = values

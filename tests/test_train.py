@@ -72,7 +72,8 @@ def run_steps(config, mesh_shape, batches, devices=None):
     rows = train.batch_sharding(mesh)
     step = jax.jit(train.make_train_step(model_config, optimizer, schedule,
                                          grad_accum_steps=config.train.grad_accum_steps,
-                                         neftune_alpha=config.train.neftune_alpha),
+                                         neftune_alpha=config.train.neftune_alpha,
+                                         loss_chunk_size=config.train.loss_chunk_size),
                    in_shardings=(shardings, {k: rows for k in batches[0]}),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     metrics = []
@@ -114,6 +115,24 @@ def test_meshes_match_one_device(lora, mesh_shape):
     np.testing.assert_allclose(m['loss'], n['loss'], rtol=1e-5)
   assert_trees_close(sharded.params, reference.params, 1e-5)
   assert_trees_close(sharded.opt_state, reference.opt_state, 1e-5)
+
+
+@pytest.mark.parametrize('lora,tied', [(False, False), (True, False), (False, True)])
+def test_fused_chunked_loss_trains_like_full_logits(lora, tied):
+  """`train.loss_chunk_size` changes how the head and loss are computed (supervised chunks
+  only, no [B, T, V] logits), not the step: same metrics, same updated weights."""
+  batches = [packed_batch(seed=0), packed_batch(seed=1)]
+  runs = {}
+  for chunk in (0, 8):
+    config = tiny_config(lora, loss_chunk_size=chunk)
+    config.model.architecture = {**TINY, 'tie_word_embeddings': tied}
+    runs[chunk] = run_steps(config, (1, 1, 1), batches, jax.devices()[:1])
+  (reference, reference_metrics), (fused, metrics) = runs[0], runs[8]
+  for m, n in zip(metrics, reference_metrics):
+    np.testing.assert_allclose(m['loss'], n['loss'], rtol=1e-5)
+    np.testing.assert_allclose(m['grad_norm'], n['grad_norm'], rtol=1e-4)
+    assert m['accuracy'] == n['accuracy']
+  assert_trees_close(fused.params, reference.params, 1e-5)
 
 
 def test_lora_step_costs_at_most_070_of_full_step_flops():

@@ -5,13 +5,17 @@ Every implementation computes the same function: query i of a row attends to key
 `q_offset`), and, with a sliding window W, `i - j < W`. Padding (segment 0) attends only to
 padding, so no softmax row is ever empty.
 
-- `xla`: plain einsums, the reference. Runs everywhere.
+- `xla`: plain einsums over the whole `[T, S]` mask, the reference. Runs everywhere.
+- `blocked`: `jaxsft.models.blocked_attention`, plain XLA that skips the key blocks no query
+  of a block can see (above the diagonal, before the examples of a packed row) and saves O(T)
+  activations for the backward. Self-attention over whole rows only (training, prefill).
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, fused flash attention on
   NVIDIA GPUs (bf16/fp16 only).
 - `splash`: Pallas splash attention for TPU; on other backends it runs in interpret mode (slow,
   for tests).
-- `auto`: cudnn on GPU, splash on TPU when the shapes allow it, else xla.
-A kernel that cannot serve a case falls back to `xla` with a warning naming the reason.
+- `auto`: cudnn on GPU, splash on TPU, blocked elsewhere, each where the shapes allow it.
+A kernel that cannot serve a case falls back (to `blocked`, else `xla`) with a warning naming
+the reason; `auto` falls back silently.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsft.models import blocked_attention as blocked_lib
+from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 
 _LOG = logging.getLogger(__name__)
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -115,6 +122,11 @@ def _unsupported_reason(implementation: str, q_btnh, k_bskh, q_offset) -> str | 
       return f'cuDNN attention needs bf16/fp16 activations, got {q_btnh.dtype}'
     if h > 256 or h % 8:
       return f'cuDNN attention needs head_dim <= 256 and a multiple of 8, got {h}'
+  if implementation == 'blocked':
+    if t != s or not isinstance(q_offset, int) or q_offset:
+      return 'blocked attention serves self-attention over a whole row only (no KV cache)'
+    if blocked_lib.block_size(t) is None:
+      return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
   if implementation == 'splash':
     if t != s or not isinstance(q_offset, int) or q_offset:
       return 'splash attention serves self-attention over a whole row only (no KV cache)'
@@ -126,7 +138,7 @@ def _unsupported_reason(implementation: str, q_btnh, k_bskh, q_offset) -> str | 
 def _resolve(implementation: str) -> str:
   if implementation != 'auto':
     return implementation
-  return {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
+  return {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'blocked')
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,9 +152,15 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
   chosen = _resolve(implementation)
   reason = _unsupported_reason(chosen, q_btnh, k_bskh, q_offset)
   if reason is not None:
-    _warn_once(f'attention implementation {chosen!r} cannot serve this call ({reason}); '
-               'falling back to xla.')
-    chosen = 'xla'
+    fallback = 'xla' if chosen == 'blocked' or _unsupported_reason(
+        'blocked', q_btnh, k_bskh, q_offset) else 'blocked'
+    if implementation != 'auto':
+      _warn_once(f'attention implementation {chosen!r} cannot serve this call ({reason}); '
+                 f'falling back to {fallback}.')
+    chosen = fallback
+  if chosen == 'blocked':
+    return blocked_lib.blocked_attention(q_btnh, k_bskh, v_bskh, q_segment_ids,
+                                         blocked_lib.block_size(q_btnh.shape[1]), sliding_window)
   if chosen == 'splash':
     return splash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, sliding_window=sliding_window,
                             interpret=jax.default_backend() != 'tpu')
@@ -153,4 +171,4 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
   if chosen == 'xla':
     return xla_attention(q_btnh, k_bskh, v_bskh, mask)
   raise ValueError(f'unknown attention implementation {implementation!r}; '
-                   "choose 'xla', 'cudnn', 'splash' or 'auto'.")
+                   f'choose one of {ATTENTION_IMPLEMENTATIONS}.')

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 ROPE_TYPES = ('default', 'linear', 'llama3')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'blocked', 'cudnn', 'splash', 'auto')
 
 
 @dataclasses.dataclass(frozen=True)

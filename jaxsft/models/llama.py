@@ -19,6 +19,7 @@ from jaxsft.models.attention import attention
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
 from jaxsft.models.rope import apply_rotary, inverse_frequencies, rotary_angles
+from jaxsft.quant import QuantizedKernel, dequantize
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer in the backward pass
@@ -152,6 +153,8 @@ class Llama(nn.Module):
     positions: `[B, T]` int32 positions, restarting at 0 per packed segment; default arange.
     segment_ids: `[B, T]` int32, 1.. per packed example, 0 for padding; default all ones.
     neftune_alpha: NEFTune noise on the input embeddings (training only; needs a `neftune` rng).
+    return_hidden: skip the LM head and return the final-normed hidden states `[B, T, D]`
+      (the fused loss applies the head itself, chunk by chunk; see `jaxsft.loss`).
   Returns:
     logits `[B, T, V]` in `config.logits_dtype`.
 
@@ -163,7 +166,8 @@ class Llama(nn.Module):
   decode: bool = False  # KV cache in the `cache` collection (see jaxsft.generate)
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, neftune_alpha: float = 0.0):
+  def __call__(self, tokens, positions=None, segment_ids=None, neftune_alpha: float = 0.0,
+               return_hidden: bool = False):
     c = self.config
     b, t = tokens.shape
     if positions is None:
@@ -200,6 +204,8 @@ class Llama(nn.Module):
             x_btd, cos_bth, sin_bth, segment_ids)
 
     x_btd = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name='norm')(x_btd)
+    if return_hidden:
+      return x_btd
     if c.tie_word_embeddings:
       logits_btv = embed.attend(x_btd)
     else:
@@ -207,3 +213,17 @@ class Llama(nn.Module):
                               param_dtype=c.param_dtype, name='lm_head')(x_btd)
     logits_btv = nn.with_logical_constraint(logits_btv, ('act_batch', 'act_length', 'act_vocab'))
     return logits_btv.astype(c.logits_dtype)
+
+
+def head_kernel(config: LlamaConfig, variables: dict) -> jnp.ndarray | None:
+  """The LM head as one dense `[D, V]` matrix in the compute dtype (the tied embedding
+  transposed, a 4-bit head dequantized), or None when LoRA adapts the head itself."""
+  if 'lm_head' in variables.get('lora', {}):
+    return None
+  params = variables['params']
+  if config.tie_word_embeddings:
+    return jnp.asarray(params['embed_tokens']['embedding'], config.dtype).T
+  kernel = params['lm_head']['kernel']
+  if isinstance(kernel, QuantizedKernel):
+    return dequantize(kernel, config.dtype)
+  return jnp.asarray(kernel, config.dtype)

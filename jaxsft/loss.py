@@ -1,0 +1,137 @@
+"""Cross-entropy over the supervised tokens, fused with the LM head and computed in chunks.
+
+SFT supervises only the responses, so logits of prompt tokens are wasted work, and the
+`[B, T, V]` logits are the largest activation of the step (LLaMA-3's 128k vocabulary at 8k
+tokens is 4 GiB in float32). `fused_cross_entropy` therefore:
+
+1. moves each row's supervised positions to the front (a stable per-row sort, so the batch
+   axis and its sharding stay put);
+2. walks the rows in chunks of `chunk` positions with `lax.scan`, and skips (`lax.cond`) every
+   chunk past the row with the most supervised tokens, so unsupervised logits are never formed;
+3. computes the gradients w.r.t. the hidden states and the head kernel inside the same chunk
+   (softmax minus one-hot, the flash-style "fused linear cross-entropy"), so the backward pass
+   only scales them: no logits are stored or recomputed. When the head is frozen (LoRA) the
+   unused kernel gradient is dead code and XLA drops it.
+
+Accuracy counts a token as correct when its target logit is the row maximum (ties count as
+correct; `argmax == target` would pick the first of the tied).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _supervised_first(mask_bt: jnp.ndarray) -> jnp.ndarray:
+  """`[B, T]` permutation per row putting supervised positions first, in order."""
+  return jnp.argsort(mask_bt <= 0, axis=1, stable=True)
+
+
+def _gather_rows(x_bt_, order_bt):
+  index = order_bt.reshape(order_bt.shape + (1,) * (x_bt_.ndim - 2))
+  return jnp.take_along_axis(x_bt_, index, axis=1)
+
+
+def _chunked(x_bt_, chunk: int):
+  """`[B, T, ...]` -> `[T / chunk, B, chunk, ...]` (scan over the leading axis)."""
+  b, t = x_bt_.shape[:2]
+  return jnp.swapaxes(x_bt_.reshape(b, t // chunk, chunk, *x_bt_.shape[2:]), 0, 1)
+
+
+def _chunk_terms(hidden_bcd, kernel_dv, targets_bc, mask_bc, with_grads: bool):
+  logits_bcv = jnp.einsum('bcd,dv->bcv', hidden_bcd, kernel_dv,
+                          preferred_element_type=jnp.float32)
+  peak_bc = jnp.max(logits_bcv, axis=-1)
+  shifted_bcv = logits_bcv - peak_bc[..., None]
+  sum_exp_bc = jnp.sum(jnp.exp(shifted_bcv), axis=-1)
+  target_bc = jnp.take_along_axis(shifted_bcv, targets_bc[..., None], axis=-1)[..., 0]
+  loss_sum = jnp.sum((jnp.log(sum_exp_bc) - target_bc) * mask_bc)
+  correct = jnp.sum((target_bc >= 0.0) * mask_bc)
+  if not with_grads:
+    return loss_sum, correct
+  probs_bcv = jnp.exp(shifted_bcv) / sum_exp_bc[..., None]
+  onehot_bcv = jax.nn.one_hot(targets_bc, logits_bcv.shape[-1], dtype=jnp.float32)
+  dlogits_bcv = ((probs_bcv - onehot_bcv) * mask_bc[..., None]).astype(hidden_bcd.dtype)
+  dhidden_bcd = jnp.einsum('bcv,dv->bcd', dlogits_bcv, kernel_dv)
+  dkernel_dv = jnp.einsum('bcd,bcv->dv', hidden_bcd, dlogits_bcv,
+                          preferred_element_type=jnp.float32)
+  return loss_sum, correct, dhidden_bcd, dkernel_dv
+
+
+def _run(hidden_btd, kernel_dv, targets_bt, mask_bt, chunk: int, with_grads: bool):
+  b, t, d = hidden_btd.shape
+  mask_bt = mask_bt.astype(jnp.float32)
+  order_bt = _supervised_first(mask_bt)
+  hidden_c = _chunked(_gather_rows(hidden_btd, order_bt), chunk)
+  targets_c = _chunked(_gather_rows(targets_bt, order_bt), chunk)
+  mask_c = _chunked(_gather_rows(mask_bt, order_bt), chunk)
+  # Chunks at or past this index hold no supervised token in any row.
+  live_chunks = -(-jnp.max(jnp.sum(mask_bt > 0, axis=1)) // chunk)
+  zero = jnp.zeros((), jnp.float32)
+  empty = ((zero, zero, jnp.zeros((b, chunk, d), hidden_btd.dtype),
+            jnp.zeros(kernel_dv.shape, jnp.float32)) if with_grads else (zero, zero))
+
+  def body(carry, inputs):
+    index, h, tg, m = inputs
+    terms = jax.lax.cond(index < live_chunks,
+                         lambda: _chunk_terms(h, kernel_dv, tg, m, with_grads),
+                         lambda: empty)
+    loss_sum, correct = carry[0] + terms[0], carry[1] + terms[1]
+    if not with_grads:
+      return (loss_sum, correct), None
+    return (loss_sum, correct, carry[2] + terms[3]), terms[2]
+
+  indices = jnp.arange(t // chunk)
+  if not with_grads:
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero),
+                                          (indices, hidden_c, targets_c, mask_c))
+    return loss_sum, correct
+  init = (zero, zero, jnp.zeros(kernel_dv.shape, jnp.float32))
+  (loss_sum, correct, dkernel_dv), dhidden_c = jax.lax.scan(
+      body, init, (indices, hidden_c, targets_c, mask_c))
+  dhidden_sorted = jnp.swapaxes(dhidden_c, 0, 1).reshape(b, t, d)
+  dhidden_btd = _gather_rows(dhidden_sorted, jnp.argsort(order_bt, axis=1))
+  return loss_sum, correct, dhidden_btd, dkernel_dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_cross_entropy(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets_bt: jnp.ndarray,
+                        loss_mask_bt: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)` of the
+  logits `hidden @ kernel` (float32), without forming the `[B, T, V]` logits.
+
+  hidden `[B, T, D]` (final-normed, compute dtype); kernel `[D, V]` (compute dtype); targets
+  `[B, T]` int; loss_mask `[B, T]` (0/1 or weights); `chunk` positions per row per step, a
+  divisor of T. Differentiable w.r.t. hidden and kernel; `correct` has no gradient.
+  """
+  return _run(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk, with_grads=False)
+
+
+def _fused_fwd(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk):
+  loss_sum, correct, dhidden, dkernel = _run(hidden_btd, kernel_dv, targets_bt, loss_mask_bt,
+                                             chunk, with_grads=True)
+  return (loss_sum, correct), (dhidden, dkernel.astype(kernel_dv.dtype), targets_bt,
+                               loss_mask_bt)
+
+
+def _fused_bwd(chunk, residuals, cotangents):
+  dhidden, dkernel, targets_bt, loss_mask_bt = residuals
+  scale = cotangents[0]  # d(loss_sum); `correct` is a count and passes no gradient
+  return ((dhidden * scale.astype(dhidden.dtype)), (dkernel * scale.astype(dkernel.dtype)),
+          None, None)
+
+
+fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
+
+
+def chunk_size(length: int, preferred: int) -> int:
+  """The largest divisor of `length` that is at most `preferred` (0 or >= length: one chunk)."""
+  if preferred <= 0 or preferred >= length:
+    return length
+  for size in range(preferred, 0, -1):
+    if length % size == 0:
+      return size
+  return length

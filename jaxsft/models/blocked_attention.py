@@ -1,0 +1,186 @@
+"""Block-sparse attention over packed rows in plain XLA, with a memory-light custom backward.
+
+Packed rows are mostly mask: a query sees only the keys of its own example, at or before it.
+This kernel splits a row into query blocks of `block` positions. For query block i it finds,
+at run time, the earliest key any of its queries may see (over the whole batch) and computes
+attention against the key blocks from there up to block i only, through a `lax.switch` over
+the possible numbers of key blocks (each branch has static shapes). Blocks above the diagonal
+and blocks wholly before every query's example are never computed.
+
+The backward pass is the flash-attention one: the forward saves q, k, v, the output and the
+per-query log-sum-exp, not the `[T, S]` probabilities, and the backward recomputes each
+block's probabilities. So the layer's saved activations are O(T), not O(T^2), and the softmax
+gradient needs one `[T]` reduction (`rowsum(dout * out)`) instead of one per block.
+
+The function computed is the reference (`attention.xla_attention` with `attention_mask`)
+exactly: the mask is still applied inside every computed block, so correctness never depends
+on how segments are laid out; only the amount of skipped work does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+MIN_BLOCK = 64
+MAX_QUERY_BLOCKS = 16  # bounds the switch branches per layer: n (n + 1) / 2
+
+
+def block_size(length: int) -> int | None:
+  """Query/key block for a row of `length`, or None when the row is too short or ragged to
+  split (the caller uses dense attention). At most `MAX_QUERY_BLOCKS` blocks per row."""
+  block = max(MIN_BLOCK, -(-length // MAX_QUERY_BLOCKS))
+  block = 1 << (block - 1).bit_length()  # a power of two
+  if length < 2 * block or length % block:
+    return None
+  return block
+
+
+def first_visible_key(segment_ids_bt: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
+  """`[B, T]`: the smallest key index query t may attend to (first occurrence of its segment
+  id in the row, moved up to the window's start). Ids outside [0, T] get 0 (no skipping)."""
+  b, t = segment_ids_bt.shape
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  in_range = (segment_ids_bt >= 0) & (segment_ids_bt <= t)
+  first_bs = jnp.full((b, t + 1), t, jnp.int32).at[rows, jnp.where(in_range, segment_ids_bt, t)
+                                                  ].min(index_bt)
+  first_bt = jnp.where(in_range, jnp.take_along_axis(first_bs, jnp.clip(segment_ids_bt, 0, t),
+                                                     axis=1), 0)
+  if sliding_window is not None:
+    first_bt = jnp.maximum(first_bt, index_bt - sliding_window + 1)
+  return first_bt
+
+
+def _lookbacks(segment_ids_bt, block: int, sliding_window: int | None) -> jnp.ndarray:
+  """`[T / block]` int32: for query block i, how many key blocks before block i it needs."""
+  b, t = segment_ids_bt.shape
+  first_bt = first_visible_key(segment_ids_bt, sliding_window)
+  first_block = jnp.min(first_bt.reshape(b, t // block, block), axis=(0, 2)) // block
+  return jnp.arange(t // block, dtype=jnp.int32) - first_block.astype(jnp.int32)
+
+
+def _block_logits(q_bckgh, k_bskh, seg_q_bc, seg_k_bs, q_start, k_start, sliding_window):
+  """Scaled, masked logits `[B, K, G, C, S]` (float32) of one query block vs a key span."""
+  scale = 1.0 / math.sqrt(q_bckgh.shape[-1])
+  logits = jnp.einsum('btkgh,bskh->bkgts', q_bckgh, k_bskh,
+                      preferred_element_type=jnp.float32) * scale
+  q_index = q_start + jnp.arange(q_bckgh.shape[1])[:, None]
+  k_index = k_start + jnp.arange(k_bskh.shape[1])[None, :]
+  allowed = k_index <= q_index
+  if sliding_window is not None:
+    allowed &= q_index - k_index < sliding_window
+  allowed = allowed & (seg_q_bc[:, :, None] == seg_k_bs[:, None, :])
+  return jnp.where(allowed[:, None, None], logits, _MASKED), allowed
+
+
+def _split_heads(x_btnh, kv_heads):
+  b, t, n, h = x_btnh.shape
+  return x_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+
+
+def _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_bskh.shape[2]
+  q_btkgh = _split_heads(q_btnh, kv_heads)
+  lookbacks = _lookbacks(segment_ids_bt, block, sliding_window)
+  outs, lses = [], []
+  for i in range(t // block):
+    q_start, q_end = i * block, (i + 1) * block
+
+    def branch(span, q_start=q_start, q_end=q_end):
+      k_start = q_end - span * block
+      logits, _ = _block_logits(q_btkgh[:, q_start:q_end], k_bskh[:, k_start:q_end],
+                                segment_ids_bt[:, q_start:q_end],
+                                segment_ids_bt[:, k_start:q_end], q_start, k_start,
+                                sliding_window)
+      peak = jnp.max(logits, axis=-1, keepdims=True)
+      weights = jnp.exp(logits - peak)
+      total = jnp.sum(weights, axis=-1, keepdims=True)
+      probs = (weights / total).astype(v_bskh.dtype)
+      out = jnp.einsum('bkgts,bskh->btkgh', probs, v_bskh[:, k_start:q_end])
+      return out, (peak + jnp.log(total))[..., 0]
+
+    branches = [functools.partial(branch, span) for span in range(1, i + 2)]
+    out, lse = jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches)
+    outs.append(out)
+    lses.append(lse)
+  out_btnh = jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
+  return out_btnh, jnp.concatenate(lses, axis=-1), lookbacks
+
+
+def _backward(q_btnh, k_bskh, v_bskh, segment_ids_bt, out_btnh, lse_bkgt, lookbacks,
+              dout_btnh, block, sliding_window):
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_bskh.shape[2]
+  q_btkgh, out_btkgh, dout_btkgh = (_split_heads(x, kv_heads)
+                                    for x in (q_btnh, out_btnh, dout_btnh))
+  # d softmax: dS = P * (dP - rowsum(dO * O)); the row sums once, for all blocks.
+  delta_bkgt = jnp.einsum('btkgh,btkgh->bkgt', dout_btkgh.astype(jnp.float32),
+                          out_btkgh.astype(jnp.float32))
+  scale = 1.0 / math.sqrt(h)
+  dq_blocks = []
+  dk_bskh = jnp.zeros(k_bskh.shape, jnp.float32)
+  dv_bskh = jnp.zeros(v_bskh.shape, jnp.float32)
+  for i in range(t // block):
+    q_start, q_end = i * block, (i + 1) * block
+
+    def branch(span, q_start=q_start, q_end=q_end):
+      k_start = q_end - span * block
+      q_blk, k_span, v_span = (q_btkgh[:, q_start:q_end], k_bskh[:, k_start:q_end],
+                               v_bskh[:, k_start:q_end])
+      dout_blk = dout_btkgh[:, q_start:q_end]
+      logits, allowed = _block_logits(q_blk, k_span, segment_ids_bt[:, q_start:q_end],
+                                      segment_ids_bt[:, k_start:q_end], q_start, k_start,
+                                      sliding_window)
+      probs = jnp.where(allowed[:, None, None],
+                        jnp.exp(logits - lse_bkgt[..., q_start:q_end, None]), 0.0)
+      dv_span = jnp.einsum('bkgts,btkgh->bskh', probs.astype(dout_blk.dtype), dout_blk,
+                           preferred_element_type=jnp.float32)
+      dprobs = jnp.einsum('btkgh,bskh->bkgts', dout_blk, v_span,
+                          preferred_element_type=jnp.float32)
+      dlogits = (probs * (dprobs - delta_bkgt[..., q_start:q_end, None]) * scale
+                 ).astype(q_blk.dtype)
+      dq_blk = jnp.einsum('bkgts,bskh->btkgh', dlogits, k_span,
+                          preferred_element_type=jnp.float32)
+      dk_span = jnp.einsum('bkgts,btkgh->bskh', dlogits, q_blk,
+                           preferred_element_type=jnp.float32)
+      # Every branch returns the key prefix [0, q_end) so the switch's outputs agree in shape.
+      pad = ((0, 0), (k_start, 0), (0, 0), (0, 0))
+      return dq_blk, jnp.pad(dk_span, pad), jnp.pad(dv_span, pad)
+
+    branches = [functools.partial(branch, span) for span in range(1, i + 2)]
+    dq_blk, dk_prefix, dv_prefix = jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches)
+    dq_blocks.append(dq_blk)
+    dk_bskh = dk_bskh.at[:, :q_end].add(dk_prefix)
+    dv_bskh = dv_bskh.at[:, :q_end].add(dv_prefix)
+  dq_btnh = jnp.concatenate(dq_blocks, axis=1).reshape(b, t, n, h)
+  return dq_btnh.astype(q_btnh.dtype), dk_bskh.astype(k_bskh.dtype), dv_bskh.astype(v_bskh.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blocked_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, block: int,
+                      sliding_window: int | None = None) -> jnp.ndarray:
+  """Segment-aware causal self-attention. q `[B, T, N, H]`, k/v `[B, T, K, H]`, segment ids
+  `[B, T]`; `T` a multiple of `block` (see `block_size`). Returns `[B, T, N, H]`."""
+  return _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window)[0]
+
+
+def _blocked_fwd(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
+  out, lse, lookbacks = _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window)
+  return out, (q_btnh, k_bskh, v_bskh, segment_ids_bt, out, lse, lookbacks)
+
+
+def _blocked_bwd(block, sliding_window, residuals, dout_btnh):
+  q, k, v, segment_ids, out, lse, lookbacks = residuals
+  dq, dk, dv = _backward(q, k, v, segment_ids, out, lse, lookbacks, dout_btnh, block,
+                         sliding_window)
+  return dq, dk, dv, None
+
+
+blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
