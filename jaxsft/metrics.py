@@ -12,6 +12,7 @@ from etils import epath
 
 _LOG = logging.getLogger('jaxsft')
 
+
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).
 

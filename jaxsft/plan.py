@@ -155,14 +155,22 @@ def max_seq_len(config: Any, device_memory_gib: float, multiple: int = 256,
   slope = max((measure(high).total_bytes - measure(low).total_bytes) / (high - low), 1.0)
   guess = low + int((budget - measure(low).total_bytes) / slope)
   guess = int(min(max(guess // multiple * multiple, low), limit))
-  # Walk from the linear prediction to the exact boundary.
-  if fits(guess):
-    while guess + multiple <= limit and fits(guess + multiple):
-      guess += multiple
-  else:
-    while guess > low and not fits(guess):
-      guess -= multiple
-  return guess, measure(guess)
+  # Bracket the boundary around the linear prediction, widening the step each time, then
+  # bisect: `good` always fits, `bad` never does.
+  good, probe, step = low, guess, multiple
+  while fits(probe):
+    good = probe
+    if probe >= limit:
+      return probe, measure(probe)
+    probe, step = min(probe + step, limit), step * 2
+  bad = probe
+  while bad - good > multiple:
+    middle = (good + bad) // 2 // multiple * multiple
+    if fits(middle):
+      good = middle
+    else:
+      bad = middle
+  return good, measure(good)
 
 
 def report(memory: MemoryPlan, device_memory_gib: float | None) -> str:

@@ -201,3 +201,30 @@ def test_plan_llama2_7b_qlora_from_shapes_alone():
   assert 0 < memory.trained_bytes < 0.2e9 and memory.temporary_bytes > 0
   text = plan.report(memory, 24)
   assert 'fits in 24 GiB' in text
+
+
+def test_plan_finds_the_longest_row_that_fits():
+  """`jaxsft plan --find-max-seq-len`: the answer fits, one step longer does not."""
+  from jaxsft import plan
+  from jaxsft.config import default_config
+  config = default_config()
+  config.model.architecture = {'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
+                               'num_layers': 2, 'num_heads': 4, 'num_kv_heads': 2}
+  config.model.attention_implementation = 'xla'  # quick to compile
+  config.train.loss_chunk_size = 0
+  config.batch_size = 1
+  one = jax.devices()[:1]
+  small = plan.plan(_with_length(config, 64), one).total_bytes
+  large = plan.plan(_with_length(config, 512), one).total_bytes
+  budget = (small + large) / 2 / plan.GIB
+  length, memory = plan.max_seq_len(config, budget, multiple=32, limit=1024, devices=one)
+  assert 64 < length < 512 and memory.total_bytes <= budget * plan.GIB
+  assert plan.plan(_with_length(config, length + 32), one).total_bytes > budget * plan.GIB
+  assert plan.max_seq_len(config, 1e-6, multiple=32, devices=one) == (0, None)
+
+
+def _with_length(config, length):
+  import copy
+  probe = copy.deepcopy(config)
+  probe.data.max_seq_len = length
+  return probe
