@@ -32,13 +32,13 @@ MAX_QUERY_BLOCKS = 16  # bounds the switch branches per layer: n (n + 1) / 2
 
 
 def block_size(length: int) -> int | None:
-  """Query/key block for a row of `length`, or None when the row is too short or ragged to
-  split (the caller uses dense attention). At most `MAX_QUERY_BLOCKS` blocks per row."""
-  block = max(MIN_BLOCK, -(-length // MAX_QUERY_BLOCKS))
-  block = 1 << (block - 1).bit_length()  # a power of two
-  if length < 2 * block or length % block:
-    return None
-  return block
+  """Query/key block for a row of `length`: the smallest block of at least `MIN_BLOCK`
+  positions (a multiple of 8) that splits the row into 2..`MAX_QUERY_BLOCKS` equal blocks, or
+  None when there is none (the caller uses dense attention)."""
+  for count in range(min(MAX_QUERY_BLOCKS, length // MIN_BLOCK), 1, -1):
+    if length % count == 0 and (length // count) % 8 == 0:
+      return length // count
+  return None
 
 
 def first_visible_key(segment_ids_bt: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
