@@ -35,22 +35,25 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ('TPU v5', 197e12),    # v5e / v5 lite
     ('TPU v4', 275e12),
     ('H200', 989e12),      # SXM
-    ('H100', 989e12),      # SXM; PCIe is 756e12
+    ('H100 PCIe', 756e12),
+    ('H100', 989e12),      # SXM
     ('A100', 312e12),
     ('L4', 121e12),
     ('A10G', 70e12),
 )
 
 
-def device_peak_flops(device: jax.Device | None = None) -> float | None:
-  """Peak bf16 FLOP/s of one device, or None where unknown (CPUs)."""
-  kind = (device or jax.devices()[0]).device_kind
-  if 'H100' in kind and 'PCIe' in kind:
-    return 756e12
+def peak_flops_of_kind(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of a `device.device_kind` string, or None where unknown (CPUs)."""
   for name, flops in PEAK_FLOPS:
-    if name in kind:
+    if name in device_kind:
       return flops
   return None
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Peak bf16 FLOP/s of one device (default: the first), or None where unknown (CPUs)."""
+  return peak_flops_of_kind((device or jax.devices()[0]).device_kind)
 
 
 @dataclasses.dataclass(frozen=True)

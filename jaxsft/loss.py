@@ -113,12 +113,11 @@ def fused_cross_entropy(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets
 def _fused_fwd(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk):
   loss_sum, correct, dhidden, dkernel = _run(hidden_btd, kernel_dv, targets_bt, loss_mask_bt,
                                              chunk, with_grads=True)
-  return (loss_sum, correct), (dhidden, dkernel.astype(kernel_dv.dtype), targets_bt,
-                               loss_mask_bt)
+  return (loss_sum, correct), (dhidden, dkernel.astype(kernel_dv.dtype))
 
 
 def _fused_bwd(chunk, residuals, cotangents):
-  dhidden, dkernel, targets_bt, loss_mask_bt = residuals
+  dhidden, dkernel = residuals
   scale = cotangents[0]  # d(loss_sum); `correct` is a count and passes no gradient
   return ((dhidden * scale.astype(dhidden.dtype)), (dkernel * scale.astype(dkernel.dtype)),
           None, None)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxsft import loss as loss_lib
 from jaxsft import optim
+from jaxsft.config import default_config
 from jaxsft.flops import device_peak_flops, train_flops_per_token
 from jaxsft.metrics import MetricWriter, format_step
 from jaxsft.models import Llama, LlamaConfig
@@ -52,7 +53,7 @@ from jaxsft.state import (  # noqa: F401  (re-exported: train.TrainState, train.
 
 _LOG = logging.getLogger('jaxsft')
 Batch = dict[str, jax.Array]
-DEFAULT_LOSS_CHUNK = 256  # config.train.loss_chunk_size's default
+DEFAULT_LOSS_CHUNK = default_config().train.loss_chunk_size
 
 
 # ----------------------------------------------------------------------------- the step

@@ -272,10 +272,11 @@ def _run_worker(side: str, spec: dict, workdir: str) -> dict:
 
 def _mfu(result: dict) -> str:
   from jaxsft import flops
-  peak = flops.device_peak_flops(type('D', (), {'device_kind': result['device']})())
+  peak = flops.peak_flops_of_kind(result['device'])
   if not peak:
     return '-'
-  return f'{100 * result["flops_per_token"] * result["tokens_per_s"] / peak:.1f}%'
+  utilization = flops.mfu(result['flops_per_token'], result['tokens_per_s'], peak_flops=peak)
+  return f'{100 * utilization:.1f}%'
 
 
 def main() -> None:

@@ -26,13 +26,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 
 _LOG = logging.getLogger(__name__)
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
 _SPLASH_BLOCK = 128
 
 
@@ -56,7 +54,7 @@ def xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts) -> jnp.ndarray:
   q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
   logits_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
                             preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, _MASKED)
+  logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, blocked_lib.MASKED_LOGIT)
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
   out_btkgh = jnp.einsum('bkgts,bskh->btkgh', probs_bkgts, v_bskh)
   return out_btkgh.reshape(b, t, n, h)
@@ -122,14 +120,12 @@ def _unsupported_reason(implementation: str, q_btnh, k_bskh, q_offset) -> str | 
       return f'cuDNN attention needs bf16/fp16 activations, got {q_btnh.dtype}'
     if h > 256 or h % 8:
       return f'cuDNN attention needs head_dim <= 256 and a multiple of 8, got {h}'
-  if implementation == 'blocked':
+  if implementation in ('blocked', 'splash'):
     if t != s or not isinstance(q_offset, int) or q_offset:
-      return 'blocked attention serves self-attention over a whole row only (no KV cache)'
-    if blocked_lib.block_size(t) is None:
-      return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
+      return f'{implementation} attention serves self-attention over a whole row only (no KV cache)'
+  if implementation == 'blocked' and blocked_lib.block_size(t) is None:
+    return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
   if implementation == 'splash':
-    if t != s or not isinstance(q_offset, int) or q_offset:
-      return 'splash attention serves self-attention over a whole row only (no KV cache)'
     if t > _SPLASH_BLOCK and t % _SPLASH_BLOCK:
       return f'splash attention needs the sequence length to be a multiple of {_SPLASH_BLOCK}'
   return None

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
+# Masked logits: finite (no inf - inf = NaN), and exp() of it minus any real logit is 0.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 MIN_BLOCK = 64
 MAX_QUERY_BLOCKS = 16  # bounds the switch branches per layer: n (n + 1) / 2
 
@@ -76,7 +77,7 @@ def _block_logits(q_bckgh, k_bskh, seg_q_bc, seg_k_bs, q_start, k_start, sliding
   if sliding_window is not None:
     allowed &= q_index - k_index < sliding_window
   allowed = allowed & (seg_q_bc[:, :, None] == seg_k_bs[:, None, :])
-  return jnp.where(allowed[:, None, None], logits, _MASKED), allowed
+  return jnp.where(allowed[:, None, None], logits, MASKED_LOGIT), allowed
 
 
 def _split_heads(x_btnh, kv_heads):
