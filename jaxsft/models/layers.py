@@ -17,6 +17,40 @@ from jaxsft.quant import QuantizedKernel, dequantize
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+@jax.custom_vjp
+def low_rank_update(x: jnp.ndarray, a_ir: jnp.ndarray, b_ro: jnp.ndarray) -> jnp.ndarray:
+  """`(x @ a) @ b`: x `[..., in]`, a `[in, r]`, b `[r, out]` -> `[..., out]`.
+
+  Autodiff gives the same values; the custom backward exists for speed. Autodiff contracts the
+  weight gradients over the `[batch, seq]` axes with the feature-sized operand first, and
+  XLA:CPU then writes transposed copies of the `[tokens, features]` activations and gradients.
+  Here they are one flattened token axis with the rank-sized operand first (result
+  `[r, features]`): the LoRA step of docs/benchmarks.md went from 4.11 s to 3.15 s.
+  """
+  return jnp.einsum('...r,ro->...o', jnp.einsum('...i,ir->...r', x, a_ir), b_ro)
+
+
+def _low_rank_update_fwd(x, a_ir, b_ro):
+  low_rank = jnp.einsum('...i,ir->...r', x, a_ir)
+  return jnp.einsum('...r,ro->...o', low_rank, b_ro), (x, low_rank, a_ir, b_ro)
+
+
+def _low_rank_update_bwd(residuals, dy):
+  x, low_rank, a_ir, b_ro = residuals
+  # t: every token position of the batch, flattened.
+  x_ti = x.reshape(-1, x.shape[-1])
+  low_rank_tr = low_rank.reshape(-1, low_rank.shape[-1])
+  dy_to = dy.reshape(-1, dy.shape[-1])
+  d_low_rank_tr = jnp.einsum('to,ro->tr', dy_to, b_ro)
+  db_ro = jnp.einsum('tr,to->ro', low_rank_tr, dy_to)
+  da_ri = jnp.einsum('tr,ti->ri', d_low_rank_tr, x_ti)
+  dx = jnp.einsum('tr,ir->ti', d_low_rank_tr, a_ir).reshape(x.shape)
+  return dx.astype(x.dtype), da_ri.T.astype(a_ir.dtype), db_ro.astype(b_ro.dtype)
+
+
+low_rank_update.defvjp(_low_rank_update_fwd, _low_rank_update_bwd)
+
+
 class Projection(nn.Module):
   """`y = x @ kernel (+ bias)` over the last axis. kernel `[in, out]` (HF weight transposed).
 
@@ -50,8 +84,7 @@ class Projection(nn.Module):
       a_ir = jnp.asarray(self.get_variable('lora', 'a'), self.dtype)
       b_ro = jnp.asarray(self.get_variable('lora', 'b'), self.dtype)
       x_lora = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
-      low_rank = jnp.einsum('...i,ir->...r', x_lora, a_ir)
-      y = y + self.lora_scale * jnp.einsum('...r,ro->...o', low_rank, b_ro)
+      y = y + self.lora_scale * low_rank_update(x_lora, a_ir, b_ro)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[1:]),
