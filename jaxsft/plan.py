@@ -26,6 +26,12 @@ from jaxsft import sharding as sharding_lib
 
 GIB = 1024 ** 3
 
+# XLA:CPU has no bf16 arithmetic: float normalization computes bf16 ops in f32, and loop-invariant
+# code motion then hoists the f32 conversion of whole stacked `[layers, ...]` weights out of the
+# scanned layer loop, an f32 copy of every frozen bf16 kernel (24 GiB for LLaMA-2-7B) that a
+# GPU or TPU compile never forms. Plans compiled on a CPU for such devices turn the hoisting off.
+CPU_PLAN_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+
 
 def _device_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of `tree` (abstract arrays) under `shardings`."""
@@ -103,10 +109,11 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
                                grad_accum_steps=config.train.grad_accum_steps,
                                neftune_alpha=config.train.neftune_alpha,
                                loss_chunk_size=config.train.loss_chunk_size)
+  options = CPU_PLAN_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(step, in_shardings=(shardings, {k: rows for k in batch}),
                        out_shardings=(shardings, None), donate_argnums=(0,)).lower(
-                           state, batch).compile()
+                           state, batch).compile(compiler_options=options)
   analysis = compiled.memory_analysis()
   temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
   frozen_tree = state.frozen if state.frozen is not None else {}

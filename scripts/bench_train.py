@@ -163,6 +163,12 @@ def worker_jax(spec: dict) -> dict:
       timed_tokens += tokens[(spec['warmup'] + i) % count]
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
+    if spec['profile']:
+      # After the timing, so the trace's overhead never enters the figures.
+      with jax.profiler.trace(os.path.join(spec['profile'], method)):
+        for i in range(2):
+          state, metrics = compiled(state, batches[i % count])
+        jax.block_until_ready(metrics)
   per_token = flops.train_flops_per_token(
       model_config, spec['seq'], lora_rank=spec['lora_rank'] if config.lora.enabled else 0,
       lora_targets=_LORA_TARGETS)
@@ -302,6 +308,8 @@ def main() -> None:
   parser.add_argument('--tokenizer', default='')
   parser.add_argument('--template', default='llama2')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--profile', default='', help='write a jax.profiler trace of two more '
+                      'jaxsft steps under this folder (view in Perfetto or TensorBoard)')
   parser.add_argument('--out', default='', help='append one JSON line per result here')
   parser.add_argument('--worker', choices=('jax', 'hf'), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
@@ -329,7 +337,8 @@ def main() -> None:
     base = dict(fields=fields, checkpoint=checkpoint, rows=rows_path, seq=args.seq,
                 batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                 param_dtype=args.param_dtype, attention=args.attention, remat=args.remat,
-                scan=not args.no_scan, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank)
+                scan=not args.no_scan, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
+                profile=os.path.abspath(args.profile) if args.profile else '')
     print(f'model {args.model}: {args.batch} rows x {args.seq} tokens, {filled:.1%} filled, '
           f'{supervised:.1%} of tokens supervised, {args.dtype}; data '
           f'{args.data or "synthetic"}', flush=True)

@@ -113,10 +113,17 @@ def random_packing(batch, length, seed, pad=0):
   return jnp.asarray(ids)
 
 
-@pytest.mark.parametrize('window,kv_heads', [(None, 2), (40, 4), (None, 1)])
-def test_blocked_attention_matches_xla_values_and_gradients(window, kv_heads):
+@pytest.mark.parametrize('window,kv_heads,max_logits', [
+    (None, 2, None), (40, 4, None), (None, 1, None), (None, 2, 2048), (40, 1, 4096)])
+def test_blocked_attention_matches_xla_values_and_gradients(window, kv_heads, max_logits,
+                                                            monkeypatch):
   """Same outputs and the same q/k/v gradients as the reference, over rows whose examples
-  start at different places (the skipped blocks differ per query block)."""
+  start at different places (the skipped blocks differ per query block); with `max_logits`,
+  long key spans take their queries in chunks (the long-row path)."""
+  from jaxsft.models import blocked_attention as blocked
+  if max_logits:
+    monkeypatch.setattr(blocked, 'MAX_LOGITS_PER_HEAD', max_logits)
+    assert blocked.query_chunk(64, 256) == max_logits // 256
   q, k, v = qkv(3, 256, 4, kv_heads, 16, seed=1)
   segment_ids = random_packing(3, 256, seed=2, pad=7)
   weights = jax.random.normal(jax.random.key(3), q.shape)
@@ -133,6 +140,15 @@ def test_blocked_attention_matches_xla_values_and_gradients(window, kv_heads):
   np.testing.assert_allclose(out, ref_out, atol=2e-5)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def test_query_chunks_bound_the_logits_of_long_rows():
+  from jaxsft.models import blocked_attention as blocked
+  assert blocked.query_chunk(128, 2048) == 128  # short rows: the whole block at once
+  block = blocked.block_size(16384)
+  assert block == 1024
+  chunk = blocked.query_chunk(block, 16384)
+  assert block % chunk == 0 and chunk * 16384 <= blocked.MAX_LOGITS_PER_HEAD and chunk == 64
 
 
 def test_blocked_attention_skips_blocks_before_every_example():

@@ -228,3 +228,21 @@ def _with_length(config, length):
   probe = copy.deepcopy(config)
   probe.data.max_seq_len = length
   return probe
+
+
+def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
+  """XLA:CPU computes bf16 in f32 and would hoist an f32 copy of every stacked frozen kernel out
+  of the layer loop, memory a GPU or TPU never uses; plans turn that hoisting off."""
+  from jaxsft import plan
+  from jaxsft.config import default_config
+  config = default_config()
+  config.model.architecture = {'vocab_size': 512, 'hidden_size': 512, 'intermediate_size': 2048,
+                               'num_layers': 4, 'num_heads': 8, 'num_kv_heads': 8}
+  config.model.dtype = config.model.param_dtype = 'bfloat16'
+  config.model.attention_implementation = 'xla'
+  config.lora.enabled = True
+  config.lora.targets = ['all-linear']
+  config.batch_size = 1
+  memory = plan.plan(_with_length(config, 64), jax.devices()[:1])
+  # One layer's kernels in f32 is 1/4 of the frozen bytes x 2; all of them would be 2x.
+  assert memory.temporary_bytes < memory.frozen_bytes, memory

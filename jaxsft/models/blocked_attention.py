@@ -30,6 +30,9 @@ import numpy as np
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 MIN_BLOCK = 64
 MAX_QUERY_BLOCKS = 16  # bounds the switch branches per layer: n (n + 1) / 2
+# Long rows have long blocks: a block's queries go through their key span in chunks whose
+# [chunk, span] float32 logits (and probabilities, their gradients) stay under this per head.
+MAX_LOGITS_PER_HEAD = 2 ** 20
 
 
 def block_size(length: int) -> int | None:
@@ -85,6 +88,32 @@ def _split_heads(x_btnh, kv_heads):
   return x_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
 
 
+def query_chunk(block: int, span: int) -> int:
+  """Queries of one block processed together against a key span of `span` positions: the
+  largest divisor of `block` (a multiple of 8, or the block) whose `[chunk, span]` logits stay
+  under `MAX_LOGITS_PER_HEAD`, so long rows do not hold `[block, row]` float32 tensors."""
+  if block * span <= MAX_LOGITS_PER_HEAD:
+    return block
+  for chunk in range(block - 8, 7, -8):
+    if block % chunk == 0 and chunk * span <= MAX_LOGITS_PER_HEAD:
+      return chunk
+  return 8 if block % 8 == 0 else block
+
+
+def _over_query_chunks(fn, chunk, carry, q_start, *rows_btx):
+  """Applies `fn(carry, q_start, *rows) -> (carry, outs)` to `chunk`-query slices of the
+  `[B, block, ...]` arrays `rows_btx` in a scan, and joins each of `outs` (`[B, chunk, ...]`)
+  along the query axis."""
+  block = rows_btx[0].shape[1]
+  if chunk == block:
+    return fn(carry, q_start, *rows_btx)
+  count = block // chunk
+  split = [x.reshape(x.shape[0], count, chunk, *x.shape[2:]).swapaxes(0, 1) for x in rows_btx]
+  starts = q_start + chunk * jnp.arange(count)
+  carry, outs = jax.lax.scan(lambda c, xs: fn(c, xs[0], *xs[1:]), carry, (starts, *split))
+  return carry, tuple(o.swapaxes(0, 1).reshape(o.shape[1], block, *o.shape[3:]) for o in outs)
+
+
 def _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
   b, t, n, h = q_btnh.shape
   kv_heads = k_bskh.shape[2]
@@ -96,16 +125,23 @@ def _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
 
     def branch(span, q_start=q_start, q_end=q_end):
       k_start = q_end - span * block
-      logits, _ = _block_logits(q_btkgh[:, q_start:q_end], k_bskh[:, k_start:q_end],
-                                segment_ids_bt[:, q_start:q_end],
-                                segment_ids_bt[:, k_start:q_end], q_start, k_start,
-                                sliding_window)
-      peak = jnp.max(logits, axis=-1, keepdims=True)
-      weights = jnp.exp(logits - peak)
-      total = jnp.sum(weights, axis=-1, keepdims=True)
-      probs = (weights / total).astype(v_bskh.dtype)
-      out = jnp.einsum('bkgts,bskh->btkgh', probs, v_bskh[:, k_start:q_end])
-      return out, (peak + jnp.log(total))[..., 0]
+      k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
+      seg_k = segment_ids_bt[:, k_start:q_end]
+
+      def attend(carry, rows_start, q_rows, seg_rows):
+        logits, _ = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
+                                  sliding_window)
+        peak = jnp.max(logits, axis=-1, keepdims=True)
+        weights = jnp.exp(logits - peak)
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        probs = (weights / total).astype(v_span.dtype)
+        out = jnp.einsum('bkgts,bskh->btkgh', probs, v_span)
+        return carry, (out, (peak + jnp.log(total))[..., 0].transpose(0, 3, 1, 2))
+
+      _, (out, lse_btkg) = _over_query_chunks(
+          attend, query_chunk(block, span * block), (), q_start,
+          q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end])
+      return out, lse_btkg.transpose(0, 2, 3, 1)
 
     branches = [functools.partial(branch, span) for span in range(1, i + 2)]
     out, lse = jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches)
@@ -122,8 +158,9 @@ def _backward(q_btnh, k_bskh, v_bskh, segment_ids_bt, out_btnh, lse_bkgt, lookba
   q_btkgh, out_btkgh, dout_btkgh = (_split_heads(x, kv_heads)
                                     for x in (q_btnh, out_btnh, dout_btnh))
   # d softmax: dS = P * (dP - rowsum(dO * O)); the row sums once, for all blocks.
-  delta_bkgt = jnp.einsum('btkgh,btkgh->bkgt', dout_btkgh.astype(jnp.float32),
+  delta_btkg = jnp.einsum('btkgh,btkgh->btkg', dout_btkgh.astype(jnp.float32),
                           out_btkgh.astype(jnp.float32))
+  lse_btkg = lse_bkgt.transpose(0, 3, 1, 2)
   scale = 1.0 / math.sqrt(h)
   dq_blocks = []
   dk_bskh = jnp.zeros(k_bskh.shape, jnp.float32)
@@ -133,24 +170,33 @@ def _backward(q_btnh, k_bskh, v_bskh, segment_ids_bt, out_btnh, lse_bkgt, lookba
 
     def branch(span, q_start=q_start, q_end=q_end):
       k_start = q_end - span * block
-      q_blk, k_span, v_span = (q_btkgh[:, q_start:q_end], k_bskh[:, k_start:q_end],
-                               v_bskh[:, k_start:q_end])
-      dout_blk = dout_btkgh[:, q_start:q_end]
-      logits, allowed = _block_logits(q_blk, k_span, segment_ids_bt[:, q_start:q_end],
-                                      segment_ids_bt[:, k_start:q_end], q_start, k_start,
-                                      sliding_window)
-      probs = jnp.where(allowed[:, None, None],
-                        jnp.exp(logits - lse_bkgt[..., q_start:q_end, None]), 0.0)
-      dv_span = jnp.einsum('bkgts,btkgh->bskh', probs.astype(dout_blk.dtype), dout_blk,
-                           preferred_element_type=jnp.float32)
-      dprobs = jnp.einsum('btkgh,bskh->bkgts', dout_blk, v_span,
-                          preferred_element_type=jnp.float32)
-      dlogits = (probs * (dprobs - delta_bkgt[..., q_start:q_end, None]) * scale
-                 ).astype(q_blk.dtype)
-      dq_blk = jnp.einsum('bkgts,bskh->btkgh', dlogits, k_span,
-                          preferred_element_type=jnp.float32)
-      dk_span = jnp.einsum('bkgts,btkgh->bskh', dlogits, q_blk,
-                           preferred_element_type=jnp.float32)
+      k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
+      seg_k = segment_ids_bt[:, k_start:q_end]
+
+      def grads(carry, rows_start, q_rows, seg_rows, dout_rows, lse_rows, delta_rows):
+        dk_span, dv_span = carry
+        logits, allowed = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
+                                        sliding_window)
+        probs = jnp.where(allowed[:, None, None], jnp.exp(
+            logits - lse_rows.transpose(0, 2, 3, 1)[..., None]), 0.0)
+        dv_span += jnp.einsum('bkgts,btkgh->bskh', probs.astype(dout_rows.dtype), dout_rows,
+                              preferred_element_type=jnp.float32)
+        dprobs = jnp.einsum('btkgh,bskh->bkgts', dout_rows, v_span,
+                            preferred_element_type=jnp.float32)
+        dlogits = (probs * (dprobs - delta_rows.transpose(0, 2, 3, 1)[..., None]) * scale
+                   ).astype(q_rows.dtype)
+        dq_rows = jnp.einsum('bkgts,bskh->btkgh', dlogits, k_span,
+                             preferred_element_type=jnp.float32)
+        dk_span += jnp.einsum('bkgts,btkgh->bskh', dlogits, q_rows,
+                              preferred_element_type=jnp.float32)
+        return (dk_span, dv_span), (dq_rows,)
+
+      zeros = jnp.zeros(k_span.shape, jnp.float32)
+      (dk_span, dv_span), (dq_blk,) = _over_query_chunks(
+          grads, query_chunk(block, span * block), (zeros, zeros), q_start,
+          q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end],
+          dout_btkgh[:, q_start:q_end], lse_btkg[:, q_start:q_end],
+          delta_btkg[:, q_start:q_end])
       # Every branch returns the key prefix [0, q_end) so the switch's outputs agree in shape.
       pad = ((0, 0), (k_start, 0), (0, 0), (0, 0))
       return dq_blk, jnp.pad(dk_span, pad), jnp.pad(dv_span, pad)
