@@ -148,7 +148,7 @@ def test_query_chunks_bound_the_logits_of_long_rows():
   block = blocked.block_size(16384)
   assert block == 1024
   chunk = blocked.query_chunk(block, 16384)
-  assert block % chunk == 0 and chunk * 16384 <= blocked.MAX_LOGITS_PER_HEAD and chunk == 64
+  assert block % chunk == 0 and chunk * 16384 <= blocked.MAX_LOGITS_PER_HEAD and chunk == 16
 
 
 def test_blocked_attention_skips_blocks_before_every_example():

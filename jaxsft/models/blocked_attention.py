@@ -32,7 +32,7 @@ MIN_BLOCK = 64
 MAX_QUERY_BLOCKS = 16  # bounds the switch branches per layer: n (n + 1) / 2
 # Long rows have long blocks: a block's queries go through their key span in chunks whose
 # [chunk, span] float32 logits (and probabilities, their gradients) stay under this per head.
-MAX_LOGITS_PER_HEAD = 2 ** 20
+MAX_LOGITS_PER_HEAD = 2 ** 18
 
 
 def block_size(length: int) -> int | None:
