@@ -237,12 +237,13 @@ def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
   from jaxsft.config import default_config
   config = default_config()
   config.model.architecture = {'vocab_size': 512, 'hidden_size': 512, 'intermediate_size': 2048,
-                               'num_layers': 4, 'num_heads': 8, 'num_kv_heads': 8}
+                               'num_layers': 8, 'num_heads': 8, 'num_kv_heads': 8}
   config.model.dtype = config.model.param_dtype = 'bfloat16'
   config.model.attention_implementation = 'xla'
   config.lora.enabled = True
   config.lora.targets = ['all-linear']
   config.batch_size = 1
   memory = plan.plan(_with_length(config, 64), jax.devices()[:1])
-  # One layer's kernels in f32 is 1/4 of the frozen bytes x 2; all of them would be 2x.
+  # f32 copies of all stacked kernels alone would be 2x the frozen bytes (measured with the
+  # hoisting on: 3.1x; off: 0.78x).
   assert memory.temporary_bytes < memory.frozen_bytes, memory
