@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsft import hf, lora, optim, quant, train
 from jaxsft import sharding as sharding_lib
+from jaxsft.data.packing import ROW_KEYS
 
 GIB = 1024 ** 3
 
@@ -102,18 +103,13 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
   rows = train.batch_sharding(mesh)
   batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.max_seq_len), jnp.int32,
                                      sharding=rows)
-           for key in ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
+           for key in ROW_KEYS}
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  step = train.make_train_step(model_config, optimizer, schedule,
-                               grad_accum_steps=config.train.grad_accum_steps,
-                               neftune_alpha=config.train.neftune_alpha,
-                               loss_chunk_size=config.train.loss_chunk_size)
   options = CPU_PLAN_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(step, in_shardings=(shardings, {k: rows for k in batch}),
-                       out_shardings=(shardings, None), donate_argnums=(0,)).lower(
-                           state, batch).compile(compiler_options=options)
+    compiled = train.jit_train_step(config, model_config, optimizer, schedule, shardings,
+                                    rows).lower(state, batch).compile(compiler_options=options)
   analysis = compiled.memory_analysis()
   temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
   frozen_tree = state.frozen if state.frozen is not None else {}

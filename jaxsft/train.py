@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxsft import loss as loss_lib
 from jaxsft import optim
 from jaxsft.config import default_config
+from jaxsft.data.packing import ROW_KEYS
 from jaxsft.flops import device_peak_flops, train_flops_per_token
 from jaxsft.metrics import MetricWriter, format_step
 from jaxsft.models import Llama, LlamaConfig
@@ -101,7 +102,7 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
                     neftune_alpha: float = 0.0, loss_chunk_size: int = DEFAULT_LOSS_CHUNK
                     ) -> Callable[[TrainState, Batch],
                                                             tuple[TrainState, dict]]:
-  """The pure train step. Wrap it in `jax.jit` with shardings (see `jit_train_step`)."""
+  """The pure train step. `jit_train_step` jits it with shardings."""
   model = Llama(model_config, deterministic=False)
 
   def micro_step(state: TrainState, micro: Batch, rng: jax.Array):
@@ -162,6 +163,19 @@ def make_eval_step(model_config: LlamaConfig, loss_chunk_size: int = DEFAULT_LOS
             'supervised_tokens': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 
   return eval_step
+
+
+def jit_train_step(config: Any, model_config: LlamaConfig, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, shardings: TrainState, rows: NamedSharding
+                   ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The train step of `config.train`, jitted: the state in and out with `shardings` (donated),
+  every batch key sharded as `rows`."""
+  step = make_train_step(model_config, optimizer, schedule,
+                         grad_accum_steps=config.train.grad_accum_steps,
+                         neftune_alpha=config.train.neftune_alpha,
+                         loss_chunk_size=config.train.loss_chunk_size)
+  return jax.jit(step, in_shardings=(shardings, {key: rows for key in ROW_KEYS}),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -272,16 +286,9 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
               dict(mesh.shape), total_steps, config.batch_size, config.data.max_seq_len)
     shardings = state_shardings(state)
     rows = batch_sharding(mesh)
-    batch_shardings = {key: rows for key in ('inputs', 'targets', 'loss_mask', 'segment_ids',
-                                             'positions')}
-    step_fn = jax.jit(make_train_step(model_config, optimizer, schedule,
-                                      grad_accum_steps=config.train.grad_accum_steps,
-                                      neftune_alpha=config.train.neftune_alpha,
-                                      loss_chunk_size=config.train.loss_chunk_size),
-                      in_shardings=(shardings, batch_shardings),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jit_train_step(config, model_config, optimizer, schedule, shardings, rows)
     eval_fn = jax.jit(make_eval_step(model_config, config.train.loss_chunk_size),
-                      in_shardings=(shardings.variables(), batch_shardings))
+                      in_shardings=(shardings.variables(), {key: rows for key in ROW_KEYS}))
     demo_before = demo.report(config, state, model_config, tokenizer, workdir, 'before') \
         if config.demo.enabled else None
 

@@ -140,10 +140,8 @@ def worker_jax(spec: dict) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     shardings = train.state_shardings(state)
     row_sharding = train.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(model_config, optimizer, schedule,
-                                         loss_chunk_size=config.train.loss_chunk_size),
-                   in_shardings=(shardings, {k: row_sharding for k in rows}),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+    step = train.jit_train_step(config, model_config, optimizer, schedule, shardings,
+                                row_sharding)
     b = spec['batch']
     count = len(rows['inputs']) // b
     batches = [train.global_batch({k: v[i * b:(i + 1) * b] for k, v in rows.items()},

@@ -20,6 +20,32 @@ def kernel_paths(tree):
   return sorted(k.rsplit('/', 1)[0] for k in flat if k.endswith('/a'))
 
 
+MLP_PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
+
+
+def peft_with_random_adapters(model, config, targets, rank, alpha, rslora=False, seed=0):
+  """Random (non-zero) jaxsft adapters for `targets` of the 2-layer model, and a PEFT model
+  over `model` holding the same ones. Returns `(adapters, peft_model, named_modules)`."""
+  abstract = lora.abstract_lora(hf.abstract_params(config), targets, rank)
+  rng = np.random.default_rng(seed)
+  adapters = jax.tree_util.tree_map(
+      lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
+          flax.linen.unbox(abstract)))
+  peft_model = peft.get_peft_model(model, peft.LoraConfig(
+      r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
+      init_lora_weights=False))
+  modules = dict(peft_model.named_modules())
+  with torch.no_grad():
+    for layer in range(2):
+      for name in targets:
+        group = 'mlp' if name in MLP_PROJECTIONS else 'self_attn'
+        module = modules[f'base_model.model.model.layers.{layer}.{group}.{name}']
+        pair = adapters[f'layers_{layer}'][group][name]
+        module.lora_A['default'].weight.copy_(torch.from_numpy(pair['a'].T.copy()))
+        module.lora_B['default'].weight.copy_(torch.from_numpy(pair['b'].T.copy()))
+  return adapters, peft_model, modules
+
+
 @pytest.fixture(scope='module')
 def loaded(tmp_path_factory):
   folder = tmp_path_factory.mktemp('llama')
@@ -74,23 +100,8 @@ def test_adapted_forward_matches_peft_and_merging(loaded, rslora):
   rank, alpha = 4, 16.0
   targets = ['q_proj', 'v_proj', 'down_proj']
   scale = lora.lora_scale(rank, alpha, rslora)
-  abstract = lora.abstract_lora(hf.abstract_params(config), targets, rank)
-  rng = np.random.default_rng(0)
-  adapters = jax.tree_util.tree_map(
-      lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
-          flax.linen.unbox(abstract)))
-  peft_model = peft.get_peft_model(model, peft.LoraConfig(
-      r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
-      init_lora_weights=False))
-  modules = dict(peft_model.named_modules())
-  with torch.no_grad():
-    for layer in range(2):
-      for group, name in (('self_attn', 'q_proj'), ('self_attn', 'v_proj'),
-                          ('mlp', 'down_proj')):
-        module = modules[f'base_model.model.model.layers.{layer}.{group}.{name}']
-        pair = adapters[f'layers_{layer}'][group][name]
-        module.lora_A['default'].weight.copy_(torch.from_numpy(pair['a'].T.copy()))
-        module.lora_B['default'].weight.copy_(torch.from_numpy(pair['b'].T.copy()))
+  adapters, peft_model, _ = peft_with_random_adapters(model, config, targets, rank, alpha,
+                                                     rslora, seed=0)
   tokens = random_tokens(2, 12)
   with torch.no_grad():
     expected = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -129,24 +140,8 @@ def test_adapter_gradients_match_peft(loaded):
   rank, alpha = 4, 8.0
   targets = ['q_proj', 'k_proj', 'o_proj', 'gate_proj', 'up_proj']
   scale = lora.lora_scale(rank, alpha)
-  abstract = lora.abstract_lora(hf.abstract_params(config), targets, rank)
-  rng = np.random.default_rng(2)
-  adapters = jax.tree_util.tree_map(
-      lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
-          flax.linen.unbox(abstract)))
-  peft_model = peft.get_peft_model(model, peft.LoraConfig(
-      r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-      init_lora_weights=False))
-  modules = dict(peft_model.named_modules())
-  group_of = {'q_proj': 'self_attn', 'k_proj': 'self_attn', 'o_proj': 'self_attn',
-              'gate_proj': 'mlp', 'up_proj': 'mlp'}
-  with torch.no_grad():
-    for layer in range(2):
-      for name, group in group_of.items():
-        module = modules[f'base_model.model.model.layers.{layer}.{group}.{name}']
-        pair = adapters[f'layers_{layer}'][group][name]
-        module.lora_A['default'].weight.copy_(torch.from_numpy(pair['a'].T.copy()))
-        module.lora_B['default'].weight.copy_(torch.from_numpy(pair['b'].T.copy()))
+  adapters, peft_model, modules = peft_with_random_adapters(model, config, targets, rank,
+                                                           alpha, seed=2)
   tokens = random_tokens(2, 12)
   peft_model.zero_grad()
   logits = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits
@@ -163,7 +158,8 @@ def test_adapter_gradients_match_peft(loaded):
 
   grads = jax.grad(loss)(adapters)
   for layer in range(2):
-    for name, group in group_of.items():
+    for name in targets:
+      group = 'mlp' if name in MLP_PROJECTIONS else 'self_attn'
       module = modules[f'base_model.model.model.layers.{layer}.{group}.{name}']
       pair = grads[f'layers_{layer}'][group][name]
       np.testing.assert_allclose(np.asarray(pair['a']).T,

@@ -114,98 +114,94 @@ def _over_query_chunks(fn, chunk, carry, q_start, *rows_btx):
   return carry, tuple(o.swapaxes(0, 1).reshape(o.shape[1], block, *o.shape[3:]) for o in outs)
 
 
+def _per_query_block(length, block, lookbacks, branch):
+  """For each query block i, `lax.switch`es on its lookback to `branch(q_start, q_end, k_start)`
+  with the key span it needs (1 to i + 1 blocks ending at block i; each branch has static
+  shapes). Returns the branch outputs of every query block, in order."""
+  outputs = []
+  for i in range(length // block):
+    q_start, q_end = i * block, (i + 1) * block
+    branches = [functools.partial(branch, q_start, q_end, q_end - span * block)
+                for span in range(1, i + 2)]
+    outputs.append(jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches))
+  return outputs
+
+
 def _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
   b, t, n, h = q_btnh.shape
-  kv_heads = k_bskh.shape[2]
-  q_btkgh = _split_heads(q_btnh, kv_heads)
+  q_btkgh = _split_heads(q_btnh, k_bskh.shape[2])
   lookbacks = _lookbacks(segment_ids_bt, block, sliding_window)
-  outs, lses = [], []
-  for i in range(t // block):
-    q_start, q_end = i * block, (i + 1) * block
 
-    def branch(span, q_start=q_start, q_end=q_end):
-      k_start = q_end - span * block
-      k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
-      seg_k = segment_ids_bt[:, k_start:q_end]
+  def branch(q_start, q_end, k_start):
+    k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
+    seg_k = segment_ids_bt[:, k_start:q_end]
 
-      def attend(carry, rows_start, q_rows, seg_rows):
-        logits, _ = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
-                                  sliding_window)
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-        weights = jnp.exp(logits - peak)
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        probs = (weights / total).astype(v_span.dtype)
-        out = jnp.einsum('bkgts,bskh->btkgh', probs, v_span)
-        return carry, (out, (peak + jnp.log(total))[..., 0].transpose(0, 3, 1, 2))
+    def attend(carry, rows_start, q_rows, seg_rows):
+      logits, _ = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
+                                sliding_window)
+      peak = jnp.max(logits, axis=-1, keepdims=True)
+      weights = jnp.exp(logits - peak)
+      total = jnp.sum(weights, axis=-1, keepdims=True)
+      probs = (weights / total).astype(v_span.dtype)
+      out = jnp.einsum('bkgts,bskh->btkgh', probs, v_span)
+      return carry, (out, (peak + jnp.log(total))[..., 0].transpose(0, 3, 1, 2))
 
-      _, (out, lse_btkg) = _over_query_chunks(
-          attend, query_chunk(block, span * block), (), q_start,
-          q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end])
-      return out, lse_btkg.transpose(0, 2, 3, 1)
+    return _over_query_chunks(attend, query_chunk(block, q_end - k_start), (), q_start,
+                              q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end])[1]
 
-    branches = [functools.partial(branch, span) for span in range(1, i + 2)]
-    out, lse = jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches)
-    outs.append(out)
-    lses.append(lse)
+  outs, lses = zip(*_per_query_block(t, block, lookbacks, branch))
   out_btnh = jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
-  return out_btnh, jnp.concatenate(lses, axis=-1), lookbacks
+  return out_btnh, jnp.concatenate(lses, axis=1), lookbacks
 
 
-def _backward(q_btnh, k_bskh, v_bskh, segment_ids_bt, out_btnh, lse_bkgt, lookbacks,
+def _backward(q_btnh, k_bskh, v_bskh, segment_ids_bt, out_btnh, lse_btkg, lookbacks,
               dout_btnh, block, sliding_window):
   b, t, n, h = q_btnh.shape
-  kv_heads = k_bskh.shape[2]
-  q_btkgh, out_btkgh, dout_btkgh = (_split_heads(x, kv_heads)
+  q_btkgh, out_btkgh, dout_btkgh = (_split_heads(x, k_bskh.shape[2])
                                     for x in (q_btnh, out_btnh, dout_btnh))
   # d softmax: dS = P * (dP - rowsum(dO * O)); the row sums once, for all blocks.
   delta_btkg = jnp.einsum('btkgh,btkgh->btkg', dout_btkgh.astype(jnp.float32),
                           out_btkgh.astype(jnp.float32))
-  lse_btkg = lse_bkgt.transpose(0, 3, 1, 2)
   scale = 1.0 / math.sqrt(h)
-  dq_blocks = []
+
+  def branch(q_start, q_end, k_start):
+    k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
+    seg_k = segment_ids_bt[:, k_start:q_end]
+
+    def grads(carry, rows_start, q_rows, seg_rows, dout_rows, lse_rows, delta_rows):
+      dk_span, dv_span = carry
+      logits, allowed = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
+                                      sliding_window)
+      probs = jnp.where(allowed[:, None, None], jnp.exp(
+          logits - lse_rows.transpose(0, 2, 3, 1)[..., None]), 0.0)
+      dv_span += jnp.einsum('bkgts,btkgh->bskh', probs.astype(dout_rows.dtype), dout_rows,
+                            preferred_element_type=jnp.float32)
+      dprobs = jnp.einsum('btkgh,bskh->bkgts', dout_rows, v_span,
+                          preferred_element_type=jnp.float32)
+      dlogits = (probs * (dprobs - delta_rows.transpose(0, 2, 3, 1)[..., None]) * scale
+                 ).astype(q_rows.dtype)
+      dq_rows = jnp.einsum('bkgts,bskh->btkgh', dlogits, k_span,
+                           preferred_element_type=jnp.float32)
+      dk_span += jnp.einsum('bkgts,btkgh->bskh', dlogits, q_rows,
+                            preferred_element_type=jnp.float32)
+      return (dk_span, dv_span), (dq_rows,)
+
+    zeros = jnp.zeros(k_span.shape, jnp.float32)
+    (dk_span, dv_span), (dq_blk,) = _over_query_chunks(
+        grads, query_chunk(block, q_end - k_start), (zeros, zeros), q_start,
+        q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end],
+        dout_btkgh[:, q_start:q_end], lse_btkg[:, q_start:q_end], delta_btkg[:, q_start:q_end])
+    # Every branch returns the key prefix [0, q_end) so the switch's outputs agree in shape.
+    pad = ((0, 0), (k_start, 0), (0, 0), (0, 0))
+    return dq_blk, jnp.pad(dk_span, pad), jnp.pad(dv_span, pad)
+
   dk_bskh = jnp.zeros(k_bskh.shape, jnp.float32)
   dv_bskh = jnp.zeros(v_bskh.shape, jnp.float32)
-  for i in range(t // block):
-    q_start, q_end = i * block, (i + 1) * block
-
-    def branch(span, q_start=q_start, q_end=q_end):
-      k_start = q_end - span * block
-      k_span, v_span = k_bskh[:, k_start:q_end], v_bskh[:, k_start:q_end]
-      seg_k = segment_ids_bt[:, k_start:q_end]
-
-      def grads(carry, rows_start, q_rows, seg_rows, dout_rows, lse_rows, delta_rows):
-        dk_span, dv_span = carry
-        logits, allowed = _block_logits(q_rows, k_span, seg_rows, seg_k, rows_start, k_start,
-                                        sliding_window)
-        probs = jnp.where(allowed[:, None, None], jnp.exp(
-            logits - lse_rows.transpose(0, 2, 3, 1)[..., None]), 0.0)
-        dv_span += jnp.einsum('bkgts,btkgh->bskh', probs.astype(dout_rows.dtype), dout_rows,
-                              preferred_element_type=jnp.float32)
-        dprobs = jnp.einsum('btkgh,bskh->bkgts', dout_rows, v_span,
-                            preferred_element_type=jnp.float32)
-        dlogits = (probs * (dprobs - delta_rows.transpose(0, 2, 3, 1)[..., None]) * scale
-                   ).astype(q_rows.dtype)
-        dq_rows = jnp.einsum('bkgts,bskh->btkgh', dlogits, k_span,
-                             preferred_element_type=jnp.float32)
-        dk_span += jnp.einsum('bkgts,btkgh->bskh', dlogits, q_rows,
-                              preferred_element_type=jnp.float32)
-        return (dk_span, dv_span), (dq_rows,)
-
-      zeros = jnp.zeros(k_span.shape, jnp.float32)
-      (dk_span, dv_span), (dq_blk,) = _over_query_chunks(
-          grads, query_chunk(block, span * block), (zeros, zeros), q_start,
-          q_btkgh[:, q_start:q_end], segment_ids_bt[:, q_start:q_end],
-          dout_btkgh[:, q_start:q_end], lse_btkg[:, q_start:q_end],
-          delta_btkg[:, q_start:q_end])
-      # Every branch returns the key prefix [0, q_end) so the switch's outputs agree in shape.
-      pad = ((0, 0), (k_start, 0), (0, 0), (0, 0))
-      return dq_blk, jnp.pad(dk_span, pad), jnp.pad(dv_span, pad)
-
-    branches = [functools.partial(branch, span) for span in range(1, i + 2)]
-    dq_blk, dk_prefix, dv_prefix = jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches)
+  dq_blocks = []
+  for dq_blk, dk_prefix, dv_prefix in _per_query_block(t, block, lookbacks, branch):
     dq_blocks.append(dq_blk)
-    dk_bskh = dk_bskh.at[:, :q_end].add(dk_prefix)
-    dv_bskh = dv_bskh.at[:, :q_end].add(dv_prefix)
+    dk_bskh = dk_bskh.at[:, :dk_prefix.shape[1]].add(dk_prefix)
+    dv_bskh = dv_bskh.at[:, :dv_prefix.shape[1]].add(dv_prefix)
   dq_btnh = jnp.concatenate(dq_blocks, axis=1).reshape(b, t, n, h)
   return dq_btnh.astype(q_btnh.dtype), dk_bskh.astype(k_bskh.dtype), dv_bskh.astype(v_bskh.dtype)
 
