@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
       'preset': '',          # jaxsft.presets name; the architecture without weights (random init)
       'architecture': {},    # LlamaConfig fields for a random-init model (e.g. the demo's)
       'dtype': 'bfloat16',   # compute dtype of activations and matmuls
-      'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure)
+      'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure);
+                                 # under LoRA the frozen base's (adapters train in float32)
       'scan_layers': True,
       'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
       'attention_implementation': 'auto',  # auto | blocked | xla | cudnn | splash

@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxsft.models.layers import dot
+
 
 def _supervised_first(mask_bt: jnp.ndarray) -> jnp.ndarray:
   """`[B, T]` permutation per row putting supervised positions first, in order."""
@@ -55,7 +57,7 @@ def _chunk_terms(hidden_bcd, kernel_dv, targets_bc, mask_bc, with_grads: bool):
   probs_bcv = jnp.exp(shifted_bcv) / sum_exp_bc[..., None]
   onehot_bcv = jax.nn.one_hot(targets_bc, logits_bcv.shape[-1], dtype=jnp.float32)
   dlogits_bcv = ((probs_bcv - onehot_bcv) * mask_bc[..., None]).astype(hidden_bcd.dtype)
-  dhidden_bcd = jnp.einsum('bcv,dv->bcd', dlogits_bcv, kernel_dv)
+  dhidden_bcd = dot('bcv,dv->bcd', dlogits_bcv, kernel_dv)
   dkernel_dv = jnp.einsum('bcd,bcv->dv', hidden_bcd, dlogits_bcv,
                           preferred_element_type=jnp.float32)
   return loss_sum, correct, dhidden_bcd, dkernel_dv

@@ -27,11 +27,6 @@ from jaxsft.data.packing import ROW_KEYS
 
 GIB = 1024 ** 3
 
-# XLA:CPU has no bf16 arithmetic: float normalization computes bf16 ops in f32, and loop-invariant
-# code motion then hoists the f32 conversion of whole stacked `[layers, ...]` weights out of the
-# scanned layer loop, an f32 copy of every frozen bf16 kernel (24 GiB for LLaMA-2-7B) that a
-# GPU or TPU compile never forms. Plans compiled on a CPU for such devices turn the hoisting off.
-CPU_PLAN_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
 
 
 def _device_bytes(tree: Any, shardings: Any) -> int:
@@ -106,10 +101,9 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
            for key in ROW_KEYS}
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  options = CPU_PLAN_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = train.jit_train_step(config, model_config, optimizer, schedule, shardings,
-                                    rows).lower(state, batch).compile(compiler_options=options)
+                                    rows).lower(state, batch).compile()
   analysis = compiled.memory_analysis()
   temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
   frozen_tree = state.frozen if state.frozen is not None else {}

@@ -165,6 +165,14 @@ def make_eval_step(model_config: LlamaConfig, loss_chunk_size: int = DEFAULT_LOS
   return eval_step
 
 
+# XLA:CPU has no bf16 arithmetic: float normalization computes bf16 ops in f32, and loop-invariant
+# code motion then hoists the f32 conversion of whole stacked `[layers, ...]` arrays out of the
+# scanned layer loops: saved activations (the bf16 LoRA step of docs/benchmarks.md: 2.18 s and
+# 2.41 GiB with it, 1.96 s and 2.05 GiB without) and, in `jaxsft plan`, every frozen bf16 kernel
+# (an f32 copy of 24 GiB for LLaMA-2-7B that a GPU or TPU compile never forms).
+CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+
+
 def jit_train_step(config: Any, model_config: LlamaConfig, optimizer: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: TrainState, rows: NamedSharding
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -174,8 +182,10 @@ def jit_train_step(config: Any, model_config: LlamaConfig, optimizer: optax.Grad
                          grad_accum_steps=config.train.grad_accum_steps,
                          neftune_alpha=config.train.neftune_alpha,
                          loss_chunk_size=config.train.loss_chunk_size)
+  on_cpu = rows.mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(step, in_shardings=(shardings, {key: rows for key in ROW_KEYS}),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+                 out_shardings=(shardings, None), donate_argnums=(0,),
+                 compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -232,7 +232,7 @@ def _with_length(config, length):
 
 def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
   """XLA:CPU computes bf16 in f32 and would hoist an f32 copy of every stacked frozen kernel out
-  of the layer loop, memory a GPU or TPU never uses; plans turn that hoisting off."""
+  of the layer loop, memory a GPU or TPU never uses; CPU compiles turn that hoisting off."""
   from jaxsft import plan
   from jaxsft.config import default_config
   config = default_config()

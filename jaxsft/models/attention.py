@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
+from jaxsft.models.layers import dot
 
 _LOG = logging.getLogger(__name__)
 _SPLASH_BLOCK = 128
@@ -56,7 +57,7 @@ def xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts) -> jnp.ndarray:
                             preferred_element_type=jnp.float32) / math.sqrt(h)
   logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, blocked_lib.MASKED_LOGIT)
   probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
-  out_btkgh = jnp.einsum('bkgts,bskh->btkgh', probs_bkgts, v_bskh)
+  out_btkgh = dot('bkgts,bskh->btkgh', probs_bkgts, v_bskh)
   return out_btkgh.reshape(b, t, n, h)
 
 

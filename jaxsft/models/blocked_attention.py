@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.models.layers import dot
+
 # Masked logits: finite (no inf - inf = NaN), and exp() of it minus any real logit is 0.
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 MIN_BLOCK = 64
@@ -143,7 +145,7 @@ def _forward(q_btnh, k_bskh, v_bskh, segment_ids_bt, block, sliding_window):
       weights = jnp.exp(logits - peak)
       total = jnp.sum(weights, axis=-1, keepdims=True)
       probs = (weights / total).astype(v_span.dtype)
-      out = jnp.einsum('bkgts,bskh->btkgh', probs, v_span)
+      out = dot('bkgts,bskh->btkgh', probs, v_span)
       return carry, (out, (peak + jnp.log(total))[..., 0].transpose(0, 3, 1, 2))
 
     return _over_query_chunks(attend, query_chunk(block, q_end - k_start), (), q_start,

@@ -17,9 +17,60 @@ from jaxsft.quant import QuantizedKernel, dequantize
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def accumulation_dtype(operand_dtype) -> Any:
+  """The `preferred_element_type` for a dot of `operand_dtype` operands: float32 for bf16 on
+  CPU, else None (the compiler's default).
+
+  XLA:CPU has a native bf16 x bf16 -> f32 matmul kernel (370-410 GFLOP/s on the 2-core Zen 4
+  of docs/benchmarks.md) but computes a bf16 -> bf16 dot as an f32 dot on upcast operands
+  (180-195 GFLOP/s, no faster than float32). On GPUs and TPUs the plain dot is what the
+  compilers tune for, and the dots there stay as they were.
+  """
+  if jnp.dtype(operand_dtype) == jnp.bfloat16 and jax.default_backend() == 'cpu':
+    return jnp.float32
+  return None
+
+
+def dot(spec: str, a: jnp.ndarray, b: jnp.ndarray, dtype: Any = None) -> jnp.ndarray:
+  """`jnp.einsum(spec, a, b)` as `dtype` (default: a's), accumulated per `accumulation_dtype`."""
+  dtype = a.dtype if dtype is None else dtype
+  return jnp.einsum(spec, a, b, preferred_element_type=accumulation_dtype(a.dtype)).astype(dtype)
+
+
+@jax.custom_vjp
+def dense(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """`x @ kernel` in x's dtype: x `[..., in]`, kernel `[in, out]` (any float dtype, cast to x's)
+  -> `[..., out]`. The kernel's gradient comes back in the kernel's own dtype.
+
+  Autodiff of a float32-accumulating dot would run its two backward dots on a float32
+  cotangent and so on XLA:CPU's slow path; this backward keeps every dot bf16 x bf16 -> f32.
+  `Projection` uses it where `accumulation_dtype` asks for float32, the plain einsum elsewhere.
+  """
+  return dot('...i,io->...o', x, kernel.astype(x.dtype))
+
+
+def _dense_fwd(x, kernel):
+  return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, dy):
+  x, kernel = residuals
+  dy = dy.astype(x.dtype)
+  dx = dot('...o,io->...i', dy, kernel.astype(x.dtype))
+  dkernel = dot('...i,...o->io', x, dy, dtype=kernel.dtype)
+  return dx, dkernel
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 @jax.custom_vjp
 def low_rank_update(x: jnp.ndarray, a_ir: jnp.ndarray, b_ro: jnp.ndarray) -> jnp.ndarray:
-  """`(x @ a) @ b`: x `[..., in]`, a `[in, r]`, b `[r, out]` -> `[..., out]`.
+  """`(x @ a) @ b` in x's dtype: x `[..., in]`, a `[in, r]`, b `[r, out]` -> `[..., out]`.
+
+  a and b may be kept in another dtype (float32 adapters under bf16 compute): they are cast to
+  x's dtype here and their gradients come back in their own dtypes, accumulated per
+  `accumulation_dtype`.
 
   Autodiff gives the same values; the custom backward exists for speed. Autodiff contracts the
   weight gradients over the `[batch, seq]` axes with the feature-sized operand first, and
@@ -27,12 +78,12 @@ def low_rank_update(x: jnp.ndarray, a_ir: jnp.ndarray, b_ro: jnp.ndarray) -> jnp
   Here they are one flattened token axis with the rank-sized operand first (result
   `[r, features]`): the LoRA step of docs/benchmarks.md went from 4.11 s to 3.15 s.
   """
-  return jnp.einsum('...r,ro->...o', jnp.einsum('...i,ir->...r', x, a_ir), b_ro)
+  return _low_rank_update_fwd(x, a_ir, b_ro)[0]
 
 
 def _low_rank_update_fwd(x, a_ir, b_ro):
-  low_rank = jnp.einsum('...i,ir->...r', x, a_ir)
-  return jnp.einsum('...r,ro->...o', low_rank, b_ro), (x, low_rank, a_ir, b_ro)
+  low_rank = dot('...i,ir->...r', x, a_ir.astype(x.dtype))
+  return dot('...r,ro->...o', low_rank, b_ro.astype(x.dtype)), (x, low_rank, a_ir, b_ro)
 
 
 def _low_rank_update_bwd(residuals, dy):
@@ -40,12 +91,12 @@ def _low_rank_update_bwd(residuals, dy):
   # t: every token position of the batch, flattened.
   x_ti = x.reshape(-1, x.shape[-1])
   low_rank_tr = low_rank.reshape(-1, low_rank.shape[-1])
-  dy_to = dy.reshape(-1, dy.shape[-1])
-  d_low_rank_tr = jnp.einsum('to,ro->tr', dy_to, b_ro)
-  db_ro = jnp.einsum('tr,to->ro', low_rank_tr, dy_to)
-  da_ri = jnp.einsum('tr,ti->ri', d_low_rank_tr, x_ti)
-  dx = jnp.einsum('tr,ir->ti', d_low_rank_tr, a_ir).reshape(x.shape)
-  return dx.astype(x.dtype), da_ri.T.astype(a_ir.dtype), db_ro.astype(b_ro.dtype)
+  dy_to = dy.astype(x.dtype).reshape(-1, dy.shape[-1])
+  d_low_rank_tr = dot('to,ro->tr', dy_to, b_ro.astype(x.dtype))
+  db_ro = dot('tr,to->ro', low_rank_tr, dy_to, dtype=b_ro.dtype)
+  da_ri = dot('tr,ti->ri', d_low_rank_tr, x_ti, dtype=a_ir.dtype)
+  dx = dot('tr,ir->ti', d_low_rank_tr, a_ir.astype(x.dtype)).reshape(x.shape)
+  return dx, da_ri.T, db_ro
 
 
 low_rank_update.defvjp(_low_rank_update_fwd, _low_rank_update_bwd)
@@ -78,11 +129,14 @@ class Projection(nn.Module):
       kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, self.axes),
                           (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    if accumulation_dtype(self.dtype) is None:
+      y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+    else:
+      y = dense(x, jnp.asarray(kernel))
     if self.has_variable('lora', 'a'):
       # x @ W + scale * (dropout(x) @ A) @ B: the frozen W never enters a weight gradient.
-      a_ir = jnp.asarray(self.get_variable('lora', 'a'), self.dtype)
-      b_ro = jnp.asarray(self.get_variable('lora', 'b'), self.dtype)
+      a_ir = jnp.asarray(self.get_variable('lora', 'a'))
+      b_ro = jnp.asarray(self.get_variable('lora', 'b'))
       x_lora = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
       y = y + self.lora_scale * low_rank_update(x_lora, a_ir, b_ro)
     if self.use_bias:

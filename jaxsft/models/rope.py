@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,8 +55,27 @@ def rotary_angles(positions_bt: jnp.ndarray, inv_freq: np.ndarray, dtype: Any
   return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
+@jax.custom_vjp
 def apply_rotary(x_btnh: jnp.ndarray, cos_bth: jnp.ndarray, sin_bth: jnp.ndarray) -> jnp.ndarray:
-  """Rotates `[B, T, heads, head_dim]` by the per-position angles (rotate-half layout)."""
+  """Rotates `[B, T, heads, head_dim]` by the per-position angles (rotate-half layout).
+
+  The backward is the inverse rotation, the same function with `-sin` (cos and sin are
+  constants of the positions: no gradient). Autodiff's form (pads, slices and sums, each
+  rounded to bf16 on XLA:CPU) cost about 9 ms per call on the CPU benchmark.
+  """
   half = x_btnh.shape[-1] // 2
   rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
   return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
+
+
+def _apply_rotary_fwd(x_btnh, cos_bth, sin_bth):
+  return apply_rotary(x_btnh, cos_bth, sin_bth), (cos_bth, sin_bth)
+
+
+def _apply_rotary_bwd(residuals, dy_btnh):
+  cos_bth, sin_bth = residuals
+  return (apply_rotary(dy_btnh, cos_bth, -sin_bth), jnp.zeros_like(cos_bth),
+          jnp.zeros_like(sin_bth))
+
+
+apply_rotary.defvjp(_apply_rotary_fwd, _apply_rotary_bwd)
