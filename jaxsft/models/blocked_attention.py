@@ -116,6 +116,19 @@ def _over_query_chunks(fn, chunk, carry, q_start, *rows_btx):
   return carry, tuple(o.swapaxes(0, 1).reshape(o.shape[1], block, *o.shape[3:]) for o in outs)
 
 
+def _unsplittable_switch(index, branches):
+  """`lax.switch(index, branches)` that JAX's partial evaluation keeps whole.
+
+  In a scanned layer loop the mask work of every branch depends only on the segment ids, which
+  are loop-invariant, so scan's partial evaluation would hoist it out of the loop as a `cond`
+  whose every branch returns the masks of all branches, zero-filled: hundreds of MB of
+  broadcast zeros per step at 2,048 tokens, growing with the cube of the block count. Under
+  `checkpoint` with nothing saveable the switch is computed where it is used.
+  """
+  return jax.checkpoint(lambda i: jax.lax.switch(i, branches),
+                        policy=jax.checkpoint_policies.nothing_saveable)(index)
+
+
 def _per_query_block(length, block, lookbacks, branch):
   """For each query block i, `lax.switch`es on its lookback to `branch(q_start, q_end, k_start)`
   with the key span it needs (1 to i + 1 blocks ending at block i; each branch has static
@@ -125,7 +138,7 @@ def _per_query_block(length, block, lookbacks, branch):
     q_start, q_end = i * block, (i + 1) * block
     branches = [functools.partial(branch, q_start, q_end, q_end - span * block)
                 for span in range(1, i + 2)]
-    outputs.append(jax.lax.switch(jnp.clip(lookbacks[i], 0, i), branches))
+    outputs.append(_unsplittable_switch(jnp.clip(lookbacks[i], 0, i), branches))
   return outputs
 
 
