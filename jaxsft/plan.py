@@ -28,7 +28,6 @@ from jaxsft.data.packing import ROW_KEYS
 GIB = 1024 ** 3
 
 
-
 def _device_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of `tree` (abstract arrays) under `shardings`."""
   total = 0
