@@ -64,8 +64,9 @@ def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, f
   data_config.streaming = False
   pipeline = Pipeline(data_config, model.tokenizer, batch_size=batch_size * jax.process_count(),
                       process_index=jax.process_index(), process_count=jax.process_count())
-  metrics = train.evaluate_loss(jax.jit(train.make_eval_step(model.model_config)),
-                                model.variables, pipeline, None)
+  eval_step = jax.jit(train.make_eval_step(model.model_config),
+                      compiler_options=train.compiler_options(jax.default_backend()))
+  metrics = train.evaluate_loss(eval_step, model.variables, pipeline, None)
   if not metrics:
     raise ValueError(f'{data_file}: no supervised tokens to evaluate (every record was '
                      'dropped or has no assistant turn).')

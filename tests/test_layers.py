@@ -1,8 +1,6 @@
 """The matmul building blocks: float32 accumulation of bf16 dots on CPU, and the custom backwards
 of `dense` and RoPE against autodiff."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,7 +112,7 @@ def test_every_bf16_dot_of_a_lora_step_accumulates_in_float32_on_cpu(implementat
   segments = jnp.ones_like(tokens)
 
   def loss(adapters):
-    hidden = Llama(dataclasses.replace(config)).apply(
+    hidden = Llama(config).apply(
         {'params': params, 'lora': adapters}, tokens, segment_ids=segments, return_hidden=True)
     kernel = jnp.asarray(params['lm_head']['kernel'], jnp.bfloat16)
     return fused_cross_entropy(hidden, kernel, tokens, segments, 16)[0]

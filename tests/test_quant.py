@@ -247,3 +247,18 @@ def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
   # f32 copies of all stacked kernels alone would be 2x the frozen bytes (measured with the
   # hoisting on: 3.1x; off: 0.78x).
   assert memory.temporary_bytes < memory.frozen_bytes, memory
+
+
+def test_cpu_eval_step_holds_no_f32_copy_of_the_stacked_weights():
+  """The eval step's forward is compiled with the same CPU options as the train step."""
+  config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers=8,
+                       num_heads=8, num_kv_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                       attention_implementation='xla')
+  params = jax.eval_shape(lambda: nn.unbox(Llama(config).init(
+      jax.random.key(0), jnp.zeros((1, 64), jnp.int32))))
+  batch = {key: jax.ShapeDtypeStruct((1, 64), jnp.int32) for key in train.ROW_KEYS}
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  compiled = jax.jit(train.make_eval_step(config)).lower(params, batch).compile(
+      compiler_options=train.compiler_options(jax.default_backend()))
+  # Measured: 0.13x the weights; with the hoisting, 2.1x (f32 copies of every stacked kernel).
+  assert compiled.memory_analysis().temp_size_in_bytes < weight_bytes
