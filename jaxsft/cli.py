@@ -11,17 +11,28 @@
   jaxsft chat --workdir DIR | --hf PATH     interactive, multi-turn
   jaxsft info PATH      an HF checkpoint's architecture and parameter count
 
-`--config` takes a Python file with `get_config()` (optionally `file.py:arg`), as ml-collections
-`config_flags` does; `--config.a.b=value` overrides one setting, and unknown keys are errors.
+`--config` takes a Python file with `get_config()` (optionally `file.py:arg`);
+`--config.a.b=value` overrides one setting (a Python literal: numbers, booleans, lists, tuples,
+dicts; anything else is a string), and unknown keys are errors that name the closest key.
+
+Every command takes `--verbose` (library INFO logs: JAX, Orbax, absl) and `--debug` (the
+traceback of a user error). A user error (a config value, a path, a data record, a work
+directory in use) prints one line `jaxsft: error: ...` and exits with 2; training exits 3 when
+the loss or gradients become non-finite and 75 when preempted (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from jaxsft.errors import EXIT_USER_ERROR, UserError
+from jaxsft.preemption import SigtermFlag
 
 
 def _info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -58,29 +69,17 @@ def _data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _load_config(config_path: str, overrides: Sequence[str]):
-  """`--config file.py[:arg]` read by ml-collections `config_flags` (locked), then each
-  `--config.a.b=value` applied with `jaxsft.config.apply_override`: the value is a Python
-  literal (numbers, booleans, tuples, lists of dicts) or else a string, type-checked against the
-  locked config, and an unknown key is an error. (`config_flags`' own overrides skip list and
-  tuple fields such as `data.datasets` and `mesh.shape`.)"""
+  """`--config file.py[:arg]` (`jaxsft.config.load_config`, locked) with every
+  `--config.a.b=value` applied by `jaxsft.config.apply_override`, then the values checked
+  (`jaxsft.validate.check_config`) before anything is built."""
   # pylint: disable=import-outside-toplevel
-  from absl import flags
-  from ml_collections import config_flags
-
-  from jaxsft.config import apply_override
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'run config', flag_values=flag_values,
-                                  lock_config=True)
+  from jaxsft.config import load_config
+  from jaxsft.validate import check_config
   bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
   if bad:
-    raise SystemExit(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
-  flag_values(['jaxsft', f'--config={config_path}'])
-  config = flag_values.config
-  for override in overrides:
-    try:
-      apply_override(config, override[len('--config.'):])
-    except (KeyError, TypeError, ValueError) as error:
-      raise SystemExit(f'{override}: {error}') from None
+    raise UserError(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
+  config = load_config(config_path, [o[len('--config.'):] for o in overrides])
+  check_config(config)
   return config
 
 
@@ -97,6 +96,9 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   except train.Preempted as preempted:
     logging.getLogger('jaxsft').warning('%s', preempted)
     return train.EXIT_PREEMPTED
+  except train.RunFinished as finished:
+    print(finished)
+    return 0
   train.write_summary(args.workdir, result)
   return 0
 
@@ -106,7 +108,7 @@ def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   config = _load_config(args.config, overrides)
   if args.find_max_seq_len:
     if not args.device_memory_gib:
-      raise SystemExit('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
+      raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
     length, memory = plan.max_seq_len(config, args.device_memory_gib)
     if memory is None:
       print(f'not even 256 tokens per row fit in {args.device_memory_gib:g} GiB per device '
@@ -131,7 +133,7 @@ def _export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _model(args: argparse.Namespace):
   from jaxsft import evaluate  # pylint: disable=import-outside-toplevel
   if bool(args.workdir) == bool(args.hf):
-    raise SystemExit('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
+    raise UserError('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
   if args.workdir:
     return evaluate.from_workdir(args.workdir)
   return evaluate.from_hf(args.hf, template=args.template, max_seq_len=args.max_seq_len)
@@ -144,7 +146,7 @@ def _eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   data = args.data or (model.config.data.eval_datasets[0]['path']
                        if model.config.data.eval_datasets else '')
   if not data:
-    raise SystemExit('no eval data: pass --data FILE (json/jsonl/parquet).')
+    raise UserError('no eval data: pass --data FILE (json/jsonl/parquet).')
   report = {'data': data, **evaluate.likelihood(model, data, args.batch_size)}
   if args.generate:
     report.update(evaluate.generation_metrics(model, data, args.generate, args.max_new_tokens))
@@ -165,7 +167,7 @@ def _generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     with open(args.prompts) as f:
       prompts += [json.loads(line)['prompt'] for line in f if line.strip()]
   if not prompts:
-    raise SystemExit('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...}).')
+    raise UserError('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...}).')
   sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p)
   answers = evaluate.answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
@@ -222,17 +224,23 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument('--verbose', action='store_true',
+                      help='also show library INFO logs (JAX, Orbax, absl)')
+  common.add_argument('--debug', action='store_true',
+                      help='show the traceback of a user error instead of one line')
   parser = argparse.ArgumentParser(prog='jaxsft', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
-  info = commands.add_parser('info', help='describe an HF checkpoint folder (or hub id)')
+  add_parser = lambda *a, **k: commands.add_parser(*a, parents=[common], **k)  # noqa: E731
+  info = add_parser('info', help='describe an HF checkpoint folder (or hub id)')
   info.add_argument('path')
   info.set_defaults(run=_info)
-  train = commands.add_parser('train', help='fine-tune a model (full or LoRA)')
+  train = add_parser('train', help='fine-tune a model (full or LoRA)')
   _add_config_arguments(train)
   train.add_argument('--workdir', required=True, help='metrics, config and outputs go here')
   train.set_defaults(run=_train)
-  plan = commands.add_parser('plan', help='per-device memory of a run, from shapes alone')
+  plan = add_parser('plan', help='per-device memory of a run, from shapes alone')
   _add_config_arguments(plan)
   plan.add_argument('--device-memory-gib', type=float, default=None,
                     help='device memory to judge the plan against, e.g. 80 for an H100')
@@ -240,13 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help='search the longest data.max_seq_len (multiple of 256) that fits in '
                          '--device-memory-gib')
   plan.set_defaults(run=_plan)
-  export = commands.add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
+  export = add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
   export.add_argument('--workdir', required=True)
   export.add_argument('--format', choices=('merged', 'peft'), required=True)
   export.add_argument('--out', required=True)
   export.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
   export.set_defaults(run=_export)
-  evaluation = commands.add_parser('eval', help='NLL / perplexity / accuracy (+ exact match, '
+  evaluation = add_parser('eval', help='NLL / perplexity / accuracy (+ exact match, '
                                    'ROUGE-L) of a run or HF checkpoint on a data file')
   _add_model_arguments(evaluation)
   evaluation.add_argument('--data', default='', help='json/jsonl/parquet records; default: '
@@ -257,20 +265,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluation.add_argument('--max-new-tokens', type=int, default=256)
   evaluation.add_argument('--out', default='', help='write the JSON report here too')
   evaluation.set_defaults(run=_eval)
-  gen = commands.add_parser('generate', help='answer prompts with a run or HF checkpoint')
+  gen = add_parser('generate', help='answer prompts with a run or HF checkpoint')
   _add_model_arguments(gen)
   gen.add_argument('--prompt', action='append', default=[])
   gen.add_argument('--prompts', default='', help='a .jsonl file of {"prompt": ...}')
   _add_sampling_arguments(gen)
   gen.set_defaults(run=_generate)
-  chat = commands.add_parser('chat', help='talk to a run or HF checkpoint (multi-turn)')
+  chat = add_parser('chat', help='talk to a run or HF checkpoint (multi-turn)')
   _add_model_arguments(chat)
   chat.add_argument('--system', default='')
   _add_sampling_arguments(chat)
   chat.set_defaults(run=_chat)
   data = commands.add_parser('data', help='data tools').add_subparsers(dest='data_command',
                                                                       required=True)
-  inspect = data.add_parser('inspect', help='show what the model will be trained on')
+  inspect = data.add_parser('inspect', parents=[common],
+                            help='show what the model will be trained on')
   _add_config_arguments(inspect)
   inspect.add_argument('--examples', type=int, default=3, help='rendered examples to show')
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
@@ -278,8 +287,39 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command in ('info', 'export', 'eval', 'generate', 'chat'):
     parser.error(f'unrecognized arguments: {overrides}')
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  return args.run(args, overrides)
+  _quiet_libraries(args.verbose)
+  # Before JAX loads: a SIGTERM while a run starts up stops it with exit code 75, not mid-write.
+  preemption = SigtermFlag() if args.command == 'train' else contextlib.nullcontext()
+  try:
+    with preemption:
+      return args.run(args, overrides)
+  except UserError as error:
+    if args.debug:
+      raise
+    print(f'jaxsft: error: {error}', file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print('jaxsft: interrupted', file=sys.stderr)
+    return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+  """jaxsft's own INFO lines (one per log step) always; the INFO chatter of JAX (the TPU
+  backend probe), Orbax and absl, and the progress bars of `datasets`, only with --verbose. XLA's C++ INFO logs read
+  TF_CPP_MIN_LOG_LEVEL when the backend starts, which is after this."""
+  if not verbose:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+    # `datasets` reads this when imported: no "Generating train split" / map bars.
+    os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')
+  logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                      format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('jaxsft').setLevel(logging.INFO)
+  for name in ('absl', 'jax', 'orbax'):
+    logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+  if not verbose:
+    # Orbax logs through absl, which would otherwise pass INFO records on.
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 if __name__ == '__main__':

@@ -11,12 +11,15 @@ are dicts checked against `DATASET_DEFAULTS` the same way.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+
+from jaxsft.errors import UserError
 
 # One entry of `data.datasets` / `data.eval_datasets`. `path`: a local json/jsonl/parquet/arrow/
 # csv file, a folder of them (or one written by `Dataset.save_to_disk`), or a hub dataset name.
@@ -141,25 +144,27 @@ def dataset_spec(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
   entry = dict(entry)
   unknown = sorted(set(entry) - set(DATASET_DEFAULTS))
   if unknown:
-    raise ValueError(f'{where}: unknown keys {unknown}; known: {sorted(DATASET_DEFAULTS)}.')
+    raise UserError(f'{where}: unknown keys {unknown}; known: {sorted(DATASET_DEFAULTS)}.')
   spec = {**DATASET_DEFAULTS, **entry}
   if not spec['path']:
-    raise ValueError(f'{where}: "path" is required (a file, folder or hub dataset name).')
+    raise UserError(f'{where}: "path" is required (a file, folder or hub dataset name).')
   if not spec['weight'] > 0:
-    raise ValueError(f'{where}: weight must be > 0, got {spec["weight"]}.')
+    raise UserError(f'{where}: weight must be > 0, got {spec["weight"]}.')
   return spec
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Runs `get_config` of a config file (`file.py` or `file.py:arg`) and applies overrides."""
+  """Runs `get_config` of a config file (`file.py` or `file.py:arg`), locks the result and
+  applies `key.sub=value` overrides (`apply_override`)."""
   path, _, arg = path.partition(':')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist.')
+    raise UserError(f'config file {path!r} does not exist; pass a Python file with '
+                    'get_config(), e.g. --config configs/demo.py.')
   spec = importlib.util.spec_from_file_location(f'_jaxsft_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
-    raise ValueError(f'config file {path} must define get_config(arg=None).')
+    raise UserError(f'config file {path} must define get_config(arg=None).')
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   for override in overrides:
@@ -167,11 +172,29 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return config
 
 
+def _closest(name: str, known: Sequence[str], prefix: str = '') -> str:
+  match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+  return f' Did you mean {prefix}{match[0]!r}?' if match else ''
+
+
+def _all_keys(node: Any, prefix: str = '') -> list[str]:
+  keys = []
+  for name, value in node.items():
+    keys.append(prefix + name)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += _all_keys(value, f'{prefix}{name}.')
+  return keys
+
+
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-  """`key.sub=value`; the value is a Python literal, or a plain string when it is not one."""
+  """`key.sub=value`; the value is a Python literal, or a plain string when it is not one.
+
+  Raises `UserError` naming the closest valid key for an unknown one, and the expected type for
+  a value of the wrong type.
+  """
   key, sep, text = override.partition('=')
   if not sep:
-    raise ValueError(f'override {override!r} must look like key=value (e.g. data.seed=1).')
+    raise UserError(f'override {override!r} must look like key=value (e.g. data.seed=1).')
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -179,12 +202,28 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   *parents, leaf = key.split('.')
   node = config
   for i, part in enumerate(parents):
-    if part not in node:
-      raise KeyError(f'override {override!r}: no config section {".".join(parents[:i + 1])!r}.')
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      section = '.'.join(parents[:i + 1])
+      raise UserError(f'--config.{key}: there is no config section {section!r}.'
+                      f'{_closest(key, _all_keys(config))} Every setting is listed in '
+                      'jaxsft/config.py.')
     node = node[part]
   if leaf not in node:
-    raise KeyError(f'override {override!r}: unknown key {key!r}; known in this section: '
-                   f'{sorted(node.keys())}.')
-  if isinstance(node[leaf], float) and isinstance(value, int):
+    raise UserError(f'--config.{key}: unknown key.{_closest(key, _all_keys(config))} Every '
+                    'setting is listed in jaxsft/config.py.')
+  current = node[leaf]
+  if isinstance(current, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):
+    value = value.lower() == 'true'
+  elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  node[leaf] = value
+  elif isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  elif isinstance(current, list) and isinstance(value, tuple):
+    value = list(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as error:
+    example = {list: "a list, e.g. \"['a', 'b']\"", tuple: 'a tuple, e.g. "(1, -1, 1)"',
+               bool: 'True or False'}.get(type(current), type(current).__name__)
+    raise UserError(f'--config.{key}={text}: expected {example}, got '
+                    f'{type(value).__name__} ({error}).') from None

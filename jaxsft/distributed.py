@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from jaxsft.errors import UserError
+
 _LOG = logging.getLogger('jaxsft')
 _ENVIRONMENT_HINTS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
                       'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
@@ -24,17 +26,25 @@ def initialize(distributed_config: Any) -> None:
   address = distributed_config.coordinator_address
   if address:
     if distributed_config.num_processes < 1 or distributed_config.process_id < 0:
-      raise ValueError('distributed.coordinator_address is set, so distributed.num_processes '
-                       'and distributed.process_id must be too.')
+      raise UserError('distributed.coordinator_address is set, so distributed.num_processes '
+                      'and distributed.process_id must be too.')
+    _cpu_collectives()
     jax.distributed.initialize(coordinator_address=address,
                                num_processes=distributed_config.num_processes,
                                process_id=distributed_config.process_id)
   elif any(os.environ.get(name) for name in _ENVIRONMENT_HINTS) and _multi_host_tpu_or_cluster():
+    _cpu_collectives()
     jax.distributed.initialize()
   else:
     return
   _LOG.info('process %d of %d, %d local / %d global devices', jax.process_index(),
             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _cpu_collectives() -> None:
+  """CPU processes (tests, CPU clusters) need a cross-process collectives library; GPUs and
+  TPUs bring their own, and the setting touches only the CPU backend."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 
 
 def _multi_host_tpu_or_cluster() -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxsft import generate, hf, train
 from jaxsft.config import default_config
+from jaxsft.errors import UserError
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ class Model:
 def from_workdir(workdir: str) -> Model:
   from jaxsft import export  # pylint: disable=import-outside-toplevel
   from jaxsft.data import load_tokenizer  # pylint: disable=import-outside-toplevel
-  config, model_config, folder, state = export.load_run(workdir)
+  config, model_config, folder, state, _ = export.load_run(workdir)
   tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
   return Model(config, model_config, state.variables(), tokenizer)
 
@@ -68,8 +69,8 @@ def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, f
                       compiler_options=train.compiler_options(jax.default_backend()))
   metrics = train.evaluate_loss(eval_step, model.variables, pipeline, None)
   if not metrics:
-    raise ValueError(f'{data_file}: no supervised tokens to evaluate (every record was '
-                     'dropped or has no assistant turn).')
+    raise UserError(f'{data_file}: no supervised tokens to evaluate (every record was '
+                    'dropped or has no assistant turn).')
   return {'nll': metrics['loss'], 'perplexity': metrics['perplexity'],
           'accuracy': metrics['accuracy'], 'supervised_tokens': metrics['supervised_tokens'],
           'records': pipeline.total_stats().records}
@@ -79,7 +80,7 @@ def prompt_ids(model: Model, messages: list[dict[str, str]]) -> list[int]:
   """The rendered prompt (with the assistant header) as token ids."""
   from jaxsft.data.templates import load_template, render  # pylint: disable=import-outside-toplevel
   template = load_template(model.config.data.template, model.tokenizer)
-  text, _ = render(messages, template, model.tokenizer, add_generation_prompt=True)
+  text, _ = render(messages, template, model.tokenizer, add_generation_prompt=True, spans=False)
   return model.tokenizer(text, add_special_tokens=False)['input_ids']
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.errors import UserError
 from jaxsft.models import Llama, LlamaConfig
 
 
@@ -96,7 +97,7 @@ def generate(model_config: LlamaConfig, variables: Any, prompts: Sequence[Sequen
   """New token ids for each prompt (stop tokens excluded)."""
   sampling = sampling or SamplingConfig()
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError('generate needs at least one prompt, each with at least one token.')
+    raise UserError('generate needs at least one prompt, each with at least one token.')
   width = max(len(p) for p in prompts)
   tokens = np.zeros((len(prompts), width), np.int32)
   segments = np.zeros_like(tokens)

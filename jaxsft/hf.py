@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxsft import sharding as sharding_lib
+from jaxsft.errors import UserError
 from jaxsft.models import Llama, LlamaConfig
 
 _LOG = logging.getLogger(__name__)
@@ -53,12 +54,12 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
   """
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f'config.json has model_type={model_type!r} (architectures='
-                     f'{hf.get("architectures")}); jaxsft supports '
-                     f'{sorted(SUPPORTED_MODEL_TYPES)}.')
+    raise UserError(f'config.json has model_type={model_type!r} (architectures='
+                    f'{hf.get("architectures")}); jaxsft supports '
+                    f'{sorted(SUPPORTED_MODEL_TYPES)}.')
   if hf.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f'config.json has hidden_act={hf["hidden_act"]!r}; LLaMA-family models in '
-                     'jaxsft use silu (SwiGLU).')
+    raise UserError(f'config.json has hidden_act={hf["hidden_act"]!r}; LLaMA-family models in '
+                    'jaxsft use silu (SwiGLU).')
 
   # transformers 5 nests theta and scaling in `rope_parameters`; 4 has `rope_theta` and
   # `rope_scaling` (whose type key was once `type`).
@@ -138,8 +139,8 @@ def config_to_hf(config: LlamaConfig, dtype: Any = jnp.bfloat16) -> dict[str, An
   }
   if c.model_type == 'llama':
     if c.qkv_bias != c.o_bias:
-      raise ValueError('LLaMA in transformers has one attention_bias for q/k/v/o; this config '
-                       f'has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
+      raise UserError('LLaMA in transformers has one attention_bias for q/k/v/o; this config '
+                      f'has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
   elif c.model_type == 'mistral':
     hf['sliding_window'] = c.sliding_window
@@ -222,18 +223,23 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
   if os.path.isdir(path):
     return path
   if os.path.exists(path) or path.startswith(('/', './', '../', '~')):
-    raise FileNotFoundError(f'{path!r} is not a folder. Pass the folder holding config.json and '
-                            '*.safetensors, or a hub id such as "meta-llama/Llama-2-7b-hf".')
+    raise UserError(f'{path!r} is not a folder. Pass the folder holding config.json and '
+                    '*.safetensors, or a hub id such as "meta-llama/Llama-2-7b-hf".')
   import huggingface_hub  # only when a hub id is given: loading local folders needs no network
-  return huggingface_hub.snapshot_download(
-      repo_id=path, allow_patterns=['*.json', '*.safetensors', 'tokenizer.model', '*.txt',
-                                    '*.jinja'])
+  try:
+    return huggingface_hub.snapshot_download(
+        repo_id=path, allow_patterns=['*.json', '*.safetensors', 'tokenizer.model', '*.txt',
+                                      '*.jinja'])
+  except Exception as error:  # not a folder here, and not fetchable (offline, private, typo)
+    raise UserError(f'{path!r} is not a local folder, and fetching it as a hub model failed '
+                    f'({type(error).__name__}); pass the folder holding config.json and '
+                    '*.safetensors.') from error
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{path!r} has no config.json; it is not an HF model folder.')
+    raise UserError(f'{path!r} has no config.json; it is not an HF model folder.')
   with open(config_path) as f:
     return json.load(f)
 
@@ -256,13 +262,13 @@ class SafetensorsReader:
     else:
       others = sorted(n for n in os.listdir(folder) if n.endswith(('.bin', '.pt', '.pth')))
       if others:
-        raise FileNotFoundError(
+        raise UserError(
             f'{folder!r} holds only PyTorch pickle weights ({", ".join(others[:3])}); jaxsft '
             'reads safetensors (no torch at run time). Convert once with: python -c "from '
             'transformers import AutoModelForCausalLM as M; M.from_pretrained(\'FOLDER\')'
             '.save_pretrained(\'FOLDER\')"')
-      raise FileNotFoundError(f'{folder!r} has neither {SAFETENSORS_SINGLE} nor '
-                              f'{SAFETENSORS_INDEX}.')
+      raise UserError(f'{folder!r} has neither {SAFETENSORS_SINGLE} nor '
+                      f'{SAFETENSORS_INDEX}.')
     self._handles: dict[str, Any] = {}
 
   def _file(self, name: str):
@@ -442,7 +448,7 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mappin
   if tokenizer_dir is not None:
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
     if not copied:
-      raise FileNotFoundError(f'tokenizer_dir={tokenizer_dir!r} holds none of {TOKENIZER_FILES}.')
+      raise UserError(f'tokenizer_dir={tokenizer_dir!r} holds none of {TOKENIZER_FILES}.')
     for name in copied:
       shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
 

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsft.errors import UserError
+
 LORA_RANK_AXIS = 'lora_rank'
 _PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 
@@ -41,8 +43,8 @@ def target_matcher(targets: Sequence[str] | str):
   if isinstance(targets, str):
     targets = [targets]
   if not targets:
-    raise ValueError('lora.targets is empty; name the projections to adapt, e.g. '
-                     "['q_proj', 'v_proj'] or 'all-linear'.")
+    raise UserError('lora.targets is empty; name the projections to adapt, e.g. '
+                    "['q_proj', 'v_proj'] or 'all-linear'.")
   patterns = []
   for target in targets:
     if target == 'all-linear':
@@ -86,8 +88,8 @@ def abstract_lora(abstract_params: Any, targets: Sequence[str] | str, rank: int,
         (*lead_names, LORA_RANK_AXIS, out_name))
   if not out:
     kernels = sorted(_module_path(p) for p in _flat(abstract_params) if p[-1] == 'kernel')
-    raise ValueError(f'lora.targets={list(targets)} match no kernel; kernels are e.g. '
-                     f'{kernels[:6]}.')
+    raise UserError(f'lora.targets={list(targets)} match no kernel; kernels are e.g. '
+                    f'{kernels[:6]}.')
   return flax.traverse_util.unflatten_dict(out)
 
 

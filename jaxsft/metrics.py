@@ -17,22 +17,26 @@ class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).
 
   A local work directory gets an appended file; a bucket (`gs://`), where objects cannot be
-  appended to, gets the file rewritten at each write through `etils.epath`.
+  appended to, gets the file rewritten at each write through `etils.epath`. A run that resumes
+  from the checkpoint at `resume_step` first drops the records of later steps (written after
+  that checkpoint, before the run stopped), so no step appears twice.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     self._remote_path, self._remote_lines = None, []
     if not self.enabled:
       return
+    path = epath.Path(workdir) / 'metrics.jsonl'
+    kept = _lines_up_to(path.read_text(), resume_step) if path.exists() else []
     if str(workdir).startswith('gs://'):
-      self._remote_path = epath.Path(workdir) / 'metrics.jsonl'
-      if self._remote_path.exists():
-        self._remote_lines = self._remote_path.read_text().splitlines(keepends=True)
+      self._remote_path, self._remote_lines = path, kept
+      self._remote_path.write_text(''.join(kept))
     else:
       os.makedirs(workdir, exist_ok=True)
+      path.write_text(''.join(kept))
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -59,6 +63,20 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _lines_up_to(text: str, step: int) -> list[str]:
+  """The complete records of `text` (metrics.jsonl) at steps <= `step`; a line cut off by a
+  crash is dropped too."""
+  kept = []
+  for line in text.splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if int(record.get('step', 0)) <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  return kept
 
 
 def format_step(step: int, total: int, m: dict[str, float]) -> str:

@@ -7,6 +7,8 @@ from typing import Any
 import flax
 import optax
 
+from jaxsft.errors import UserError
+
 SCHEDULES = ('constant', 'linear', 'cosine')
 # Leaves that never get weight decay: RMSNorm scales and biases (the usual LLaMA recipe).
 _NO_DECAY = ('scale', 'bias')
@@ -23,7 +25,7 @@ def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedul
   """Linear warmup from 0 to `learning_rate`, then constant, linear or cosine decay to
   `learning_rate * min_lr_ratio` at `total_steps`."""
   if optim_config.schedule not in SCHEDULES:
-    raise ValueError(f'optim.schedule={optim_config.schedule!r}; choose one of {SCHEDULES}.')
+    raise UserError(f'optim.schedule={optim_config.schedule!r}; choose one of {SCHEDULES}.')
   peak = optim_config.learning_rate
   warmup = min(warmup_steps(optim_config, total_steps), total_steps)
   decay_steps = max(total_steps - warmup, 1)

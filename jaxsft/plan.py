@@ -1,7 +1,9 @@
 """`jaxsft plan`: per-device memory of a run, from shapes alone.
 
 The train step is lowered and compiled ahead of time from abstract shapes
-(`jax.ShapeDtypeStruct`s with their shardings), so no weight is read or allocated. The report
+(`jax.ShapeDtypeStruct`s with their shardings), so no weight is read or allocated; the shapes
+come from the checkpoint's `config.json` when `model.path` is on disk, else from
+`model.preset`. The report
 splits the per-device bytes into frozen weights (dense or 4-bit), trained weights, optimizer
 state, and the compiled program's temporaries (activations, gradients, workspace), and gives a
 verdict against a device memory size.
@@ -40,7 +42,7 @@ def _device_bytes(tree: Any, shardings: Any) -> int:
 def state_shardings(config: Any, state: train.TrainState, mesh: Any, rules: tuple
                     ) -> train.TrainState:
   """Shardings of an abstract train state, from the logical axes of the model's kernels."""
-  model_config, _ = train.model_config_from(config)
+  model_config, _ = train.model_config_from(config, shapes_only=True)
   boxed = flax.traverse_util.flatten_dict(flax.core.unfreeze(hf.abstract_params(model_config)),
                                           sep=None)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -90,7 +92,7 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
   default all)."""
   mesh, rules = train.mesh_and_rules(config, devices)
   train.check_batch_layout(config, mesh)
-  model_config, _ = train.model_config_from(config)
+  model_config, _ = train.model_config_from(config, shapes_only=True)
   state = train.abstract_train_state(config)
   shardings = state_shardings(config, state, mesh, rules)
   optimizer, schedule = optim.make_optimizer(config.optim, 1000)

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxsft.errors import UserError
+
 KINDS = ('nf4', 'int4')
 # The NF4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes stores them in float32.
 NF4_LEVELS = np.array([
@@ -115,7 +117,7 @@ class QuantizedKernel:
 
 def _levels(kind: str) -> np.ndarray:
   if kind not in KINDS:
-    raise ValueError(f'quant.kind={kind!r}; choose one of {KINDS}.')
+    raise UserError(f'quant.kind={kind!r}; choose one of {KINDS}.')
   return NF4_LEVELS if kind == 'nf4' else INT4_LEVELS
 
 
@@ -133,13 +135,13 @@ def quantize_kernel(kernel: jax.Array, kind: str = 'nf4', block_size: int = 64,
   the block's weights better, so its error is never above `nearest`'s or bitsandbytes'.
   """
   if double_quant_rounding not in DOUBLE_QUANT_ROUNDING:
-    raise ValueError(f'double_quant_rounding={double_quant_rounding!r}; choose one of '
-                     f'{DOUBLE_QUANT_ROUNDING}.')
+    raise UserError(f'double_quant_rounding={double_quant_rounding!r}; choose one of '
+                    f'{DOUBLE_QUANT_ROUNDING}.')
   levels = _levels(kind)
   *lead, d_in, d_out = kernel.shape
   if d_in % block_size or block_size % 2:
-    raise ValueError(f'cannot quantize a kernel of shape {kernel.shape}: its input dimension '
-                     f'{d_in} is not a multiple of quant.block_size={block_size}.')
+    raise UserError(f'cannot quantize a kernel of shape {kernel.shape}: its input dimension '
+                    f'{d_in} is not a multiple of quant.block_size={block_size}.')
   x = kernel.astype(jnp.float32).reshape(*lead, d_in // block_size, block_size, d_out)
   absmax = _blockwise_absmax(x)  # [..., in/B, out]
   # bitsandbytes multiplies by the reciprocal (not a division); the last bit matters for ties.

@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxsft.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -49,18 +51,18 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f'mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}.')
+    raise UserError(f'mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}.')
   if shape.count(-1) > 1:
-    raise ValueError(f'mesh shape {tuple(shape)}: at most one axis may be -1.')
+    raise UserError(f'mesh shape {tuple(shape)}: at most one axis may be -1.')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f'mesh shape {tuple(shape)}: {len(devices)} devices are not divisible '
-                       f'by {known}.')
+      raise UserError(f'mesh shape {tuple(shape)}: {len(devices)} devices are not divisible '
+                      f'by {known}.')
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices; '
-                     f'{len(devices)} are available. Use -1 for one axis to take the rest.')
+    raise UserError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices; '
+                    f'{len(devices)} are available. Use -1 for one axis to take the rest.')
   try:
     device_grid = mesh_utils.create_device_mesh(shape, devices)
   except (AssertionError, NotImplementedError, ValueError):

@@ -9,6 +9,7 @@ quantizes tensor by tensor), so no array is ever materialised unsharded.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsft import hf, lora, optim, presets, quant
 from jaxsft import sharding as sharding_lib
+from jaxsft.errors import UserError
 from jaxsft.models import Llama, LlamaConfig
 
 Batch = dict[str, jax.Array]
@@ -43,23 +45,28 @@ class TrainState:
     return {'params': self.frozen, 'lora': self.params}
 
 
-def model_config_from(config: Any) -> tuple[LlamaConfig, str | None]:
-  """The `LlamaConfig` of a run and the checkpoint folder to load (None: random init)."""
+def model_config_from(config: Any, shapes_only: bool = False
+                      ) -> tuple[LlamaConfig, str | None]:
+  """The `LlamaConfig` of a run and the checkpoint folder to load (None: random init).
+
+  `shapes_only` (memory plans, abstract states): a `model.path` that is not a local folder
+  gives way to `model.preset` when one is set, so a 7B run can be planned without its weights.
+  """
   m = config.model
   execution = {
       'dtype': m.dtype, 'param_dtype': m.param_dtype, 'scan_layers': m.scan_layers,
       'remat_policy': m.remat_policy, 'attention_implementation': m.attention_implementation,
       'lora_scale': lora.lora_scale(config.lora.rank, config.lora.alpha, config.lora.rslora),
       'lora_dropout': config.lora.dropout if config.lora.enabled else 0.0}
-  if m.path:
+  if m.path and not (shapes_only and m.preset and not os.path.isdir(m.path)):
     folder = hf.resolve_checkpoint_dir(m.path)
     return hf.config_from_hf(hf.read_hf_config(folder), **execution), folder
   if m.preset:
     return presets.preset(m.preset, **execution), None
   if m.architecture:
     return LlamaConfig(**dict(m.architecture), **execution), None
-  raise ValueError('no model: set model.path (an HF folder or hub id), model.preset or '
-                   'model.architecture in the config.')
+  raise UserError('no model: set model.path (an HF folder or hub id), model.preset or '
+                  'model.architecture in the config.')
 
 
 def mesh_and_rules(config: Any, devices: Any = None) -> tuple[Mesh, tuple]:
@@ -130,8 +137,8 @@ def _adapter_from_peft(config: Any, abstract: Any, model_config: LlamaConfig,
                     ('use_rslora', config.lora.rslora)):
     if key in adapter and adapter[key] != ours and not (
         isinstance(ours, float) and float(adapter[key]) == ours):
-      raise ValueError(f'lora.init_from={config.lora.init_from}: the adapter has {key}='
-                       f'{adapter[key]} but the config says {ours}; make them equal.')
+      raise UserError(f'lora.init_from={config.lora.init_from}: the adapter has {key}='
+                      f'{adapter[key]} but the config says {ours}; make them equal.')
   return jax.tree_util.tree_map(jax.device_put, tree, shardings)
 
 
@@ -140,10 +147,10 @@ def check_quant_config(config: Any) -> bool:
   if config.quant.kind == 'none':
     return False
   if config.quant.kind not in quant.KINDS:
-    raise ValueError(f'quant.kind={config.quant.kind!r}; choose none or one of {quant.KINDS}.')
+    raise UserError(f'quant.kind={config.quant.kind!r}; choose none or one of {quant.KINDS}.')
   if not config.lora.enabled:
-    raise ValueError(f'quant.kind={config.quant.kind!r} freezes the base weights in 4 bits, so '
-                     'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
+    raise UserError(f'quant.kind={config.quant.kind!r} freezes the base weights in 4 bits, so '
+                    'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
   return True
 
 
@@ -178,7 +185,7 @@ def _execution_fields(model_config: LlamaConfig) -> dict[str, Any]:
 
 def abstract_train_state(config: Any) -> TrainState:
   """The train state's shapes and dtypes, nothing allocated (checks a config end to end)."""
-  model_config, _ = model_config_from(config)
+  model_config, _ = model_config_from(config, shapes_only=True)
   optimizer, _ = optim.make_optimizer(config.optim, 1000)
 
   def build():

@@ -13,12 +13,12 @@ the whole global batch, so `grad_accum_steps` micro-batches give the gradient of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
-import signal
+import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,14 +30,17 @@ import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
+from jaxsft import checkpoint, demo, optim
 from jaxsft import loss as loss_lib
-from jaxsft import optim
 from jaxsft.config import default_config
+from jaxsft.data import Pipeline, load_template, load_tokenizer
 from jaxsft.data.packing import ROW_KEYS
+from jaxsft.errors import UserError
 from jaxsft.flops import device_peak_flops, train_flops_per_token
 from jaxsft.metrics import MetricWriter, format_step
 from jaxsft.models import Llama, LlamaConfig
 from jaxsft.models.llama import head_kernel
+from jaxsft.preemption import SigtermFlag
 from jaxsft.state import (  # noqa: F401  (re-exported: train.TrainState, train.init_train_state, ...)
   BATCH_AXES,
   FROZEN_DENSE_DTYPE,
@@ -51,6 +54,8 @@ from jaxsft.state import (  # noqa: F401  (re-exported: train.TrainState, train.
   model_config_from,
   state_shardings,
 )
+from jaxsft.validate import check_config
+from jaxsft.workdir_lock import WorkdirLock
 
 _LOG = logging.getLogger('jaxsft')
 Batch = dict[str, jax.Array]
@@ -141,6 +146,12 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient never reaches the weights or the moments: the step keeps
+    # the old ones (the loop then stops), so no saved state can hold a NaN update.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    keep_old = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new,
+                                                                                     old))
+    params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
     metrics = {'loss': loss_sum / denominator, 'accuracy': correct / denominator,
                'supervised_tokens': supervised, 'grad_norm': grad_norm,
                'lr': schedule(state.step)}
@@ -202,12 +213,12 @@ def check_batch_layout(config: Any, mesh: Mesh) -> None:
   rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
   accum = config.train.grad_accum_steps
   if config.batch_size % accum:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by '
-                     f'train.grad_accum_steps={accum}.')
+    raise UserError(f'batch_size={config.batch_size} is not divisible by '
+                    f'train.grad_accum_steps={accum}.')
   if (config.batch_size // accum) % rows_axes:
-    raise ValueError(f'each micro-batch has {config.batch_size // accum} rows, which the '
-                     f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
-                     'make batch_size / grad_accum_steps a multiple of that.')
+    raise UserError(f'each micro-batch has {config.batch_size // accum} rows, which the '
+                    f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
+                    'make batch_size / grad_accum_steps a multiple of that.')
 
 
 EXIT_NON_FINITE = 3    # the CLI's exit code when the loss became NaN or infinite
@@ -215,49 +226,41 @@ EXIT_PREEMPTED = 75    # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; sta
 
 
 class Preempted(Exception):
-  """SIGTERM or a TPU preemption notice: the state at `step` is checkpointed."""
+  """SIGTERM or a TPU preemption notice: the state at `step` is checkpointed (`saved`), or the
+  run had not taken its first step yet (nothing new to save)."""
 
-  def __init__(self, step: int):
-    super().__init__(f'preempted at step {step}; the checkpoint is saved and the run resumes '
-                     'from it when started again on the same work directory.')
+  def __init__(self, step: int, saved: bool = True):
+    what = ('the checkpoint is saved and the run resumes from it' if saved else
+            'it stopped before its first step, so nothing new was saved; it starts (or resumes)')
+    super().__init__(f'preempted at step {step}; {what} when started again on the same work '
+                     'directory.')
     self.step = step
+    self.saved = saved
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    _LOG.warning('SIGTERM received: saving a checkpoint after this step, then exiting.')
-    self.raised = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+class RunFinished(Exception):
+  """The work directory holds a run that already reached its last step; nothing was changed."""
 
 
 def train(config: Any, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a training job; returns the last train and eval metrics and the state.
 
-  Raises `NonFiniteLoss` (checkpoints of earlier steps intact) and `Preempted` (after saving).
+  The work directory is locked for the run (`jaxsft.workdir_lock`); nothing in it is written
+  until the run has started (config checked, model built, checkpoint restored), so a start that
+  fails leaves an existing run's files as they were. A finished run is reported, not redone.
+  Raises `NonFiniteLoss` (the newest checkpoint is then the last good one) and `Preempted`
+  (after saving; SIGTERM before the first step saves nothing new).
   """
-  # pylint: disable=import-outside-toplevel
-  from jaxsft import checkpoint, demo
-  from jaxsft.data import Pipeline, load_tokenizer
+  check_config(config)
+  workdir = absolute_workdir(workdir)
+  with WorkdirLock(workdir), SigtermFlag() as sigterm:
+    return _train(config, workdir, sigterm)
+
+
+def _train(config: Any, workdir: str, sigterm: SigtermFlag) -> dict[str, Any]:
   checkpoint.check_writable(workdir)  # the space check follows once the state's size is known
   if config.demo.enabled:
     demo.prepare(config, workdir)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
   model_config, folder = model_config_from(config)
   mesh, rules = mesh_and_rules(config)
   check_batch_layout(config, mesh)
@@ -265,36 +268,49 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
           checkpoint.saveable(abstract_train_state(config)))) // max(jax.process_count(), 1))
   tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
-  if len(tokenizer) > model_config.vocab_size:
-    # Ids past the embedding table would read garbage (NaN on some backends), not fail.
-    raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model\'s vocabulary '
-                     f'is {model_config.vocab_size}; use the tokenizer saved with the model, or '
-                     'resize the model\'s embeddings (added special tokens need rows too).')
+  check_tokenizer_fits(tokenizer, model_config, config.data.tokenizer or folder or '')
   data = Pipeline(config.data, tokenizer, batch_size=config.batch_size)
   total_steps = _total_steps(config, data)
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
-  writer = MetricWriter(workdir, config.train.tensorboard)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                          save_every=config.checkpoint.save_every,
                                          async_save=config.checkpoint.async_save)
-  meta = {'config': json.loads(config.to_json_best_effort()),
-          'base': checkpoint.base_identity(folder) if config.lora.enabled else None}
+  # As JSON gives it back on resume (tuples become lists), so the comparison below is exact.
+  # The chat template's text goes with every checkpoint: exports carry what training rendered.
+  meta = json.loads(json.dumps({
+      'config': json.loads(config.to_json_best_effort()),
+      'base': checkpoint.base_identity(folder) if config.lora.enabled else None,
+      'chat_template': load_template(config.data.template, tokenizer).source}))
 
   # Init places every array explicitly; the mesh context is for tracing the model's
   # activation constraints in the step (HF loading under it trips on abstract meshes).
   with nn.logical_axis_rules(rules):
     state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
   data_state = None
-  latest = checkpointer.latest_step() if config.checkpoint.resume else None
-  if latest is not None:
+  restored = checkpointer.restore_latest(state) if config.checkpoint.resume else None
+  if restored is not None:
+    latest, state, data_states, saved_meta = restored
     checkpoint.log_restore(latest, checkpointer.directory)
-    state, data_states, saved_meta = checkpointer.restore(latest, state)
     if config.lora.enabled and saved_meta.get('base') != meta['base']:
-      raise ValueError(f'the checkpoint in {checkpointer.directory} adapts the base '
-                       f'{saved_meta.get("base")}, but this run loads {meta["base"]}; point '
-                       'model.path at the original base or use a new --workdir.')
+      raise UserError(f'the checkpoint in {checkpointer.directory} adapts the base '
+                      f'{saved_meta.get("base")}, but this run loads {meta["base"]}; point '
+                      'model.path at the original base or use a new --workdir.')
     data_state = checkpoint.data_state_for_process(data_states, jax.process_index(),
                                                    jax.process_count())
+    if latest >= total_steps:
+      checkpointer.close()
+      raise RunFinished(f'the run in {workdir} already finished: its newest checkpoint is at '
+                        f'step {latest} of {total_steps}. Use jaxsft generate / eval / export '
+                        'on it, raise train.num_steps to train further, or choose a new '
+                        '--workdir.')
+  if sigterm.raised:
+    checkpointer.close()
+    raise Preempted(int(state.step), saved=False)
+  # The run has started: from here on the work directory is this run's.
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = MetricWriter(workdir, config.train.tensorboard, resume_step=int(state.step))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '
@@ -315,10 +331,10 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
     loop = _Loop(config, compiled, batches, rows, total_steps, writer, _step_flops(config,
                  model_config), _total_peak_flops(), eval_fn, data, checkpointer, meta,
-                 _sampler(config, model_config, tokenizer, workdir))
+                 _sampler(config, model_config, tokenizer, workdir),
+                 last_saved=int(state.step) if restored is not None else None)
     try:
-      with _SigtermFlag() as sigterm:
-        state, train_metrics = loop.run(state, first_local, sigterm)
+      state, train_metrics = loop.run(state, first_local, sigterm)
     except BaseException:
       checkpointer.wait()
       writer.close()
@@ -337,6 +353,27 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   writer.close()
   checkpointer.close()
   return result
+
+
+def absolute_workdir(workdir: str) -> str:
+  """A local work directory as an absolute path (Orbax refuses relative ones); a bucket path
+  (`gs://...`) as given."""
+  return str(workdir) if '://' in str(workdir) else os.path.abspath(workdir)
+
+
+def check_tokenizer_fits(tokenizer: Any, model_config: LlamaConfig, where: str) -> None:
+  """Refuses a tokenizer that cannot be the model's: more ids than embedding rows (they would
+  read garbage, NaN on some backends, not fail), or a vocabulary far smaller than the model's
+  (a folder that loaded without its model files)."""
+  size, rows = len(tokenizer), model_config.vocab_size
+  if size > rows:
+    raise UserError(f'the tokenizer at {where} has {size} tokens but the model\'s vocabulary '
+                    f'is {rows}; use the tokenizer saved with the model, or resize the model\'s '
+                    'embeddings (added special tokens need rows too).')
+  if size < rows // 2:
+    raise UserError(f'the tokenizer at {where} has {size} tokens but the model\'s vocabulary is '
+                    f'{rows}: it cannot be this model\'s tokenizer (is its tokenizer.json or '
+                    'tokenizer.model missing?); point data.tokenizer at the model\'s tokenizer.')
 
 
 def _sampler(config: Any, model_config: LlamaConfig, tokenizer: Any, workdir: str):
@@ -383,7 +420,7 @@ def _total_steps(config: Any, data: Any) -> int:
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
   if config.data.streaming:
-    raise ValueError('data.streaming=True needs train.num_steps > 0 (a stream has no length).')
+    raise UserError('data.streaming=True needs train.num_steps > 0 (a stream has no length).')
   rows = len(data._plan_window(0)[1])  # pylint: disable=protected-access
   return max(1, math.ceil(config.train.num_epochs * rows / config.batch_size))
 
@@ -406,8 +443,9 @@ class _Loop:
   checkpointer: Any
   meta: dict
   sampler: Any = None
+  last_saved: int | None = None
 
-  def run(self, state: TrainState, local: dict, sigterm: _SigtermFlag):
+  def run(self, state: TrainState, local: dict, sigterm: SigtermFlag):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     config, total_steps = self.config, self.total_steps
     progress = tqdm(total=total_steps, initial=int(state.step), dynamic_ncols=True, leave=False,
@@ -415,10 +453,27 @@ class _Loop:
                     not sys.stderr.isatty())
     say = progress.write if not progress.disable else (
         _LOG.info if jax.process_index() == 0 else lambda *_: None)
-    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    pending, last_metrics = None, {}
     batch = global_batch(local, self.rows)
     position = self.batches.state()  # the data position after this step's batch
+    if sigterm.raised:
+      progress.close()
+      raise Preempted(int(state.step), saved=False)
+    try:
+      return self._steps(state, local, batch, position, sigterm, progress, say)
+    except NonFiniteLoss as error:
+      progress.close()
+      if self.last_saved == error.step - 1:
+        # Step s's loss and gradients are those of the state saved at s - 1: that state
+        # diverges, so the checkpoint before it is the last good one.
+        self.checkpointer.set_aside(self.last_saved, str(error))
+        error.args = (f'{error.args[0]} (the checkpoint of step {self.last_saved}, whose state '
+                      'gave this, was moved to checkpoints_bad/)',)
+      raise
+
+  def _steps(self, state, local, batch, position, sigterm, progress, say):
+    config, total_steps = self.config, self.total_steps
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    pending, last_metrics = None, {}
     for step in range(int(state.step), total_steps):
       window_tokens += int((local['segment_ids'] > 0).sum()) * jax.process_count()
       state, metrics = self.compiled(state, batch)
@@ -447,6 +502,7 @@ class _Loop:
       if self.checkpointer.should_save(done) or done == total_steps or preempted:
         _check_finite(done, jax.device_get(metrics))
         self.checkpointer.save(done, state, next_position, self.meta)
+        self.last_saved = done
       if preempted:
         self.checkpointer.wait()
         progress.close()
@@ -468,16 +524,23 @@ class _Loop:
 
 
 class NonFiniteLoss(FloatingPointError):
-  """Training produced a NaN or infinite loss."""
+  """Training produced a NaN or infinite loss or gradient at `step` (the step was not applied).
+  """
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def _check_finite(step: int, metrics: dict) -> None:
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
+  loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    what = f'the loss became {loss}' if not math.isfinite(loss) else \
+        f'the gradient norm became {grad_norm} (loss {loss:.4f})'
     raise NonFiniteLoss(
-        f'the loss became {loss} at step {step}; stopping (saved checkpoints from earlier steps '
-        'are intact). Lower optim.learning_rate, keep optim.max_grad_norm on, or use '
-        'model.param_dtype="float32".')
+        f'{what} at step {step}; stopping without applying it. Lower optim.learning_rate, keep '
+        'optim.max_grad_norm on, or use model.param_dtype="float32", then start the same '
+        'command again: it resumes from the newest good checkpoint.', step)
 
 
 def evaluate_loss(eval_fn, variables: dict, data: Any, rows: NamedSharding | None

@@ -137,8 +137,8 @@ def test_plain_text_trains_every_token(tokenizer):
 
 
 def test_template_without_generation_markers_masks_content_through_end_of_turn(tokenizer):
-  """Without {% generation %} markers (upstream qwen2_5.jinja), each assistant content is found
-  in the rendered text and supervised through the next end-of-turn token."""
+  """Without {% generation %} markers (upstream qwen2_5.jinja), each assistant turn is located
+  by rendering the conversation's prefixes and supervised through its end-of-turn token."""
   path = str(shared_data('chat_templates/qwen2_5.jinja'))
   assert not load_template(path).has_generation_markers
   for messages in conversations('sharegpt_tiny.json') + conversations('alpaca_tiny.json', 20):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from jaxsft.errors import UserError
+
 Message = dict[str, str]
 FORMATS = ('auto', 'alpaca', 'sharegpt', 'messages', 'prompt_completion', 'text')
 ROLES = ('system', 'user', 'assistant', 'tool')
@@ -22,7 +24,7 @@ SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'a
                   'observation': 'tool', 'tool': 'tool'}
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError):
   """A record that cannot become a conversation; the message says what is wrong."""
 
 
@@ -52,7 +54,9 @@ def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None =
 def _text(record: Mapping[str, Any], field: str, *, required: bool = True) -> str | None:
   if field not in record or record[field] is None:
     if required:
-      raise BadRecord(f'missing field {field!r} (fields present: {sorted(record)}).')
+      present = sorted(k for k, v in record.items() if v is not None)
+      raise BadRecord(f'missing field {field!r} (this record has {present}); add it, or map '
+                      'another field onto it with the dataset\'s "columns".')
     return None
   value = record[field]
   if not isinstance(value, str):
@@ -176,7 +180,7 @@ def to_messages(record: Mapping[str, Any], format: str = 'auto',  # pylint: disa
   if not isinstance(record, Mapping):
     raise BadRecord(f'a record must be a JSON object, got {type(record).__name__}.')
   if format not in FORMATS:
-    raise ValueError(f'unknown data format {format!r}; choose one of {FORMATS}.')
+    raise UserError(f'unknown data format {format!r}; choose one of {FORMATS}.')
   if format == 'auto':
     format = detect_format(record, columns)
   for name in {'alpaca': ('instruction', 'output'), 'sharegpt': ('conversations',),

@@ -9,6 +9,7 @@ one training epoch.
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,16 @@ _GREEN, _DIM, _RESET = '\x1b[32m', '\x1b[2m', '\x1b[0m'
 _OPEN, _CLOSE = '⟦', '⟧'  # supervised text markers without color
 
 
+def escape_controls(text: str) -> str:
+  """Control characters other than newline and tab as visible escapes (`\\x1b`, `\\r`):
+  data must not drive the terminal (colors, cursor moves, overwritten lines) or hide text."""
+  return ''.join(c if c in '\n\t' or unicodedata.category(c) not in ('Cc', 'Cf')
+                 else repr(c)[1:-1] for c in text)
+
+
 def highlight(text: str, offsets: np.ndarray, mask: np.ndarray, color: bool) -> str:
-  """`text` with the characters of supervised tokens (mask 1) marked, colored or bracketed."""
+  """`text` with the characters of supervised tokens (mask 1) marked, colored or bracketed;
+  control characters of the text escaped."""
   supervised = np.zeros(len(text) + 1, bool)
   for (start, end), on in zip(offsets, mask):
     if on:
@@ -31,7 +40,7 @@ def highlight(text: str, offsets: np.ndarray, mask: np.ndarray, color: bool) -> 
   pieces, start = [], 0
   for position in range(1, len(text) + 1):
     if position == len(text) or supervised[position] != supervised[start]:
-      chunk = text[start:position]
+      chunk = escape_controls(text[start:position])
       if supervised[start]:
         pieces.append(f'{_GREEN}{chunk}{_RESET}' if color else f'{_OPEN}{chunk}{_CLOSE}')
       else:
@@ -53,7 +62,7 @@ def _rendered_examples(pipeline: Pipeline, count: int, color: bool) -> list[str]
       text, spans = render_example(to_messages(record, fmt, spec['columns']), pipeline.template,
                                    tokenizer, config.train_on)
     except BadRecord as error:
-      out.append(f'--- record {index}: bad record: {error}')
+      out.append(f'--- record {index}: bad record: {escape_controls(str(error))}')
       continue
     if spans is None:  # plain text: every token
       spans = [(0, len(text))]

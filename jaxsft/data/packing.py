@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from sortedcontainers import SortedList
 
+from jaxsft.errors import UserError
+
 STRATEGIES = ('bfd', 'greedy', 'none')
 OVERLONG_POLICIES = ('truncate', 'drop')
 ROW_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
@@ -39,7 +41,7 @@ def fit_length(example: dict[str, list[int]], max_tokens: int, policy: str = 'tr
   budget). An example whose tokens fit is returned unchanged.
   """
   if policy not in OVERLONG_POLICIES:
-    raise ValueError(f'overlong policy {policy!r}; choose one of {OVERLONG_POLICIES}.')
+    raise UserError(f'overlong policy {policy!r}; choose one of {OVERLONG_POLICIES}.')
   ids, mask = example['input_ids'], example['loss_mask']
   supervised = np.flatnonzero(np.asarray(mask[1:])) + 1
   if not len(supervised):
@@ -82,16 +84,16 @@ def assign_rows(lengths: Sequence[int], capacity: int, strategy: str = 'bfd') ->
   `greedy`: first-fit in the given order. `none`: one example per row.
   """
   if strategy not in STRATEGIES:
-    raise ValueError(f'packing strategy {strategy!r}; choose one of {STRATEGIES}.')
+    raise UserError(f'packing strategy {strategy!r}; choose one of {STRATEGIES}.')
   empty = [i for i, n in enumerate(lengths) if n < 1]
   if empty:
-    raise ValueError(f'{len(empty)} examples have fewer than 2 tokens (nothing to predict), e.g. '
-                     f'index {empty[0]}; apply the length policy first.')
+    raise UserError(f'{len(empty)} examples have fewer than 2 tokens (nothing to predict), e.g. '
+                    f'index {empty[0]}; apply the length policy first.')
   too_long = [i for i, n in enumerate(lengths) if n > capacity]
   if too_long:
-    raise ValueError(f'{len(too_long)} examples are longer than the row ({capacity} tokens), '
-                     f'e.g. index {too_long[0]} with {lengths[too_long[0]]}; apply the length '
-                     'policy first.')
+    raise UserError(f'{len(too_long)} examples are longer than the row ({capacity} tokens), '
+                    f'e.g. index {too_long[0]} with {lengths[too_long[0]]}; apply the length '
+                    'policy first.')
   if strategy == 'none':
     return [[i] for i in range(len(lengths))]
   if strategy == 'greedy':

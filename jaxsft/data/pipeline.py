@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,21 +46,41 @@ from jaxsft.data.sources import (
   tokenize_source,
 )
 from jaxsft.data.templates import load_template
+from jaxsft.errors import UserError
 
 _LOG = logging.getLogger(__name__)
 STATE_VERSION = 1
 Batch = dict[str, np.ndarray]
 
 
+# Files that hold a tokenizer's vocabulary; a folder with none of them (only
+# tokenizer_config.json, say) would load as a tokenizer of a few special tokens.
+TOKENIZER_MODEL_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json', 'vocab.txt',
+                         'spiece.model', 'sentencepiece.bpe.model')
+
+
 def load_tokenizer(path: str) -> Any:
   """A fast tokenizer (offsets are needed for loss masks) from a folder or hub id."""
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   if not path:
-    raise ValueError('no tokenizer: set data.tokenizer or model.path in the config.')
-  tokenizer = AutoTokenizer.from_pretrained(path)
+    raise UserError('no tokenizer: set data.tokenizer (a tokenizer folder) or model.path in the '
+                    'config.')
+  if os.path.isdir(path):
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_MODEL_FILES):
+      raise UserError(f'the tokenizer folder {path} has no vocabulary: it holds none of '
+                      f'{list(TOKENIZER_MODEL_FILES)} (found {sorted(os.listdir(path))}); save '
+                      'the tokenizer with tokenizer.save_pretrained(folder), or copy its '
+                      'tokenizer.json / tokenizer.model there.')
+  elif os.path.exists(path) or path.startswith(('/', './', '../', '~')):
+    raise UserError(f'the tokenizer folder {path} does not exist; set data.tokenizer (or '
+                    'model.path) to a folder holding tokenizer.json or tokenizer.model.')
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+  except OSError as error:  # a hub id that is not in the cache (offline) or not on the hub
+    raise UserError(f'cannot load the tokenizer {path!r}: {error}') from error
   if not tokenizer.is_fast:
-    raise ValueError(f'the tokenizer at {path} is a slow (Python) tokenizer; jaxsft needs a fast '
-                     'one for character offsets. Save it with tokenizer.json (use_fast=True).')
+    raise UserError(f'the tokenizer at {path} is a slow (Python) tokenizer; jaxsft needs a fast '
+                    'one for character offsets. Save it with tokenizer.json (use_fast=True).')
   return tokenizer
 
 
@@ -105,12 +126,12 @@ class Pipeline:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if batch_size % self.process_count:
-      raise ValueError(f'batch_size={batch_size} must be divisible by the number of JAX '
-                       f'processes ({self.process_count}); each process feeds an equal slice.')
+      raise UserError(f'batch_size={batch_size} must be divisible by the number of JAX '
+                      f'processes ({self.process_count}); each process feeds an equal slice.')
     if data_config.packing not in STRATEGIES:
-      raise ValueError(f'data.packing={data_config.packing!r}; choose one of {STRATEGIES}.')
+      raise UserError(f'data.packing={data_config.packing!r}; choose one of {STRATEGIES}.')
     if not data_config.datasets and not data_config.eval_datasets:
-      raise ValueError('data.datasets is empty; add at least one {"path": ...} entry.')
+      raise UserError('data.datasets is empty; add at least one {"path": ...} entry.')
     self.template = load_template(data_config.template, tokenizer)
     self.seq_len = data_config.max_seq_len
     self.local_batch_size = batch_size // self.process_count
@@ -157,7 +178,7 @@ class Pipeline:
       eval_rows = np.sort(kept[order[:held_out]])
       train_rows = np.sort(kept[order[held_out:]])
       if not len(train_rows):
-        raise ValueError(f'{label}: no training examples left ({self.stats[label].summary()}).')
+        raise UserError(f'{label}: no training examples left ({self.stats[label].summary()}).')
       self.sources.append(_Source(label, spec, table, train_rows, eval_rows, num_tokens))
       if held_out:
         self.eval_sources.append(_Source(label, spec, table, eval_rows, eval_rows, num_tokens))
@@ -176,8 +197,8 @@ class Pipeline:
       return 0
     count = int(round(size * available)) if size < 1 else int(size)
     if count >= available:
-      raise ValueError(f'{label}: data.eval_size={size} holds out {count} of {available} '
-                       'examples, leaving none to train on.')
+      raise UserError(f'{label}: data.eval_size={size} holds out {count} of {available} '
+                      'examples, leaving none to train on.')
     return count
 
   def _cycle_permutation(self, source: int, cycle: int) -> np.ndarray:
@@ -236,8 +257,8 @@ class Pipeline:
   def _init_streaming(self) -> None:
     from datasets.distributed import split_dataset_by_node  # pylint: disable=import-outside-toplevel
     if self.config.eval_size and self.config.eval_size < 1:
-      raise ValueError('data.streaming=True: data.eval_size must be a count of records (>= 1) '
-                       'or 0; a fraction needs the source length, which a stream does not have.')
+      raise UserError('data.streaming=True: data.eval_size must be a count of records (>= 1) '
+                      'or 0; a fraction needs the source length, which a stream does not have.')
     self.streams: list[datasets.IterableDataset] = []
     self.stream_labels: list[str] = []
     eval_examples: list[dict[str, np.ndarray]] = []
@@ -289,8 +310,8 @@ class Pipeline:
   def train_batches(self, state: dict[str, Any] | None = None) -> BatchIterator:
     """The endless training batches of this process, from the start or from a saved state."""
     if not self.specs:
-      raise ValueError('data.datasets is empty; training needs at least one {"path": ...} '
-                       'entry (data.eval_datasets alone only serve eval_batches).')
+      raise UserError('data.datasets is empty; training needs at least one {"path": ...} '
+                      'entry (data.eval_datasets alone only serve eval_batches).')
     if self.config.streaming:
       return _StreamingBatches(self, state)
     return _InMemoryBatches(self, state)
@@ -336,16 +357,16 @@ class BatchIterator(Iterator[Batch]):
 
   def _check_state(self, state: dict[str, Any]) -> None:
     if state.get('version') != STATE_VERSION:
-      raise ValueError(f'data iterator state version {state.get("version")} is not '
-                       f'{STATE_VERSION}; it was saved by another jaxsft version.')
+      raise UserError(f'data iterator state version {state.get("version")} is not '
+                      f'{STATE_VERSION}; it was saved by another jaxsft version.')
     if state['fingerprint'] != self.pipeline.fingerprint():
-      raise ValueError('the saved data iterator state belongs to a different data setup (seed, '
-                       'sources, max_seq_len, batch_size, packing, or the process count of a '
-                       'stream changed); '
-                       'resuming would not see the same batches. Restore those settings.')
+      raise UserError('the saved data iterator state belongs to a different data setup (seed, '
+                      'sources, max_seq_len, batch_size, packing, or the process count of a '
+                      'stream changed); '
+                      'resuming would not see the same batches. Restore those settings.')
     if state.get('streaming') and state['process_index'] != self.pipeline.process_index:
-      raise ValueError(f'data state of process {state["process_index"]} given to process '
-                       f'{self.pipeline.process_index}.')
+      raise UserError(f'data state of process {state["process_index"]} given to process '
+                      f'{self.pipeline.process_index}.')
 
   @property
   def epoch(self) -> int:
@@ -419,8 +440,8 @@ class _StreamingBatches(BatchIterator):
       self.epochs[s] += 1  # this process's part of the source is used up: next epoch
       self.streams[s].set_epoch(self.epochs[s])
       self._iterators[s] = iter(self.streams[s])
-    raise ValueError(f'{self.pipeline.stream_labels[s]}: no usable examples on process '
-                     f'{self.pipeline.process_index} (every record was dropped or skipped).')
+    raise UserError(f'{self.pipeline.stream_labels[s]}: no usable examples on process '
+                    f'{self.pipeline.process_index} (every record was dropped or skipped).')
 
   def _load_window(self) -> None:
     """Reads the current window's examples; the state saved is the streams' position at the

@@ -33,6 +33,7 @@ from jaxsft.data.templates import (
   render_examples,
   tokenize_rendered,
 )
+from jaxsft.errors import UserError
 
 BAD_RECORD_POLICIES = ('error', 'skip')
 
@@ -94,8 +95,10 @@ def load_source(spec: Mapping[str, Any], *, streaming: bool = False, cache_dir: 
   if os.path.isfile(path):
     extension = os.path.splitext(path)[1].lower()
     if extension not in _BUILDERS:
-      raise ValueError(f'dataset file {path}: unknown extension {extension!r}; use one of '
-                       f'{sorted(_BUILDERS)} or a folder/hub name.')
+      raise UserError(f'dataset file {path}: unknown extension {extension!r}; use one of '
+                      f'{sorted(_BUILDERS)} or a folder/hub name.')
+    if not _has_content(path):
+      raise UserError(f'dataset file {path} is empty; it needs at least one record.')
     builder, kwargs['data_files'], kwargs['split'] = _BUILDERS[extension], path, 'train'
   elif os.path.isdir(path) and (os.path.isfile(os.path.join(path, 'dataset_dict.json')) or
                                 os.path.isfile(os.path.join(path, 'state.json'))):
@@ -103,6 +106,10 @@ def load_source(spec: Mapping[str, Any], *, streaming: bool = False, cache_dir: 
     if isinstance(loaded, datasets.DatasetDict):
       loaded = loaded[spec['split']]
     return loaded.to_iterable_dataset() if streaming else loaded
+  elif not os.path.isdir(path) and (path.startswith(('/', './', '../', '~')) or
+                                    os.path.splitext(path)[1].lower() in _BUILDERS):
+    raise UserError(f'dataset {spec["path"]!r} does not exist; fix its "path" in data.datasets '
+                    '(a file, a folder, or a hub dataset name).')
   else:  # a folder of data files or a hub dataset name
     builder = path
     if spec.get('name'):
@@ -112,8 +119,45 @@ def load_source(spec: Mapping[str, Any], *, streaming: bool = False, cache_dir: 
   try:
     return datasets.load_dataset(builder, **kwargs)
   except Exception as error:
-    raise RuntimeError(f'could not load dataset {spec["path"]!r} (split {spec["split"]!r}): '
-                       f'{error}') from error
+    if os.path.isfile(path) and path.lower().endswith(('.json', '.jsonl')):
+      find_json_error(path)  # raises, naming the line, when the file does not parse
+    raise UserError(f'could not load dataset {spec["path"]!r} (split {spec["split"]!r}): '
+                    f'{error}') from error
+
+
+def _has_content(path: str) -> bool:
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 16):
+      if chunk.strip():
+        return True
+  return False
+
+
+def find_json_error(path: str) -> None:
+  """Raises `UserError` naming the line of a JSON/JSONL file that does not parse (`datasets`
+  reports a byte position at best); returns when the file parses. Run only after a failed
+  load, so a large file is not read twice."""
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  stripped = text.lstrip()
+  if stripped.startswith('[') or not path.endswith('.jsonl'):
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as error:
+      raise UserError(f'dataset file {path}, line {error.lineno} column {error.colno}: invalid '
+                      f'JSON ({error.msg}); fix that line.') from None
+    if isinstance(records, list) and not records:
+      raise UserError(f'dataset file {path} holds an empty list; it needs at least one record.')
+    return
+  for number, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      json.loads(line)
+    except json.JSONDecodeError as error:
+      raise UserError(f'dataset file {path}, line {number}: invalid JSON ({error.msg} at column '
+                      f'{error.colno}); each line of a .jsonl file must be one JSON object. Fix '
+                      'or remove that line.') from None
 
 
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -128,7 +172,7 @@ def source_format(dataset: datasets.Dataset | datasets.IterableDataset, spec: Ma
   """The format of a whole source: forced in the config, else detected from its columns."""
   if spec['format'] != 'auto':
     if spec['format'] not in FORMATS:
-      raise ValueError(f'{label}: unknown format {spec["format"]!r}; choose one of {FORMATS}.')
+      raise UserError(f'{label}: unknown format {spec["format"]!r}; choose one of {FORMATS}.')
     return spec['format']
   try:
     return detect_format(dict.fromkeys(column_names(dataset)), spec['columns'])
@@ -219,11 +263,11 @@ def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
   """Maps a raw source to tokenized columns (cached on disk for non-streaming sources)."""
   check_train_on(data_config.train_on)
   if data_config.overlong not in OVERLONG_POLICIES:
-    raise ValueError(f'data.overlong={data_config.overlong!r}; choose one of '
-                     f'{OVERLONG_POLICIES}.')
+    raise UserError(f'data.overlong={data_config.overlong!r}; choose one of '
+                    f'{OVERLONG_POLICIES}.')
   if data_config.on_bad_record not in BAD_RECORD_POLICIES:
-    raise ValueError(f'data.on_bad_record={data_config.on_bad_record!r}; choose one of '
-                     f'{BAD_RECORD_POLICIES}.')
+    raise UserError(f'data.on_bad_record={data_config.on_bad_record!r}; choose one of '
+                    f'{BAD_RECORD_POLICIES}.')
   fn_kwargs = {
       'label': label, 'format': source_format(dataset, spec, label),
       'columns': dict(spec['columns']), 'tokenizer': TokenizerView(tokenizer),

@@ -6,8 +6,16 @@ Every template is Jinja, rendered by transformers' own chat-template renderer, s
 assistant turn's content and end-of-turn token in `{% generation %}` markers. The loss mask
 comes from the character spans of those markers mapped through the tokenizer's offsets (the
 same rule transformers uses for `return_assistant_tokens_mask`), never from tokenizing pieces
-separately. A template without markers (a tokenizer's own, say) gets the spans by locating each
-assistant content in the rendered text and extending it through the next end-of-turn string.
+separately.
+
+A template without markers (a tokenizer's own, say) gets each assistant turn's span from
+renderings of the conversation's prefixes: the turn starts where `messages[:i]` rendered with the
+generation prompt ends, and ends where `messages[:i + 1]` ends, less the whitespace the template
+emits after the turn (ChatML's newline after `<|im_end|>`). Both prefixes must be the start of
+the whole rendered conversation, as text and as token ids; a template that renders earlier turns
+differently once later turns exist (Qwen3 dropping earlier reasoning, say) has no such prefixes,
+and its records are refused with a `BadRecord` that asks for markers. The reply's text is never
+searched for: it may also occur in a user turn or in a system header (a date).
 """
 
 from __future__ import annotations
@@ -24,7 +32,6 @@ from transformers.utils import chat_template_utils
 from jaxsft.data.formats import BadRecord, Message
 
 TRAIN_ON = ('assistant', 'last', 'all')
-END_OF_TURN_STRINGS = ('<|im_end|>', '<|eot_id|>', '<|end|>', '<|endoftext|>', '</s>')
 
 _LLAMA2 = r"""
 {%- if messages[0]['role'] == 'system' -%}
@@ -149,34 +156,21 @@ def template_kwargs(tokenizer: Any) -> dict[str, Any]:
 
 
 def render(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
-           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-  """Renders one conversation. Returns `(text, assistant character spans)`."""
-  return _render_many([messages], template, tokenizer, add_generation_prompt)[0]
-
-
-def _spans_by_search(text: str, messages: Sequence[Message], tokenizer: Any
-                     ) -> list[tuple[int, int]]:
-  """Assistant spans for a template without generation markers: each assistant content, found
-  in order, through the end-of-turn string that follows it."""
-  eos = getattr(tokenizer, 'eos_token', None)
-  end_strings = tuple(dict.fromkeys([s for s in (eos, *END_OF_TURN_STRINGS) if s]))
-  spans, cursor = [], 0
-  for message in messages:
-    if message['role'] != 'assistant':
-      continue
-    content = message['content'].strip()
-    start = text.find(content, cursor)
-    if start < 0:
-      raise BadRecord('an assistant message does not appear verbatim in the rendered template; '
-                      'add {% generation %} markers to the template to mark what to train on.')
-    end = start + len(content)
-    ends = [(position, s) for s in end_strings if (position := text.find(s, end)) >= 0]
-    if ends:
-      position, string = min(ends)
-      end = position + len(string)
-    spans.append((start, end))
-    cursor = end
-  return spans
+           add_generation_prompt: bool = False, *, spans: bool = True
+           ) -> tuple[str, list[tuple[int, int]]]:
+  """Renders one conversation. Returns `(text, assistant character spans)`; raises `BadRecord`
+  when the template rejects the conversation or (without generation markers) its assistant turns
+  cannot be located. `spans=False` (a generation prompt, say) skips locating them for a template
+  without markers, so that any conversation the template renders works; the spans are then []."""
+  if template.has_generation_markers:
+    return _render_many([messages], template, tokenizer, add_generation_prompt)[0]
+  if not spans:
+    return _render_texts([messages], template, tokenizer, add_generation_prompt)[0], []
+  result = _render_by_prefixes([messages], template, tokenizer, 'assistant',
+                               add_generation_prompt)[0]
+  if isinstance(result, BadRecord):
+    raise result
+  return result
 
 
 def _mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -211,15 +205,19 @@ def render_examples(conversations: Sequence[Sequence[Message]], template: ChatTe
       results[i] = (messages[0]['content'], None)
     else:
       chats.append(i)
-  try:
-    rendered = _render_many([conversations[i] for i in chats], template, tokenizer)
-  except BadRecord:
-    rendered = []
-    for i in chats:
-      try:
-        rendered.append(_render_many([conversations[i]], template, tokenizer)[0])
-      except BadRecord as error:
-        rendered.append(error)
+  if template.has_generation_markers:
+    try:
+      rendered = _render_many([conversations[i] for i in chats], template, tokenizer)
+    except BadRecord:
+      rendered = []
+      for i in chats:
+        try:
+          rendered.append(_render_many([conversations[i]], template, tokenizer)[0])
+        except BadRecord as error:
+          rendered.append(error)
+  else:
+    rendered = _render_by_prefixes([conversations[i] for i in chats], template, tokenizer,
+                                   train_on)
   for i, result in zip(chats, rendered):
     if not isinstance(result, BadRecord):
       text, spans = result
@@ -232,23 +230,131 @@ def render_examples(conversations: Sequence[Sequence[Message]], template: ChatTe
   return results
 
 
+def _render_texts(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
+                  tokenizer: Any, add_generation_prompt: bool, what: str = 'this conversation'
+                  ) -> list[str]:
+  """Rendered texts of a template without generation markers, in one renderer call."""
+  if not conversations:
+    return []
+  try:
+    texts, _ = chat_template_utils.render_jinja_template(
+        conversations=[list(m) for m in conversations], chat_template=template.source,
+        add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
+  except Exception as error:  # jinja's raise_exception and undefined fields
+    raise BadRecord(f'chat template {template.name!r} failed on {what}: {error}') from error
+  return texts
+
+
 def _render_many(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
                  tokenizer: Any, add_generation_prompt: bool = False
                  ) -> list[tuple[str, list[tuple[int, int]]]]:
+  """Texts and generation-marker spans of a template with markers, in one renderer call."""
   if not conversations:
     return []
   try:
     texts, indices = chat_template_utils.render_jinja_template(
         conversations=[list(m) for m in conversations], chat_template=template.source,
-        return_assistant_tokens_mask=template.has_generation_markers,
-        add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
+        return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
+        **template_kwargs(tokenizer))
   except Exception as error:  # jinja's raise_exception and undefined fields
     raise BadRecord(f'chat template {template.name!r} failed on this conversation: '
                     f'{error}') from error
-  if template.has_generation_markers:
-    return [(text, [tuple(span) for span in spans]) for text, spans in zip(texts, indices)]
-  return [(text, _spans_by_search(text, messages, tokenizer))
-          for text, messages in zip(texts, conversations)]
+  return [(text, [tuple(span) for span in spans]) for text, spans in zip(texts, indices)]
+
+
+_ADD_MARKERS = ('add {% generation %} / {% endgeneration %} markers around the assistant output '
+                '(its content and end-of-turn token) in the template, and point data.template '
+                'at that .jinja file.')
+
+
+def _render_by_prefixes(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
+                        tokenizer: Any, train_on: str, add_generation_prompt: bool = False
+                        ) -> list[tuple[str, list[tuple[int, int]]] | BadRecord]:
+  """Texts and assistant spans of a template without generation markers, located by rendering
+  the conversations' prefixes; `train_on='last'` locates the last turn only, `'all'` none. A
+  conversation whose turns cannot be located gets its `BadRecord` in its place. The batch
+  renders in three calls; only a batch that fails renders again one by one."""
+  turns = []
+  for messages in conversations:
+    assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+    turns.append([] if train_on == 'all' else assistant[-1:] if train_on == 'last' else assistant)
+  try:
+    return _locate_turns(conversations, turns, template, tokenizer, add_generation_prompt)
+  except BadRecord:
+    results: list[Any] = []
+    for messages, indices in zip(conversations, turns):
+      try:
+        results += _locate_turns([messages], [indices], template, tokenizer,
+                                 add_generation_prompt)
+      except BadRecord as error:
+        results.append(error)
+    return results
+
+
+def _locate_turns(conversations: Sequence[Sequence[Message]], turns: Sequence[list[int]],
+                  template: ChatTemplate, tokenizer: Any, add_generation_prompt: bool
+                  ) -> list[tuple[str, list[tuple[int, int]]] | BadRecord]:
+  """`_render_by_prefixes` for one batch; raises `BadRecord` when the template fails on any
+  conversation or prefix of the batch."""
+  texts = _render_texts(conversations, template, tokenizer, add_generation_prompt)
+  where = ('the conversation up to an assistant turn (a template without generation markers is '
+           'rendered at each turn to find it; to avoid that, ' + _ADD_MARKERS + ')')
+  # For turn i: `messages[:i]` with the generation prompt (where the model starts answering) and
+  # `messages[:i + 1]` (through the turn); the latter is the whole text for a final turn.
+  keys = [(c, i) for c, indices in enumerate(turns) for i in indices]
+  prompts = dict(zip(keys, _render_texts([conversations[c][:i] for c, i in keys], template,
+                                         tokenizer, True, where)))
+  partial = [(c, i) for c, i in keys if i + 1 < len(conversations[c]) or add_generation_prompt]
+  withs = dict(zip(partial, _render_texts([conversations[c][:i + 1] for c, i in partial],
+                                          template, tokenizer, False, where)))
+  results: list[Any] = []
+  checks: list[list[tuple[int, str, str]]] = []  # per conversation: (message index, prompt, turn)
+  for c, (messages, indices) in enumerate(zip(conversations, turns)):
+    text, spans, check, error = texts[c], [], [], None
+    for i in indices:
+      prompt, turn = prompts[c, i], withs.get((c, i), text)
+      if not text.startswith(turn):
+        error = _cannot_locate(template, messages, i, 'rendered through this turn is not the '
+                               'start of the whole rendered conversation: the template renders '
+                               'earlier turns differently once later turns exist')
+      elif not turn.startswith(prompt):
+        error = _cannot_locate(template, messages, i, 'rendered up to this turn with the '
+                               'generation prompt is not the start of the turn in the whole '
+                               'rendered conversation: the template renders earlier turns '
+                               'differently once later turns exist, or its generation prompt is '
+                               'not how it starts an assistant turn')
+      if error:
+        break
+      # Whitespace after the turn (ChatML's newline after <|im_end|>) is never generated.
+      spans.append((len(prompt), max(len(prompt), len(turn.rstrip()))))
+      check.append((i, prompt, turn))
+    results.append(error or (text, spans))
+    checks.append([] if error else check)
+  # The boundaries must also fall between tokens: each prefix tokenized alone (as
+  # `tokenize_rendered` tokenizes the whole) must give the first ids of the whole conversation.
+  needed = list(dict.fromkeys(t for c, check in enumerate(checks) if check
+                              for t in (texts[c], *(p for _, *pair in check for p in pair))))
+  if not needed:
+    return results
+  encodings = tokenizer.backend_tokenizer.encode_batch(needed, add_special_tokens=False)
+  ids = {t: encoding.ids for t, encoding in zip(needed, encodings)}
+  for c, check in enumerate(checks):
+    for i, prompt, turn in check:
+      whole = ids[texts[c]]
+      if any(whole[:len(ids[p])] != ids[p] for p in (prompt, turn)):
+        results[c] = _cannot_locate(template, conversations[c], i, 'tokenized up to or through '
+                                    'this turn is not the start of the whole conversation\'s '
+                                    'tokens: a token spans the boundary of the turn')
+        break
+  return results
+
+
+def _cannot_locate(template: ChatTemplate, messages: Sequence[Message], index: int,
+                   why: str) -> BadRecord:
+  number = sum(m['role'] == 'assistant' for m in messages[:index + 1])
+  return BadRecord(f'cannot locate assistant turn {number} (message {index}) to train on: chat '
+                   f'template {template.name!r} has no {{% generation %}} markers, and the '
+                   f'conversation {why}. To fix it, {_ADD_MARKERS}')
 
 
 def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]] | None],

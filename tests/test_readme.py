@@ -1,0 +1,185 @@
+"""The README is executable: every command it shows runs through the installed `jaxsft`
+executable in a subprocess, as written, with its placeholder paths replaced by tiny local
+stand-ins (a 2-layer model with its tokenizer, a few data records). A README command that breaks
+fails this test.
+
+What is not run here, and where it is run instead:
+- `pip install -e .` and the demo command of "Try it": `.ci/run` runs them verbatim first, in a
+  virtual environment holding only what that command installs. Here the demo runs with fewer
+  steps (`--config.train.num_steps`), because generate and chat need a trained demo directory.
+- `pip install -e '.[cuda]'` / `'.[tpu]'`: no GPU or TPU wheels here.
+- The test command (`pip install torch... && pytest`): it is what runs this file.
+- `gcloud compute tpus tpu-vm ssh ... --command='...'`: the jaxsft command inside the quotes runs.
+- The two multi-host commands of `configs/llama3_8b_full.py` run as written (one process, then
+  two processes joined through a local coordinator) plus `SMALL_BATCH`: the config's 64 rows of
+  4,096 tokens cost about 2 minutes per command on 2 CPU cores, all of it padding here.
+"""
+
+import json
+import pathlib
+import re
+import shlex
+import socket
+import subprocess
+
+import pytest
+from user_path import ALPACA, REPO, SHAREGPT, run, tiny_model, write_json
+
+README = (REPO / 'README.md').read_text()
+
+
+def readme_blocks(language: str) -> list[str]:
+  return re.findall(rf'```{language}\n(.*?)\n```', README, re.S)
+
+
+def readme_commands() -> list[str]:
+  """Every shell command of the README's bash blocks, continuation lines joined, comments
+  dropped; the jaxsft command inside a `gcloud ... --command='...'` stands for that line."""
+  commands = []
+  for block in readme_blocks('bash'):
+    joined = re.sub(r'\\\n\s*', ' ', block)
+    joined = re.sub(r"--command='\n\s*", "--command='", joined)
+    for line in joined.splitlines():
+      line = re.sub(r'\s+#.*$', '', line).strip()
+      if not line or line.startswith('#'):
+        continue
+      if line.startswith('gcloud '):
+        inner = re.search(r"--command='(.*)'", line).group(1)
+        line = inner.split('&&', 1)[1].strip()
+      commands.append(line)
+  return commands
+
+
+TRY_IT_INSTALL = 'pip install -e . && '  # the Try-it line: .ci/run runs it verbatim
+NOT_RUN_HERE = (
+    "pip install -e .",
+    "pip install -e '.[cuda]'",
+    "pip install -e '.[tpu]'",
+    "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q",
+)
+
+
+SMALL_BATCH = ' --config.batch_size=8 --config.data.max_seq_len=512'
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def stage(tmp_path_factory):
+  """A working directory laid out as the README assumes: `configs/` of this checkout, `data/`
+  files, and the placeholder paths mapped to local ones."""
+  root = tmp_path_factory.mktemp('readme')
+  (root / 'configs').symlink_to(REPO / 'configs')
+  write_json(root / 'data' / 'alpaca.json', ALPACA)
+  write_json(root / 'data' / 'alpaca_en_demo.json', ALPACA)
+  write_json(root / 'data' / 'test.jsonl', ALPACA[:3], jsonl=True)
+  write_json(root / 'data' / 'sharegpt.jsonl', SHAREGPT, jsonl=True)
+  model = tiny_model(root / 'models' / 'tiny-llama')
+  placeholders = {
+      '/models/Llama-2-7b-hf': str(model), '/models/Meta-Llama-3-8B': str(model),
+      'path/to/Llama-3.2-1B': str(model), 'path/to/tokenizer': str(model),
+      '/tmp/demo': str(root / 'demo'), 'gs://my-bucket/run1': str(root / 'runs' / 'pod-run1'),
+      '/shared/run1': str(root / 'runs' / 'shared-run1'),
+  }
+  return root, placeholders
+
+
+def localize(command: str, placeholders: dict[str, str]) -> str:
+  for placeholder, local in placeholders.items():
+    command = command.replace(placeholder, local)
+  return command
+
+
+def test_every_readme_command_is_run_here_or_by_ci():
+  """Each command of the README is either run by `test_readme_commands` or listed (with where it
+  runs instead) in NOT_RUN_HERE; jaxsft commands named inline in the text appear in a block."""
+  commands = readme_commands()
+  assert any(c.startswith('jaxsft plan ') for c in commands)
+  assert any(c.startswith('jaxsft info ') for c in commands)
+  for command in commands:
+    assert (command.startswith(('jaxsft ', TRY_IT_INSTALL + 'jaxsft '))
+            or command in NOT_RUN_HERE), command
+  inline = re.findall(r'`(jaxsft (?:train|plan|export|eval|generate|chat|info|data)[^`]*)`', README)
+  for mention in inline:
+    verb = ' '.join(mention.split()[:2])
+    assert any(c.startswith(verb) for c in commands), f'{mention!r} has no README command block'
+
+
+def test_readme_commands(stage):
+  """Runs every jaxsft command of the README in order, each exiting 0, and checks what each
+  one produced."""
+  root, placeholders = stage
+  commands = [localize(c.removeprefix(TRY_IT_INSTALL), placeholders) for c in readme_commands()
+              if c.removeprefix(TRY_IT_INSTALL).startswith('jaxsft ')]
+  demo = [c for c in commands if 'configs/demo.py' in c]
+  assert len(demo) == 1
+  # generate and chat use the demo's work directory: train it first, with fewer steps.
+  run(demo[0] + ' --config.train.num_steps=60 --config.train.sample_every=0', root)
+  assert json.loads((root / 'demo' / 'summary.json').read_text())['steps'] == 60
+
+  port = _free_port()
+  for command in commands:
+    if command in demo:
+      continue
+    if 'configs/llama3_8b_full.py' in command:
+      command += SMALL_BATCH
+    if 'coordinator_address' in command:
+      command = command.replace('node0:1234', f'127.0.0.1:{port}')
+      workers = [subprocess.Popen(
+          ['bash', '-c', f'export NODE_RANK={rank}; {command}'], cwd=root,
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_shell_env())
+          for rank in (0, 1)]
+      outputs = [w.communicate(timeout=900)[0] for w in workers]
+      assert [w.returncode for w in workers] == [0, 0], outputs
+      assert (root / 'runs' / 'shared-run1' / 'checkpoints').is_dir()
+      continue
+    stdin = 'upper kite\n/reset\nkm to m: 47\n\n' if command.startswith('jaxsft chat') else None
+    result = run(command, root, stdin=stdin)
+    _check_output(command, result, root, placeholders)
+
+
+def _shell_env():
+  from user_path import JAXSFT, env
+  environment = env()
+  environment['PATH'] = f'{pathlib.Path(JAXSFT).parent}:{environment.get("PATH", "")}'
+  return environment
+
+
+def _check_output(command: str, result, root: pathlib.Path, placeholders) -> None:
+  verb = shlex.split(command)[1]
+  if verb == 'info':
+    assert json.loads(result.stdout)['num_layers'] == 2
+  elif verb == 'plan':
+    assert 'verdict: fits in 24 GiB' in result.stdout
+  elif verb == 'generate':
+    assert json.loads(result.stdout.splitlines()[-1])['prompt'] == 'upper kite'
+  elif verb == 'chat':
+    assert result.stdout.count('model> ') == 2
+  elif verb == 'eval':
+    report = json.loads((root / 'eval.json').read_text())
+    assert report['perplexity'] > 1 and 'rouge_l' in report
+  elif verb == 'export':
+    out = root / shlex.split(command)[shlex.split(command).index('--out') + 1]
+    assert (out / 'chat_template.jinja').exists()
+    assert (out / ('adapter_model.safetensors' if '--format peft' in command
+                   else 'model.safetensors')).exists()
+  elif verb == 'data':
+    assert '--- record 0' in result.stdout and 'packing (bfd) of one epoch' in result.stdout
+  elif verb == 'train':
+    workdir = root / shlex.split(command)[shlex.split(command).index('--workdir') + 1]
+    assert (workdir / 'summary.json').exists(), result.stderr[-2000:]
+  # Quiet by default: no library INFO chatter.
+  assert 'INFO absl' not in result.stderr and "Unable to initialize backend" not in result.stderr
+
+
+def test_readme_python_blocks(stage):
+  """The README's Python snippets run as written, with the placeholder paths replaced."""
+  root, placeholders = stage
+  for block in readme_blocks('python'):
+    code = localize(block, placeholders)
+    result = run(f'python - <<\'PY\'\n{code}\nPY', root, check_rc=None)
+    assert result.returncode == 0, f'{block}\n--- stderr\n{result.stderr[-3000:]}'

@@ -1,0 +1,412 @@
+"""The product as a user drives it: the installed `jaxsft` executable in a subprocess, on a tiny
+local HF model (with its tokenizer) and a few records. Errors are one actionable line with exit
+code 2; LoRA runs from an HF base resume after SIGTERM and `kill -9` to bitwise-equal adapters;
+a non-finite step never reaches a saved state; corrupt checkpoints fall back; a work directory
+belongs to one run; exports carry the chat template; the data path names bad files and lines.
+"""
+
+import ast
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from user_path import ALPACA, JAXSFT, REPO, env, run, tiny_model, write_json
+
+CONFIG = '''
+from jaxsft.config import default_config
+
+
+def get_config(arg=None):
+  config = default_config()
+  config.model.path = {model!r}
+  config.model.dtype = 'float32'
+  config.model.attention_implementation = 'xla'
+  config.lora.enabled = True
+  config.lora.rank = 4
+  config.lora.alpha = 8.0
+  config.lora.dropout = 0.1  # exercises the saved RNG key
+  config.data.datasets = [{{'path': {data!r}}}]
+  config.data.template = 'chatml'
+  config.data.max_seq_len = 128
+  config.data.cache_dir = {cache!r}
+  config.batch_size = 2
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 0
+  config.train.num_steps = 6
+  config.train.log_every = 1
+  config.checkpoint.save_every = 2
+  return config
+'''
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A tiny HF model folder, data and a LoRA config file, as a user would have them."""
+  root = tmp_path_factory.mktemp('user')
+  model = tiny_model(root / 'model')
+  data = write_json(root / 'alpaca.json', ALPACA)
+  config = root / 'lora.py'
+  config.write_text(CONFIG.format(model=str(model), data=str(data), cache=str(root / 'cache')))
+  return root, str(config)
+
+
+def train(config, workdir, *overrides, check_rc=0, **kwargs):
+  return run(['train', '--config', config, '--workdir', str(workdir), *overrides], REPO,
+             check_rc=check_rc, **kwargs)
+
+
+def start(config, workdir, *overrides):
+  return subprocess.Popen([JAXSFT, 'train', '--config', config, '--workdir', str(workdir),
+                           *overrides], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, process, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert process.poll() is None, process.communicate()
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.2)
+
+
+def logged_steps(workdir):
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [r['step'] for r in map(json.loads, path.read_text().splitlines())
+          if 'train/loss' in r]
+
+
+def adapter(workdir, out):
+  run(['export', '--workdir', str(workdir), '--format', 'peft', '--out', str(out)], REPO)
+  return load_file(str(pathlib.Path(out) / 'adapter_model.safetensors'))
+
+
+def one_error_line(result):
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert 'Traceback' not in result.stderr, result.stderr
+  assert lines[-1].startswith('jaxsft: error: '), result.stderr
+  return lines[-1]
+
+
+# ----------------------------------------------------------------------------- 1. fresh install
+
+
+def test_every_imported_package_is_declared():
+  """What jaxsft imports at run time comes with `pip install -e .`, not with a test extra."""
+  declared = {re.split(r'[<>=\[ ;]', d)[0].lower().replace('_', '-')
+              for d in importlib.metadata.requires('jaxsft') if 'extra ==' not in d}
+  distributions = importlib.metadata.packages_distributions()
+  imported = set()
+  for path in (REPO / 'jaxsft').rglob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        imported |= {alias.name.split('.')[0] for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        imported.add(node.module.split('.')[0])
+  missing = []
+  for module in sorted(imported - set(sys.stdlib_module_names) - {'jaxsft'}):
+    names = {d.lower().replace('_', '-') for d in distributions.get(module, [module])}
+    if not names & declared and module != 'jinja2':
+      missing.append(module)
+  assert not missing, f'imported but not declared in pyproject.toml: {missing}'
+  assert 'jinja2' in declared  # transformers renders chat templates with it, without needing it
+
+
+# ----------------------------------------------------------------------------- 3. user errors
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.optim.learnig_rate=1e-4', "Did you mean 'optim.learning_rate'?"),
+    ('--config.optim.learning_rate=-1e-4', 'optim.learning_rate=-0.0001: must be >= 0'),
+    ('--config.batch_size=0', 'batch_size=0: must be >= 1'),
+    ('--config.lora.rank=0', 'lora.rank=0: must be >= 1'),
+    ('--config.train.grad_accum_steps=3', 'must divide batch_size=2'),
+    ('--config.data.max_seq_len=1', 'data.max_seq_len=1: must be >= 2'),
+    ('--config.mesh.shape=(1,1)', "give three integer sizes for ('data', 'fsdp', 'tensor')"),
+    ('--config.train.num_steps=abc', 'expected int'),
+])
+def test_config_errors_are_one_line_before_anything_is_built(setup, override, expected):
+  root, config = setup
+  workdir = root / 'never'
+  result = train(config, workdir, override, check_rc=2)
+  assert expected in one_error_line(result)
+  assert not workdir.exists()  # nothing was written
+
+
+def test_debug_shows_the_traceback(setup):
+  root, config = setup
+  result = train(config, root / 'never', '--config.lora.rank=0', '--debug', check_rc=1)
+  assert 'Traceback' in result.stderr and 'UserError' in result.stderr
+
+
+def test_list_override_through_the_executable(setup):
+  """`config_flags` could not override lists from the real command line; the README shows it."""
+  root, config = setup
+  other = write_json(root / 'other.jsonl', ALPACA[:5], jsonl=True)
+  result = run(['data', 'inspect', '--config', config, '--examples', '1', '--color', 'never',
+                f'--config.data.datasets=[{{"path": "{other}"}}]'], REPO)
+  assert str(other) in result.stdout and '5 records' in result.stdout
+
+
+def test_tokenizer_folder_without_vocabulary_is_refused(setup):
+  root, config = setup
+  folder = root / 'config-only-tokenizer'
+  folder.mkdir(exist_ok=True)
+  (folder / 'tokenizer_config.json').write_text(
+      (root / 'model' / 'tokenizer_config.json').read_text())
+  result = run(['data', 'inspect', '--config', config, f'--config.data.tokenizer={folder}'],
+               REPO, check_rc=2)
+  line = one_error_line(result)
+  assert str(folder) in line and 'tokenizer.json' in line and 'tokenizer_config.json' in line
+
+
+def test_tokenizer_far_smaller_than_the_model_is_refused(setup, tmp_path):
+  """The demo's 100-character tokenizer with a model of 1,000 embedding rows."""
+  root, config = setup
+  import transformers
+  big = tmp_path / 'big'
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1)).save_pretrained(big)
+  result = train(config, tmp_path / 'run', f'--config.model.path={big}',
+                 f'--config.data.tokenizer={root / "model"}', check_rc=2)
+  assert 'cannot be this model' in one_error_line(result)
+
+
+@pytest.mark.parametrize('content, expected', [
+    ('', 'is empty'),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
+     'line 2: invalid JSON'),
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]',
+     "record 1: missing field 'output' (this record has ['instruction'])"),
+])
+def test_bad_data_files_are_named_exactly(setup, tmp_path, content, expected):
+  root, config = setup
+  path = tmp_path / ('data.jsonl' if '\n' in content else 'data.json')
+  path.write_text(content)
+  result = run(['data', 'inspect', '--config', config, f"--config.data.datasets=['{path}']"],
+               REPO, check_rc=2)
+  line = one_error_line(result)
+  assert str(path) in line and expected in line
+
+
+def test_data_inspect_escapes_control_characters(setup, tmp_path):
+  root, config = setup
+  path = write_json(tmp_path / 'ansi.json', [
+      {'instruction': 'Paint it \x1b[31mred\x1b[0m', 'input': '', 'output': 'ok\rdone'}])
+  result = run(['data', 'inspect', '--config', config, f"--config.data.datasets=['{path}']",
+                '--color', 'never'], REPO)
+  assert '\x1b' not in result.stdout and '\r' not in result.stdout
+  assert 'Paint it \\x1b[31mred' in result.stdout and 'ok\\rdone' in result.stdout
+
+
+# ----------------------------------------------------------------------------- 5. loss masks
+
+
+def test_template_without_markers_supervises_the_reply_not_its_echo(setup, tmp_path):
+  """A ChatML .jinja without generation markers; the reply "OK" also occurs in the user turn."""
+  root, config = setup
+  template = tmp_path / 'chatml_plain.jinja'
+  template.write_text(
+      "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+      "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+      "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+  data = write_json(tmp_path / 'ok.json', [{'instruction': 'Reply OK if you read me. OK?',
+                                            'input': '', 'output': 'OK'}])
+  result = run(['data', 'inspect', '--config', config, f"--config.data.datasets=['{data}']",
+                f'--config.data.template={template}', '--color', 'never'], REPO)
+  assert 'Reply OK if you read me. OK?<|im_end|>' in result.stdout  # the user's OK: not marked
+  assert '⟦OK<|im_end|>⟧' in result.stdout and result.stdout.count('⟦') == 1
+
+
+def test_template_rewriting_earlier_turns_is_refused(setup, tmp_path):
+  root, config = setup
+  template = tmp_path / 'drops_history.jinja'
+  template.write_text(  # earlier assistant replies are dropped once a later turn exists
+      "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+      "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+      "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+  data = write_json(tmp_path / 'chat.json', [{'messages': [
+      {'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'},
+      {'role': 'user', 'content': 'bye'}, {'role': 'assistant', 'content': 'ciao'}]}])
+  result = run(['data', 'inspect', '--config', config, f"--config.data.datasets=['{data}']",
+                f'--config.data.template={template}'], REPO, check_rc=2)
+  assert '{% generation %}' in one_error_line(result)
+
+
+# ----------------------------------------------------------------------------- 4., 6. resume
+
+
+def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
+  """Straight, SIGTERM-interrupted and kill -9-interrupted runs from an HF base export bitwise
+  equal PEFT adapters, and log each step once."""
+  root, config = setup
+  steps = ['--config.train.num_steps=30', '--config.train.log_every=1']
+  straight = train(config, root / 'straight', *steps)
+  # Quiet by default: one line per log step, no library INFO chatter.
+  assert 'absl' not in straight.stderr and 'Unable to initialize backend' not in straight.stderr
+  assert len(re.findall(r'step \d+/30 \| loss', straight.stderr)) == 30
+  assert len(straight.stderr.splitlines()) < 40, straight.stderr
+  expected = adapter(root / 'straight', root / 'straight-adapter')
+
+  # SIGTERM after step 3 has been logged: a checkpoint after the current step, exit 75.
+  workdir = root / 'sigterm'
+  process = start(config, workdir, *steps)
+  wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 75, stderr
+  assert 'preempted at step' in stderr
+  train(config, workdir, *steps)
+  assert logged_steps(workdir) == list(range(1, 31))  # no step twice after the resume
+  for name, value in adapter(workdir, root / 'sigterm-adapter').items():
+    np.testing.assert_array_equal(value, expected[name])
+
+  # kill -9 right after the checkpoint of step 2.
+  workdir = root / 'kill9'
+  process = start(config, workdir, *steps)
+  wait_for(lambda: (workdir / 'checkpoints' / '2').is_dir(), process)
+  process.kill()
+  process.communicate()
+  resumed = train(config, workdir, *steps)  # the dead run's lock is taken over
+  assert 'resuming from the checkpoint at step' in resumed.stderr
+  assert logged_steps(workdir) == list(range(1, 31))
+  for name, value in adapter(workdir, root / 'kill9-adapter').items():
+    np.testing.assert_array_equal(value, expected[name])
+
+
+def test_a_second_run_on_a_work_directory_is_refused(setup, tmp_path):
+  root, config = setup
+  workdir = tmp_path / 'busy'
+  first = start(config, workdir, '--config.train.num_steps=1000000',
+                '--config.checkpoint.save_every=0')
+  wait_for(lambda: len(logged_steps(workdir)) >= 1, first)
+  before = (workdir / 'metrics.jsonl').stat().st_size
+  second = train(config, workdir, '--config.train.num_steps=2', check_rc=2)
+  assert f'in use by another jaxsft run (pid {first.pid}' in one_error_line(second)
+  assert first.poll() is None and (workdir / 'metrics.jsonl').stat().st_size >= before
+  first.kill()
+  first.communicate()
+  train(config, workdir, '--config.train.num_steps=2')  # kill -9 released the lock
+
+
+def test_sigterm_before_the_first_step_exits_75(setup):
+  root, config = setup
+  process = start(config, root / 'early')
+  time.sleep(1.5)  # importing JAX; long before the first step
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 75, stderr
+  assert 'before its first step' in stderr
+
+
+def test_finished_demo_says_so_and_changes_nothing(tmp_path):
+  demo = ['train', '--config', 'configs/demo.py', '--workdir', str(tmp_path / 'demo'),
+          '--config.train.num_steps=10', '--config.demo.num_train=100',
+          '--config.demo.num_eval=10', '--config.train.sample_every=0']
+  run(demo, REPO)
+  summary = (tmp_path / 'demo' / 'summary.json').read_bytes()
+  again = run(demo, REPO)
+  assert 'already finished' in again.stdout
+  assert (tmp_path / 'demo' / 'summary.json').read_bytes() == summary
+
+
+# ----------------------------------------------------------------------------- 7. fail safe
+
+
+def test_non_finite_step_leaves_the_last_good_checkpoint(setup, tmp_path):
+  """A learning rate that warms up to 1e30 blows the adapters up at step 2: the run exits 3,
+  the checkpoint of the diverged state is moved aside, and a lower learning rate resumes from
+  the newest remaining one."""
+  root, config = setup
+  workdir = tmp_path / 'nan'
+  schedule = ['--config.optim.warmup_steps=1000000', '--config.optim.max_grad_norm=0.0',
+              '--config.checkpoint.save_every=1']
+  result = train(config, workdir, '--config.optim.learning_rate=1e30', *schedule, check_rc=3)
+  assert 'stopping without applying it' in result.stderr
+  bad = sorted(int(p.name) for p in (workdir / 'checkpoints_bad').iterdir())
+  good = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert bad and good and max(good) < min(bad)
+  resumed = train(config, workdir, '--config.optim.learning_rate=1e-3', *schedule)
+  assert f'resuming from the checkpoint at step {max(good)}' in resumed.stderr
+  losses = [json.loads(line)['train/loss'] for line in
+            (workdir / 'metrics.jsonl').read_text().splitlines() if 'train/loss' in line]
+  assert all(np.isfinite(losses[max(good):]))
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_corrupt_newest_checkpoint_is_named_and_skipped(setup, tmp_path, damage):
+  root, config = setup
+  workdir = tmp_path / 'run'
+  train(config, workdir, '--config.train.num_steps=4')
+  target = _largest_file(workdir / 'checkpoints' / '4' / 'state')
+  data = bytearray(target.read_bytes())
+  if damage == 'flip':
+    data[len(data) // 2] ^= 0x10
+  else:
+    data = data[:len(data) // 2]
+  target.write_bytes(bytes(data))
+  result = train(config, workdir, '--config.train.num_steps=6')
+  assert re.search(r'checkpoint (at )?step 4 .*(corrupt|unreadable|incomplete)', result.stderr)
+  assert 'resuming from the checkpoint at step 2' in result.stderr
+  assert (workdir / 'checkpoints_bad' / '4').is_dir()
+
+
+def _digest(folder: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file() and '.jaxsft.lock' not in p.name}
+
+
+def test_failed_start_leaves_the_run_untouched_and_export_reads_the_checkpoint(setup, tmp_path):
+  root, config = setup
+  workdir = tmp_path / 'run'
+  train(config, workdir, '--config.train.num_steps=2')
+  expected = adapter(workdir, tmp_path / 'before')
+  before = _digest(workdir)
+  train(config, workdir, '--config.train.num_steps=4', "--config.data.datasets=['nope.json']",
+        check_rc=2)
+  train(config, workdir, '--config.train.num_steps=4', '--config.data.tokenizer=/nonexistent',
+        check_rc=2)
+  assert _digest(workdir) == before
+  # export takes the model from the checkpoint, not from a config.json edited (or rewritten by
+  # an older jaxsft's failed start) since.
+  (workdir / 'config.json').write_text(json.dumps({'model': {'path': '/elsewhere'}}))
+  for name, value in adapter(workdir, tmp_path / 'after').items():
+    np.testing.assert_array_equal(value, expected[name])
+
+
+# ----------------------------------------------------------------------------- 8. exports
+
+
+def test_merged_export_carries_the_training_chat_template(setup, tmp_path):
+  root, config = setup
+  from transformers import AutoTokenizer
+
+  from jaxsft.data import load_template, load_tokenizer, to_messages
+  from jaxsft.data.templates import render
+  workdir = tmp_path / 'run'
+  train(config, workdir, '--config.train.num_steps=2')
+  merged = tmp_path / 'merged'
+  run(['export', '--workdir', str(workdir), '--format', 'merged', '--out', str(merged)], REPO)
+  messages = to_messages(ALPACA[0])
+  exported = AutoTokenizer.from_pretrained(merged)
+  ours = load_tokenizer(str(root / 'model'))
+  text, _ = render(messages, load_template('chatml', ours), ours)
+  assert exported.apply_chat_template(messages, tokenize=False) == text
+  result = run(['generate', '--hf', str(merged), '--prompt', 'Add 2 and 3.',
+                '--max-new-tokens', '4'], REPO)
+  assert json.loads(result.stdout.splitlines()[-1])['prompt'] == 'Add 2 and 3.'
