@@ -161,13 +161,12 @@ def _eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
   from jaxsft import evaluate, generate  # pylint: disable=import-outside-toplevel
-  model = _model(args)
   prompts = list(args.prompt)
   if args.prompts:
-    with open(args.prompts) as f:
-      prompts += [json.loads(line)['prompt'] for line in f if line.strip()]
+    prompts += _read_prompts(args.prompts)
   if not prompts:
     raise UserError('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...}).')
+  model = _model(args)
   sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p)
   answers = evaluate.answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
@@ -175,6 +174,25 @@ def _generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   for prompt, text in zip(prompts, answers):
     print(json.dumps({'prompt': prompt, 'answer': text}, ensure_ascii=False))
   return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+  """The `prompt` of each line of a JSONL file; a bad line is a `UserError` naming it."""
+  if not os.path.isfile(path):
+    raise UserError(f'--prompts {path}: no such file; give a .jsonl file with one '
+                    '{"prompt": "..."} per line.')
+  prompts = []
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        prompts.append(str(record['prompt']))
+      except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f'--prompts {path}, line {number}: expected {{"prompt": "..."}} '
+                        f'({type(error).__name__}: {error}).') from None
+  return prompts
 
 
 def _chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:

@@ -14,6 +14,8 @@ import ast
 import difflib
 import importlib.util
 import os
+import re
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -144,7 +146,8 @@ def dataset_spec(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
   entry = dict(entry)
   unknown = sorted(set(entry) - set(DATASET_DEFAULTS))
   if unknown:
-    raise UserError(f'{where}: unknown keys {unknown}; known: {sorted(DATASET_DEFAULTS)}.')
+    hint = _closest(unknown[0], list(DATASET_DEFAULTS))
+    raise UserError(f'{where}: unknown keys {unknown}.{hint} Known: {sorted(DATASET_DEFAULTS)}.')
   spec = {**DATASET_DEFAULTS, **entry}
   if not spec['path']:
     raise UserError(f'{where}: "path" is required (a file, folder or hub dataset name).')
@@ -165,7 +168,19 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise UserError(f'config file {path} must define get_config(arg=None).')
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (AttributeError, KeyError) as error:  # a setting the locked defaults do not have
+    line = next((frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
+    where = f'{path}, line {line}' if line else path
+    text = str(error).strip('\'"')
+    key = re.search(r'Key "([^"]+)" does not exist', text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    problem = (f'unknown setting {key.group(1)!r}' if key else text) + (
+        f'. Did you mean {suggestion.group(1)!r}?' if suggestion else '.')
+    raise UserError(f'config file {where}: {problem} Every setting is listed in '
+                    'jaxsft/config.py; a config may change settings, not invent them.') from None
   config.lock()
   for override in overrides:
     apply_override(config, override)

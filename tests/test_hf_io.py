@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from jaxsft import hf
+from jaxsft.errors import UserError
 
 from conftest import shared_data
 from hf_reference import random_tokens, save_model, torch_logits
@@ -118,7 +119,7 @@ def test_pickle_only_folder_says_how_to_convert(tmp_path):
   save_model('llama2_mha', tmp_path)
   os.remove(tmp_path / 'model.safetensors')
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
-  with pytest.raises(FileNotFoundError, match=r'pickle weights \(pytorch_model.bin\).*'
+  with pytest.raises(UserError, match=r'pickle weights \(pytorch_model.bin\).*'
                      r'save_pretrained'):
     hf.load_checkpoint(tmp_path)
 
@@ -145,7 +146,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path):
-  with pytest.raises(FileNotFoundError, match='is not a folder'):
+  with pytest.raises(UserError, match='is not a folder'):
     hf.load_checkpoint(tmp_path / 'nowhere')
 
 

@@ -153,7 +153,11 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
   verb = shlex.split(command)[1]
   if verb == 'info':
     assert json.loads(result.stdout)['num_layers'] == 2
-  elif verb == 'plan':
+  elif verb == 'plan':  # LLaMA-2-7B QLoRA from its preset: NF4 with double quantization
+    frozen = re.search(r'frozen weights\s+([\d.]+) GiB\s+\(([\d.]+) bits', result.stdout)
+    trained = re.search(r'trained weights\s+([\d.]+) GiB', result.stdout)
+    assert float(frozen.group(1)) <= 3.65 and float(frozen.group(2)) <= 4.13, result.stdout
+    assert 0 < float(trained.group(1)) < 0.19
     assert 'verdict: fits in 24 GiB' in result.stdout
   elif verb == 'generate':
     assert json.loads(result.stdout.splitlines()[-1])['prompt'] == 'upper kite'

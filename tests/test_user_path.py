@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,19 @@ def setup(tmp_path_factory):
   config = root / 'lora.py'
   config.write_text(CONFIG.format(model=str(model), data=str(data), cache=str(root / 'cache')))
   return root, str(config)
+
+
+@pytest.fixture(scope='module')
+def finished_run(setup):
+  """A finished 4-step LoRA run (checkpoints at steps 2 and 4); tests work on copies."""
+  root, config = setup
+  workdir = root / 'finished'
+  train(config, workdir, '--config.train.num_steps=4')
+  return workdir
+
+
+def copy_of(run_dir, tmp_path):
+  return pathlib.Path(shutil.copytree(run_dir, tmp_path / 'run', symlinks=True))
 
 
 def train(config, workdir, *overrides, check_rc=0, **kwargs):
@@ -141,6 +155,25 @@ def test_config_errors_are_one_line_before_anything_is_built(setup, override, ex
   result = train(config, workdir, override, check_rc=2)
   assert expected in one_error_line(result)
   assert not workdir.exists()  # nothing was written
+
+
+def test_unknown_setting_in_a_config_file_names_the_line(tmp_path):
+  path = tmp_path / 'typo.py'
+  path.write_text('from jaxsft.config import default_config\n\n\ndef get_config():\n'
+                  '  config = default_config()\n  config.optim.learnig_rate = 1e-4\n'
+                  '  return config\n')
+  result = run(['train', '--config', str(path), '--workdir', str(tmp_path / 'run')], REPO,
+               check_rc=2)
+  line = one_error_line(result)
+  assert f'{path}, line 6' in line and "Did you mean 'learning_rate'?" in line
+
+
+def test_bad_prompts_file_names_the_line(tmp_path):
+  path = tmp_path / 'prompts.jsonl'
+  path.write_text('{"prompt": "hi"}\n{"question": "no prompt"}\n')
+  result = run(['generate', '--hf', str(tmp_path / 'absent'), '--prompts', str(path)], REPO,
+               check_rc=2)
+  assert f'{path}, line 2' in one_error_line(result)
 
 
 def test_debug_shows_the_traceback(setup):
@@ -285,6 +318,23 @@ def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
     np.testing.assert_array_equal(value, expected[name])
 
 
+def test_qlora_run_resumes_after_sigterm_to_equal_adapters(setup, tmp_path):
+  root, config = setup
+  qlora = ['--config.quant.kind=nf4', '--config.train.num_steps=30']
+  train(config, tmp_path / 'straight', *qlora)
+  expected = adapter(tmp_path / 'straight', tmp_path / 'straight-adapter')
+  workdir = tmp_path / 'sigterm'
+  process = start(config, workdir, *qlora)
+  wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 75, stderr
+  train(config, workdir, *qlora)
+  assert logged_steps(workdir) == list(range(1, 31))
+  for name, value in adapter(workdir, tmp_path / 'sigterm-adapter').items():
+    np.testing.assert_array_equal(value, expected[name])
+
+
 def test_a_second_run_on_a_work_directory_is_refused(setup, tmp_path):
   root, config = setup
   workdir = tmp_path / 'busy'
@@ -349,10 +399,9 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
-def test_corrupt_newest_checkpoint_is_named_and_skipped(setup, tmp_path, damage):
+def test_corrupt_newest_checkpoint_is_named_and_skipped(setup, finished_run, tmp_path, damage):
   root, config = setup
-  workdir = tmp_path / 'run'
-  train(config, workdir, '--config.train.num_steps=4')
+  workdir = copy_of(finished_run, tmp_path)
   target = _largest_file(workdir / 'checkpoints' / '4' / 'state')
   data = bytearray(target.read_bytes())
   if damage == 'flip':
@@ -371,15 +420,15 @@ def _digest(folder: pathlib.Path) -> dict[str, str]:
           for p in sorted(folder.rglob('*')) if p.is_file() and '.jaxsft.lock' not in p.name}
 
 
-def test_failed_start_leaves_the_run_untouched_and_export_reads_the_checkpoint(setup, tmp_path):
+def test_failed_start_leaves_the_run_untouched_and_export_reads_the_checkpoint(
+    setup, finished_run, tmp_path):
   root, config = setup
-  workdir = tmp_path / 'run'
-  train(config, workdir, '--config.train.num_steps=2')
+  workdir = copy_of(finished_run, tmp_path)
   expected = adapter(workdir, tmp_path / 'before')
   before = _digest(workdir)
-  train(config, workdir, '--config.train.num_steps=4', "--config.data.datasets=['nope.json']",
+  train(config, workdir, '--config.train.num_steps=6', "--config.data.datasets=['nope.json']",
         check_rc=2)
-  train(config, workdir, '--config.train.num_steps=4', '--config.data.tokenizer=/nonexistent',
+  train(config, workdir, '--config.train.num_steps=6', '--config.data.tokenizer=/nonexistent',
         check_rc=2)
   assert _digest(workdir) == before
   # export takes the model from the checkpoint, not from a config.json edited (or rewritten by
@@ -392,14 +441,13 @@ def test_failed_start_leaves_the_run_untouched_and_export_reads_the_checkpoint(s
 # ----------------------------------------------------------------------------- 8. exports
 
 
-def test_merged_export_carries_the_training_chat_template(setup, tmp_path):
+def test_merged_export_carries_the_training_chat_template(setup, finished_run, tmp_path):
   root, config = setup
   from transformers import AutoTokenizer
 
   from jaxsft.data import load_template, load_tokenizer, to_messages
   from jaxsft.data.templates import render
-  workdir = tmp_path / 'run'
-  train(config, workdir, '--config.train.num_steps=2')
+  workdir = finished_run
   merged = tmp_path / 'merged'
   run(['export', '--workdir', str(workdir), '--format', 'merged', '--out', str(merged)], REPO)
   messages = to_messages(ALPACA[0])
