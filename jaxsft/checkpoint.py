@@ -102,14 +102,14 @@ def check_writable(workdir: str, needed_bytes: int = 0) -> None:
     probe.write_text('ok')
     probe.unlink()
   except OSError as error:
-    raise OSError(f'the work directory {workdir} is not writable ({error}); choose another '
-                  '--workdir or fix its permissions.') from error
+    raise UserError(f'the work directory {workdir} is not writable ({error}); choose another '
+                    '--workdir or fix its permissions.') from error
   if needed_bytes and not str(workdir).startswith('gs://'):
     free = shutil.disk_usage(workdir).free
     if free < needed_bytes:
-      raise OSError(f'the work directory {workdir} has {free / 2**30:.2f} GiB free but one '
-                    f'checkpoint needs about {needed_bytes / 2**30:.2f} GiB (times '
-                    'checkpoint.keep); free space or choose another --workdir.')
+      raise UserError(f'the work directory {workdir} has {free / 2**30:.2f} GiB free but one '
+                      f'checkpoint needs about {needed_bytes / 2**30:.2f} GiB (times '
+                      'checkpoint.keep); free space or choose another --workdir.')
 
 
 class CorruptCheckpoint(Exception):

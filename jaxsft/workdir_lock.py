@@ -84,16 +84,16 @@ class WorkdirLock:
       # the lock and keep it after the run dies.
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
-      raise OSError(f'the work directory {self.workdir} is not writable ({error}); choose '
-                    'another --workdir or fix its permissions.') from error
+      raise UserError(f'the work directory {self.workdir} is not writable ({error}); choose '
+                      'another --workdir or fix its permissions.') from error
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
       holder = _read_holder(fd)
       os.close(fd)
       if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise OSError(f'cannot lock the work directory {self.workdir} ({error}); choose another '
-                      '--workdir or fix its file system.') from error
+        raise UserError(f'cannot lock the work directory {self.workdir} ({error}); choose '
+                        'another --workdir or fix its file system.') from error
       raise UserError(f'the work directory {self.workdir} is in use by another jaxsft run '
                       f'({_describe(holder)}); wait for it to finish, stop it, or choose '
                       'another --workdir.') from None

@@ -12,6 +12,7 @@ import pytest
 from jaxsft import checkpoint, train
 from jaxsft.config import default_config
 from jaxsft.data import pipeline as pipeline_lib
+from jaxsft.errors import UserError
 
 from conftest import shared_data
 
@@ -180,5 +181,5 @@ def test_partial_checkpoints_are_never_resumed(tmp_path):
 def test_unwritable_work_directory_fails_at_start(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  with pytest.raises(OSError, match='not writable'):
+  with pytest.raises(UserError, match='not writable'):
     train.train(run_config(tmp_path), str(blocker / 'run'))

@@ -331,5 +331,5 @@ def test_bucket_work_directory_warns_and_touches_no_local_file(tmp_path, monkeyp
 def test_unwritable_work_directory_is_an_os_error(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  with pytest.raises(OSError, match='is not writable'):
+  with pytest.raises(UserError, match='is not writable'):
     WorkdirLock(blocker / 'run', process_index=0).acquire()

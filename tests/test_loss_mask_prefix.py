@@ -8,6 +8,7 @@ import re
 
 import pytest
 import transformers
+from test_data_templates import supervised_runs as supervised_id_runs
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from jaxsft.data import BadRecord, encode_batch, encode_messages, load_template, to_messages
@@ -123,14 +124,7 @@ def corpus_of(*conversations):
 
 def supervised_runs(tokenizer, example):
   """The decoded text of each contiguous run of supervised tokens."""
-  runs, current = [], []
-  for token, supervised in zip(example['input_ids'], example['loss_mask']):
-    if supervised:
-      current.append(token)
-    elif current:
-      runs.append(current)
-      current = []
-  return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
+  return [tokenizer.decode(run) for run in supervised_id_runs(example)]
 
 
 def replies(messages, end_of_turn, trim=False):

@@ -13,6 +13,8 @@ from test_checkpoint import run_config
 
 from jaxsft import checkpoint, train
 
+from conftest import shared_data
+
 
 def free_port():
   with socket.socket() as s:
@@ -21,6 +23,7 @@ def free_port():
 
 
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
+  shared_data('instructions/alpaca_tiny.json')  # the workers read it: skip here, not in them
   port = free_port()
   worker = pathlib.Path(__file__).parent / 'multiprocess_worker.py'
   out = tmp_path / 'params.npz'

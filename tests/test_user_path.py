@@ -176,6 +176,14 @@ def test_bad_prompts_file_names_the_line(tmp_path):
   assert f'{path}, line 2' in one_error_line(result)
 
 
+def test_unwritable_work_directory_is_one_line(setup, tmp_path):
+  root, config = setup
+  blocker = tmp_path / 'a-file'
+  blocker.write_text('')
+  result = train(config, blocker / 'run', check_rc=2)
+  assert 'is not writable' in one_error_line(result)
+
+
 def test_debug_shows_the_traceback(setup):
   root, config = setup
   result = train(config, root / 'never', '--config.lora.rank=0', '--debug', check_rc=1)
@@ -292,18 +300,7 @@ def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
   assert len(straight.stderr.splitlines()) < 40, straight.stderr
   expected = adapter(root / 'straight', root / 'straight-adapter')
 
-  # SIGTERM after step 3 has been logged: a checkpoint after the current step, exit 75.
-  workdir = root / 'sigterm'
-  process = start(config, workdir, *steps)
-  wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 75, stderr
-  assert 'preempted at step' in stderr
-  train(config, workdir, *steps)
-  assert logged_steps(workdir) == list(range(1, 31))  # no step twice after the resume
-  for name, value in adapter(workdir, root / 'sigterm-adapter').items():
-    np.testing.assert_array_equal(value, expected[name])
+  sigterm_then_resume(config, root / 'sigterm', steps, expected)
 
   # kill -9 right after the checkpoint of step 2.
   workdir = root / 'kill9'
@@ -313,8 +310,25 @@ def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
   process.communicate()
   resumed = train(config, workdir, *steps)  # the dead run's lock is taken over
   assert 'resuming from the checkpoint at step' in resumed.stderr
-  assert logged_steps(workdir) == list(range(1, 31))
-  for name, value in adapter(workdir, root / 'kill9-adapter').items():
+  assert_resumed_equal(workdir, expected)
+
+
+def sigterm_then_resume(config, workdir, overrides, expected):
+  """SIGTERM once step 3 is logged (a checkpoint after the current step, exit 75), then the
+  same command again: it finishes with the straight run's adapters."""
+  process = start(config, workdir, *overrides)
+  wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 75, stderr
+  assert 'preempted at step' in stderr
+  train(config, workdir, *overrides)
+  assert_resumed_equal(workdir, expected)
+
+
+def assert_resumed_equal(workdir, expected):
+  assert logged_steps(workdir) == list(range(1, 31))  # no step twice after the resume
+  for name, value in adapter(workdir, workdir.parent / f'{workdir.name}-adapter').items():
     np.testing.assert_array_equal(value, expected[name])
 
 
@@ -323,16 +337,7 @@ def test_qlora_run_resumes_after_sigterm_to_equal_adapters(setup, tmp_path):
   qlora = ['--config.quant.kind=nf4', '--config.train.num_steps=30']
   train(config, tmp_path / 'straight', *qlora)
   expected = adapter(tmp_path / 'straight', tmp_path / 'straight-adapter')
-  workdir = tmp_path / 'sigterm'
-  process = start(config, workdir, *qlora)
-  wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 75, stderr
-  train(config, workdir, *qlora)
-  assert logged_steps(workdir) == list(range(1, 31))
-  for name, value in adapter(workdir, tmp_path / 'sigterm-adapter').items():
-    np.testing.assert_array_equal(value, expected[name])
+  sigterm_then_resume(config, tmp_path / 'sigterm', qlora, expected)
 
 
 def test_a_second_run_on_a_work_directory_is_refused(setup, tmp_path):
@@ -436,6 +441,20 @@ def test_failed_start_leaves_the_run_untouched_and_export_reads_the_checkpoint(
   (workdir / 'config.json').write_text(json.dumps({'model': {'path': '/elsewhere'}}))
   for name, value in adapter(workdir, tmp_path / 'after').items():
     np.testing.assert_array_equal(value, expected[name])
+
+
+def test_export_refuses_a_base_that_changed_since_training(setup, tmp_path):
+  root, config = setup
+  base = pathlib.Path(shutil.copytree(root / 'model', tmp_path / 'base'))
+  workdir = tmp_path / 'run'
+  train(config, workdir, f'--config.model.path={base}', '--config.train.num_steps=2')
+  hf_config = json.loads((base / 'config.json').read_text())
+  hf_config['rms_norm_eps'] = 1e-5  # another checkpoint now sits at the recorded path
+  (base / 'config.json').write_text(json.dumps(hf_config))
+  result = run(['export', '--workdir', str(workdir), '--format', 'merged', '--out',
+                str(tmp_path / 'merged')], REPO, check_rc=2)
+  assert f'{base} now holds' in one_error_line(result)
+  assert not (tmp_path / 'merged').exists()
 
 
 # ----------------------------------------------------------------------------- 8. exports
