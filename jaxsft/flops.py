@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxsft.models import LlamaConfig
+from jaxsft.targets import target_matcher
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity), by substring of
 # `device.device_kind`; the first match wins, so longer names come first.
@@ -98,14 +99,13 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int, *, lora_rank: int =
   `lora_rank` > 0: LoRA (or QLoRA) on the kernels `lora_targets` selects (the same rules as
   `lora.targets`), every base weight frozen; else full fine-tuning.
   """
-  from jaxsft import lora as lora_lib  # pylint: disable=import-outside-toplevel
   kernels = {('layers', 'mlp' if name in _MLP else 'self_attn', name, 'kernel'): shape
              for name, shape in _layer_kernels(config).items()}
   head = {('lm_head', 'kernel'): (config.hidden_size, config.vocab_size)}
   base_per_layer = sum(i * o for i, o in kernels.values())
   base = config.num_layers * base_per_layer + config.hidden_size * config.vocab_size
   if lora_rank > 0:
-    matches = lora_lib.target_matcher(lora_targets)
+    matches = target_matcher(lora_targets)
     adapters = sum(config.num_layers * lora_rank * (i + o)
                    for path, (i, o) in kernels.items() if matches(path))
     adapters += sum(lora_rank * (i + o) for path, (i, o) in head.items() if matches(path))

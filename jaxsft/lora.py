@@ -5,16 +5,13 @@ kernels it adapts: `layers/self_attn/q_proj/kernel [L, D, N*H]` gets
 `layers/self_attn/q_proj/{a: [L, D, R], b: [L, R, N*H]}` (the leading `layers` axis only with
 `scan_layers`). `Projection` finds them there and adds `scale * (dropout(x) @ a) @ b`.
 
-Targets (`lora.targets`), matched against a kernel's module path (`layers/mlp/down_proj`):
-  - a plain name (`q_proj`, PEFT's `target_modules` style) matches that path component;
-  - anything else is a regular expression searched in the path (`self_attn/(q|v)_proj`);
-  - `all-linear` is every projection but the LM head (PEFT's meaning).
+Targets (`lora.targets`) are read by `jaxsft.targets.target_matcher`, as `quant.targets` are:
+plain names (`q_proj`), regular expressions over the module path, or `all-linear`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,41 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.errors import UserError
+from jaxsft.targets import module_path, target_matcher
 
 LORA_RANK_AXIS = 'lora_rank'
-_PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
   """alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
   return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def _module_path(path: tuple[str, ...]) -> str:
-  return '/'.join(path[:-1])
-
-
-def target_matcher(targets: Sequence[str] | str):
-  """A predicate over kernel paths (tuples of keys ending in `kernel`)."""
-  if isinstance(targets, str):
-    targets = [targets]
-  if not targets:
-    raise UserError('lora.targets is empty; name the projections to adapt, e.g. '
-                    "['q_proj', 'v_proj'] or 'all-linear'.")
-  patterns = []
-  for target in targets:
-    if target == 'all-linear':
-      patterns.append(lambda path: path[-2] != 'lm_head')
-    elif _PLAIN_NAME.match(target):
-      patterns.append(lambda path, t=target: t in path[:-1])
-    else:
-      regex = re.compile(target)
-      patterns.append(lambda path, r=regex: bool(r.search(_module_path(path))))
-
-  def matches(path: tuple[str, ...]) -> bool:
-    return path[-1] == 'kernel' and any(p(path) for p in patterns)
-
-  return matches
 
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
@@ -87,7 +57,7 @@ def abstract_lora(abstract_params: Any, targets: Sequence[str] | str, rank: int,
         jax.ShapeDtypeStruct((*lead, rank, d_out), param_dtype),
         (*lead_names, LORA_RANK_AXIS, out_name))
   if not out:
-    kernels = sorted(_module_path(p) for p in _flat(abstract_params) if p[-1] == 'kernel')
+    kernels = sorted(module_path(p) for p in _flat(abstract_params) if p[-1] == 'kernel')
     raise UserError(f'lora.targets={list(targets)} match no kernel; kernels are e.g. '
                     f'{kernels[:6]}.')
   return flax.traverse_util.unflatten_dict(out)

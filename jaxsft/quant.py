@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxsft.errors import UserError
+from jaxsft.targets import target_matcher
 
 KINDS = ('nf4', 'int4')
 # The NF4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes stores them in float32.
@@ -250,16 +250,9 @@ def dequantize(node: QuantizedKernel, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def is_target(path: Sequence[str], targets: Sequence[str]) -> bool:
-  """Kernel paths to quantize: plain names match a path component, others are regexes."""
-  if path[-1] != 'kernel':
-    return False
-  for target in targets:
-    if re.fullmatch(r'[A-Za-z0-9_]+', target):
-      if target in path[:-1]:
-        return True
-    elif re.search(target, '/'.join(path[:-1])):
-      return True
-  return False
+  """Whether the kernel at `path` is quantized under `quant.targets` (read as LoRA reads its
+  targets: `jaxsft.targets`)."""
+  return target_matcher(targets, 'quant.targets')(tuple(path))
 
 
 def quantize(params: Any, kind: str = 'nf4', targets: Sequence[str] = DEFAULT_TARGETS,
@@ -267,8 +260,9 @@ def quantize(params: Any, kind: str = 'nf4', targets: Sequence[str] = DEFAULT_TA
              double_quant_rounding: str = 'min_error') -> Any:
   """`params` with the targeted kernels replaced by `QuantizedKernel` nodes."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep=None)
+  matches = target_matcher(targets, 'quant.targets')
   out = {path: quantize_kernel(leaf, kind, block_size, double_quant, double_quant_rounding)
-         if is_target(path, targets) else leaf for path, leaf in flat.items()}
+         if matches(path) else leaf for path, leaf in flat.items()}
   return flax.traverse_util.unflatten_dict(out)
 
 

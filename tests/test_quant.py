@@ -245,3 +245,27 @@ def test_cpu_eval_step_holds_no_f32_copy_of_the_stacked_weights():
       compiler_options=train.compiler_options(jax.default_backend()))
   # Measured: 0.13x the weights; with the hoisting, 2.1x (f32 copies of every stacked kernel).
   assert compiled.memory_analysis().temp_size_in_bytes < weight_bytes
+
+
+@pytest.mark.parametrize('targets', [['all-linear'], ['q_proj', 'down_proj'],
+                                     [r'self_attn/(q|v)_proj']])
+def test_quant_targets_read_like_lora_targets(targets):
+  """One matcher: `quant.targets=['all-linear']` quantizes what LoRA adapts (every projection,
+  not the LM head), where it once quantized nothing."""
+  config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, tie_word_embeddings=False)
+  boxed = hf.abstract_params(config)
+  params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), nn.unbox(boxed))
+  quantized = {'/'.join(str(k.key) for k in path[:-1]) for path, leaf in
+               jax.tree_util.tree_flatten_with_path(
+                   quant.quantize(params, 'nf4', targets),
+                   is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))[0]
+               if isinstance(leaf, quant.QuantizedKernel)}
+  adapted = {'/'.join(str(k.key) for k in path[:-1]) for path, _ in
+             jax.tree_util.tree_flatten_with_path(nn.unbox(lora.abstract_lora(boxed, targets, 4)))[0]}
+  assert quantized and quantized == adapted
+  assert not any('lm_head' in name for name in quantized)
+  if targets == ['all-linear']:
+    assert quantized == {f'layers/{group}/{name}' for group, names in
+                         (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                          ('mlp', ('gate_proj', 'up_proj', 'down_proj'))) for name in names}

@@ -1,0 +1,50 @@
+"""Which kernels an adaptation applies to: one matcher for LoRA (`lora.targets`) and 4-bit
+quantization (`quant.targets`), so the two settings always read a target list the same way.
+
+A target is matched against a kernel's module path (`layers/mlp/down_proj` for the path
+`('layers', 'mlp', 'down_proj', 'kernel')`):
+  - a plain name (`q_proj`, PEFT's `target_modules` style) matches that path component;
+  - anything else is a regular expression searched in the module path (`self_attn/(q|v)_proj`);
+  - `all-linear` is every projection but the LM head (PEFT's meaning).
+Only `kernel` leaves are ever targets (embeddings, norms and biases are not).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from jaxsft.errors import UserError
+
+ALL_LINEAR = 'all-linear'
+_PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
+
+
+def module_path(path: Sequence[str]) -> str:
+  """`('layers', 'mlp', 'down_proj', 'kernel')` -> `'layers/mlp/down_proj'`."""
+  return '/'.join(path[:-1])
+
+
+def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets'
+                   ) -> Callable[[Sequence[str]], bool]:
+  """A predicate over parameter paths (tuples of keys): True for the targeted kernels.
+  `setting` names the config entry in the error for an empty list."""
+  if isinstance(targets, str):
+    targets = [targets]
+  if not targets:
+    raise UserError(f'{setting} is empty; name the projections, e.g. '
+                    f"['q_proj', 'v_proj'] or '{ALL_LINEAR}'.")
+  patterns = []
+  for target in targets:
+    if target == ALL_LINEAR:
+      patterns.append(lambda path: path[-2] != 'lm_head')
+    elif _PLAIN_NAME.match(target):
+      patterns.append(lambda path, t=target: t in path[:-1])
+    else:
+      regex = re.compile(target)
+      patterns.append(lambda path, r=regex: bool(r.search(module_path(path))))
+
+  def matches(path: Sequence[str]) -> bool:
+    return path[-1] == 'kernel' and any(p(path) for p in patterns)
+
+  return matches
