@@ -323,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_libraries(verbose: bool) -> None:
   """jaxsft's own INFO lines (one per log step) always; the INFO chatter of JAX (the TPU
-  backend probe), Orbax and absl, and the progress bars of `datasets`, only with --verbose. XLA's C++ INFO logs read
-  TF_CPP_MIN_LOG_LEVEL when the backend starts, which is after this."""
+  backend probe), Orbax and absl, and the progress bars of `datasets`, only with --verbose.
+  XLA's C++ INFO logs read TF_CPP_MIN_LOG_LEVEL when the backend starts, which is after this."""
   if not verbose:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
     # `datasets` reads this when imported: no "Generating train split" / map bars.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import flax
@@ -219,9 +218,6 @@ def export_run(workdir: str, fmt: str, out: str, dtype: Any = jnp.bfloat16) -> N
                     alpha=config.lora.alpha, dropout=config.lora.dropout,
                     rslora=config.lora.rslora, base_model=config.model.path)
   if tokenizer_dir and jax.process_index() == 0:
-    for name in hf.TOKENIZER_FILES:
-      source = os.path.join(tokenizer_dir, name)
-      if os.path.isfile(source):
-        shutil.copy2(source, os.path.join(out, name))
+    hf.copy_tokenizer_files(tokenizer_dir, out)
   if chat_template is not None:
     write_chat_template(out, chat_template)

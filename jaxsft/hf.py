@@ -445,12 +445,16 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mappin
   _name_shards(path, files)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config_to_hf(config, dtype), f, indent=2, sort_keys=True)
-  if tokenizer_dir is not None:
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
-    if not copied:
-      raise UserError(f'tokenizer_dir={tokenizer_dir!r} holds none of {TOKENIZER_FILES}.')
-    for name in copied:
-      shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+  if tokenizer_dir is not None and not copy_tokenizer_files(tokenizer_dir, path):
+    raise UserError(f'tokenizer_dir={tokenizer_dir!r} holds none of {TOKENIZER_FILES}.')
+
+
+def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+  """Copies the `TOKENIZER_FILES` that `tokenizer_dir` holds into `out`; returns their names."""
+  copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+  for name in copied:
+    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out, name))
+  return copied
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], file_path: str) -> None:

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxsft import hf, lora, optim, quant, train
 from jaxsft import sharding as sharding_lib
 from jaxsft.data.packing import ROW_KEYS
+from jaxsft.validate import check_config
 
 GIB = 1024 ** 3
 
@@ -90,6 +91,7 @@ class MemoryPlan:
 def plan(config: Any, devices: Any = None) -> MemoryPlan:
   """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
   default all)."""
+  check_config(config)
   mesh, rules = train.mesh_and_rules(config, devices)
   train.check_batch_layout(config, mesh)
   model_config, _ = train.model_config_from(config, shapes_only=True)

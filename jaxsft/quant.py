@@ -249,12 +249,6 @@ def dequantize(node: QuantizedKernel, dtype: Any = jnp.float32) -> jax.Array:
   return values.reshape(*lead, 2 * half_in, d_out).astype(dtype)
 
 
-def is_target(path: Sequence[str], targets: Sequence[str]) -> bool:
-  """Whether the kernel at `path` is quantized under `quant.targets` (read as LoRA reads its
-  targets: `jaxsft.targets`)."""
-  return target_matcher(targets, 'quant.targets')(tuple(path))
-
-
 def quantize(params: Any, kind: str = 'nf4', targets: Sequence[str] = DEFAULT_TARGETS,
              block_size: int = 64, double_quant: bool = True,
              double_quant_rounding: str = 'min_error') -> Any:

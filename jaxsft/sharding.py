@@ -45,15 +45,25 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def check_mesh_shape(shape: Sequence[int]) -> None:
+  """Raises `UserError` unless `shape` gives one integer size per axis of `MESH_AXES`, each
+  >= 1 or -1 (at most one -1); whether the devices fit is `make_mesh`'s question."""
+  shape = tuple(shape)
+  if len(shape) != len(MESH_AXES) or any(isinstance(s, bool) or not isinstance(s, int)
+                                         for s in shape):
+    raise UserError(f'mesh shape {shape}: give three integer sizes for '
+                    f'{MESH_AXES}, e.g. (-1, 1, 1).')
+  if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise UserError(f'mesh shape {shape}: each size must be >= 1, or -1 (at most one) for the '
+                    'remaining devices.')
+
+
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None
               ) -> Mesh:
   """A `('data', 'fsdp', 'tensor')` mesh; one size may be -1 for "all remaining devices"."""
   devices = list(jax.devices() if devices is None else devices)
+  check_mesh_shape(shape)
   shape = list(shape)
-  if len(shape) != len(MESH_AXES):
-    raise UserError(f'mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}.')
-  if shape.count(-1) > 1:
-    raise UserError(f'mesh shape {tuple(shape)}: at most one axis may be -1.')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:

@@ -24,6 +24,7 @@ from jaxsft import hf, lora, optim, presets, quant
 from jaxsft import sharding as sharding_lib
 from jaxsft.errors import UserError
 from jaxsft.models import Llama, LlamaConfig
+from jaxsft.targets import target_matcher
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = (('data', 'fsdp'), None)  # rows over data x fsdp, sequence whole
@@ -166,8 +167,10 @@ def _leaf_quantizer(config: Any, boxed: Any, mesh: Mesh, rules: tuple):
                                       block_size=q.block_size, double_quant=q.double_quant,
                                       double_quant_rounding=q.double_quant_rounding)
 
+  targeted = target_matcher(list(q.targets), 'quant.targets')
+
   def quantize_leaf(path, array):
-    if not quant.is_target(path, list(q.targets)):
+    if not targeted(tuple(path)):
       # Embeddings, norms and the LM head stay dense; frozen, so bf16 is enough.
       return jax.jit(lambda x: x.astype(FROZEN_DENSE_DTYPE), out_shardings=array.sharding)(array)
     abstract = jax.eval_shape(quantize_kernel, array)

@@ -41,7 +41,11 @@ def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets'
     elif _PLAIN_NAME.match(target):
       patterns.append(lambda path, t=target: t in path[:-1])
     else:
-      regex = re.compile(target)
+      try:
+        regex = re.compile(target)
+      except re.error as error:
+        raise UserError(f'{setting}: {target!r} is neither a module name nor a valid regular '
+                        f'expression ({error}).') from None
       patterns.append(lambda path, r=regex: bool(r.search(module_path(path))))
 
   def matches(path: Sequence[str]) -> bool:

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxsft import checkpoint, demo, optim
 from jaxsft import loss as loss_lib
 from jaxsft.config import default_config
-from jaxsft.data import Pipeline, load_template, load_tokenizer
+from jaxsft.data import Pipeline, load_tokenizer
 from jaxsft.data.packing import ROW_KEYS
 from jaxsft.errors import UserError
 from jaxsft.flops import device_peak_flops, train_flops_per_token
@@ -210,11 +210,10 @@ def jit_train_step(config: Any, model_config: LlamaConfig, optimizer: optax.Grad
 
 
 def check_batch_layout(config: Any, mesh: Mesh) -> None:
+  """Each micro-batch's rows split evenly over the data x fsdp devices (that `grad_accum_steps`
+  divides `batch_size` is `jaxsft.validate.check_config`'s rule)."""
   rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
   accum = config.train.grad_accum_steps
-  if config.batch_size % accum:
-    raise UserError(f'batch_size={config.batch_size} is not divisible by '
-                    f'train.grad_accum_steps={accum}.')
   if (config.batch_size // accum) % rows_axes:
     raise UserError(f'each micro-batch has {config.batch_size // accum} rows, which the '
                     f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
@@ -267,8 +266,9 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag) -> dict[str, Any]:
   checkpoint.check_writable(workdir, needed_bytes=config.checkpoint.keep * sum(
       x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
           checkpoint.saveable(abstract_train_state(config)))) // max(jax.process_count(), 1))
-  tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
-  check_tokenizer_fits(tokenizer, model_config, config.data.tokenizer or folder or '')
+  tokenizer_path = config.data.tokenizer or folder or ''
+  tokenizer = load_tokenizer(tokenizer_path)
+  check_tokenizer_fits(tokenizer, model_config, tokenizer_path)
   data = Pipeline(config.data, tokenizer, batch_size=config.batch_size)
   total_steps = _total_steps(config, data)
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps)
@@ -280,7 +280,7 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag) -> dict[str, Any]:
   meta = json.loads(json.dumps({
       'config': json.loads(config.to_json_best_effort()),
       'base': checkpoint.base_identity(folder) if config.lora.enabled else None,
-      'chat_template': load_template(config.data.template, tokenizer).source}))
+      'chat_template': data.template.source}))
 
   # Init places every array explicitly; the mesh context is for tracing the model's
   # activation constraints in the step (HF loading under it trips on abstract meshes).
@@ -418,9 +418,7 @@ def _total_peak_flops() -> float | None:
 
 def _total_steps(config: Any, data: Any) -> int:
   if config.train.num_steps > 0:
-    return int(config.train.num_steps)
-  if config.data.streaming:
-    raise UserError('data.streaming=True needs train.num_steps > 0 (a stream has no length).')
+    return int(config.train.num_steps)  # a stream always has them (`check_config`)
   rows = len(data._plan_window(0)[1])  # pylint: disable=protected-access
   return max(1, math.ceil(config.train.num_epochs * rows / config.batch_size))
 

@@ -12,14 +12,17 @@ import math
 import numbers
 from typing import Any
 
+from jaxsft.config import dataset_spec
 from jaxsft.data.formats import FORMATS
 from jaxsft.data.packing import OVERLONG_POLICIES, STRATEGIES
 from jaxsft.data.sources import BAD_RECORD_POLICIES
-from jaxsft.data.templates import BUILTIN_TEMPLATES, TRAIN_ON
+from jaxsft.data.templates import TRAIN_ON, template_kind
 from jaxsft.errors import UserError
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from jaxsft.optim import SCHEDULES
-from jaxsft.quant import KINDS
+from jaxsft.sharding import check_mesh_shape
+from jaxsft.state import check_quant_config
+from jaxsft.targets import target_matcher
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -89,27 +92,16 @@ def check_config(config: Any) -> None:
     _number('lora.dropout', lora.dropout, low=0, high=1)
     if lora.dropout >= 1:
       _fail('lora.dropout', lora.dropout, 'must be below 1 (1 drops every input)')
-    if not lora.targets:
-      _fail('lora.targets', list(lora.targets), "name the projections to adapt, e.g. "
-            "['q_proj', 'v_proj'] or ['all-linear']")
-  if config.quant.kind != 'none':
-    _choice('quant.kind', config.quant.kind, ('none', *KINDS))
+    target_matcher(list(lora.targets), 'lora.targets')  # empty lists, bad regexes
+  if check_quant_config(config):
     _number('quant.block_size', config.quant.block_size, low=1, integer=True)
-    if not lora.enabled:
-      _fail('quant.kind', config.quant.kind, 'freezes the base weights in 4 bits, so only LoRA '
-            'adapters can train: set lora.enabled=True (QLoRA) or quant.kind=none')
+    target_matcher(list(config.quant.targets), 'quant.targets')
 
   c = config.checkpoint
   _number('checkpoint.save_every', c.save_every, low=0, integer=True)
   _number('checkpoint.keep', c.keep, low=1, integer=True)
 
-  shape = tuple(config.mesh.shape)
-  if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
-    _fail('mesh.shape', shape, "give three integer sizes for ('data', 'fsdp', 'tensor'), e.g. "
-          '(-1, 1, 1)')
-  if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-    _fail('mesh.shape', shape, 'each size must be >= 1, or -1 (at most one) for the remaining '
-          'devices')
+  check_mesh_shape(config.mesh.shape)
 
   d = config.data
   _number('data.max_seq_len', d.max_seq_len, low=2, integer=True)
@@ -121,16 +113,12 @@ def check_config(config: Any) -> None:
   _number('data.num_proc', d.num_proc, low=1, integer=True)
   _number('data.map_batch_size', d.map_batch_size, low=1, integer=True)
   _number('data.pack_window', d.pack_window, low=1, integer=True)
-  template = d.template
-  if not (template in BUILTIN_TEMPLATES or template in ('jinja', 'tokenizer')
-          or template.endswith('.jinja')):
-    _fail('data.template', template, f'choose one of {sorted(BUILTIN_TEMPLATES)}, "jinja" (the '
-          "tokenizer's own) or a path to a .jinja file")
+  template_kind(d.template)
   for key in ('datasets', 'eval_datasets'):
     for i, entry in enumerate(d[key]):
-      fmt = entry.get('format', 'auto') if hasattr(entry, 'get') else 'auto'
-      if fmt not in FORMATS:
-        _fail(f'data.{key}[{i}].format', fmt, f'choose one of {list(FORMATS)}')
+      spec = dataset_spec(entry, f'data.{key}[{i}]')  # unknown keys, path, weight
+      if spec['format'] not in FORMATS:
+        _fail(f'data.{key}[{i}].format', spec['format'], f'choose one of {list(FORMATS)}')
   if d.streaming and t.num_steps <= 0:
     _fail('train.num_steps', t.num_steps, 'must be > 0 with data.streaming=True (a stream has '
           'no length, so num_epochs cannot end it)')

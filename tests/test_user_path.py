@@ -148,6 +148,8 @@ def test_every_imported_package_is_declared():
     ('--config.data.max_seq_len=1', 'data.max_seq_len=1: must be >= 2'),
     ('--config.mesh.shape=(1,1)', "give three integer sizes for ('data', 'fsdp', 'tensor')"),
     ('--config.train.num_steps=abc', 'expected int'),
+    ("--config.lora.targets=['(']", "lora.targets: '(' is neither a module name nor a valid"),
+    ('--config.data.template=absent.jinja', "chat template file 'absent.jinja' does not exist"),
 ])
 def test_config_errors_are_one_line_before_anything_is_built(setup, override, expected):
   root, config = setup

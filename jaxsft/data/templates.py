@@ -30,6 +30,7 @@ import numpy as np
 from transformers.utils import chat_template_utils
 
 from jaxsft.data.formats import BadRecord, Message
+from jaxsft.errors import UserError
 
 TRAIN_ON = ('assistant', 'last', 'all')
 
@@ -132,23 +133,35 @@ class ChatTemplate:
     return bool(_GENERATION_MARKER.search(self.source))
 
 
-def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
-  """`spec`: a built-in name, `jinja` (the tokenizer's own `chat_template`), or a `.jinja` path."""
+def template_kind(spec: str) -> str:
+  """What `data.template` names: `'builtin'`, `'tokenizer'` (the tokenizer's own
+  `chat_template`) or `'file'` (a `.jinja` path, which must exist). Raises `UserError`
+  otherwise; needs no tokenizer, so a config is checked before anything loads."""
   if spec in BUILTIN_TEMPLATES:
-    return ChatTemplate(spec, BUILTIN_TEMPLATES[spec].strip())
+    return 'builtin'
   if spec in ('jinja', 'tokenizer'):
-    source = getattr(tokenizer, 'chat_template', None)
-    if not source or not isinstance(source, str):
-      raise ValueError('template "jinja" uses the tokenizer\'s chat_template, but this tokenizer '
-                       f'has none; use one of {sorted(BUILTIN_TEMPLATES)} or a .jinja file.')
-    return ChatTemplate('jinja', source)
+    return 'tokenizer'
   if spec.endswith('.jinja') or os.path.isfile(spec):
     if not os.path.isfile(spec):
-      raise FileNotFoundError(f'chat template file {spec!r} does not exist.')
-    with open(spec) as f:
-      return ChatTemplate(os.path.basename(spec), f.read())
-  raise ValueError(f'unknown chat template {spec!r}; use one of {sorted(BUILTIN_TEMPLATES)}, '
-                   '"jinja" (the tokenizer\'s own) or a path to a .jinja file.')
+      raise UserError(f'chat template file {spec!r} does not exist; fix data.template.')
+    return 'file'
+  raise UserError(f'unknown chat template {spec!r}; use one of {sorted(BUILTIN_TEMPLATES)}, '
+                  '"jinja" (the tokenizer\'s own) or a path to a .jinja file.')
+
+
+def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
+  """`spec`: a built-in name, `jinja` (the tokenizer's own `chat_template`), or a `.jinja` path."""
+  kind = template_kind(spec)
+  if kind == 'builtin':
+    return ChatTemplate(spec, BUILTIN_TEMPLATES[spec].strip())
+  if kind == 'tokenizer':
+    source = getattr(tokenizer, 'chat_template', None)
+    if not source or not isinstance(source, str):
+      raise UserError('template "jinja" uses the tokenizer\'s chat_template, but this tokenizer '
+                      f'has none; use one of {sorted(BUILTIN_TEMPLATES)} or a .jinja file.')
+    return ChatTemplate('jinja', source)
+  with open(spec) as f:
+    return ChatTemplate(os.path.basename(spec), f.read())
 
 
 def template_kwargs(tokenizer: Any) -> dict[str, Any]:
@@ -380,7 +393,7 @@ def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]
 
 def check_train_on(train_on: str) -> None:
   if train_on not in TRAIN_ON:
-    raise ValueError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
+    raise UserError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
 
 
 def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
