@@ -32,14 +32,15 @@ import sys
 from collections.abc import Sequence
 
 from jaxsft.errors import EXIT_USER_ERROR, UserError
-from jaxsft.preemption import SigtermFlag
+from jaxsft.train.preemption import SigtermFlag
 
 
 def _info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft import hf  # pylint: disable=import-outside-toplevel
-  folder = hf.resolve_checkpoint_dir(args.path)
-  config = hf.config_from_hf(hf.read_hf_config(folder))
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.interop import hf, hf_config
+  folder = hf_config.resolve_checkpoint_dir(args.path)
+  config = hf_config.config_from_hf(hf_config.read_hf_config(folder))
   reader = hf.SafetensorsReader(folder)
   files = sorted(set(reader.weight_map.values()))
   summary = {
@@ -59,7 +60,7 @@ def _info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   # pylint: disable=import-outside-toplevel
   from jaxsft.data.inspect import inspect_data
-  from jaxsft.data.pipeline import load_tokenizer
+  from jaxsft.data.tokenizer import load_tokenizer
   config = _load_config(args.config, overrides)
   tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
   color = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
@@ -71,10 +72,10 @@ def _data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _load_config(config_path: str, overrides: Sequence[str]):
   """`--config file.py[:arg]` (`jaxsft.config.load_config`, locked) with every
   `--config.a.b=value` applied by `jaxsft.config.apply_override`, then the values checked
-  (`jaxsft.validate.check_config`) before anything is built."""
+  (`jaxsft.train.validate.check_config`) before anything is built."""
   # pylint: disable=import-outside-toplevel
   from jaxsft.config import load_config
-  from jaxsft.validate import check_config
+  from jaxsft.train.validate import check_config
   bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
   if bad:
     raise UserError(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
@@ -85,26 +86,34 @@ def _load_config(config_path: str, overrides: Sequence[str]):
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   # pylint: disable=import-outside-toplevel
-  from jaxsft import distributed, train
+  from jaxsft.demo import DemoCallback
+  from jaxsft.eval.sampling import SampleCallback
+  from jaxsft.parallel import distributed
+  from jaxsft.train import loop, run
   config = _load_config(args.config, overrides)
   distributed.initialize(config.distributed)  # before anything touches a JAX backend
+  callbacks = []
+  if config.train.sample_every and config.train.sample_prompts:
+    callbacks.append(SampleCallback())
+  if config.demo.enabled:
+    callbacks.append(DemoCallback())
   try:
-    result = train.train(config, args.workdir)
-  except train.NonFiniteLoss as error:
+    result = run.train(config, args.workdir, callbacks)
+  except loop.NonFiniteLoss as error:
     logging.getLogger('jaxsft').error('%s', error)
-    return train.EXIT_NON_FINITE
-  except train.Preempted as preempted:
+    return loop.EXIT_NON_FINITE
+  except loop.Preempted as preempted:
     logging.getLogger('jaxsft').warning('%s', preempted)
-    return train.EXIT_PREEMPTED
-  except train.RunFinished as finished:
+    return loop.EXIT_PREEMPTED
+  except run.RunFinished as finished:
     print(finished)
     return 0
-  train.write_summary(args.workdir, result)
+  run.write_summary(args.workdir, result)
   return 0
 
 
 def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-  from jaxsft import plan  # pylint: disable=import-outside-toplevel
+  from jaxsft.train import plan  # pylint: disable=import-outside-toplevel
   config = _load_config(args.config, overrides)
   if args.find_max_seq_len:
     if not args.device_memory_gib:
@@ -124,32 +133,38 @@ def _plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def _export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft import export  # pylint: disable=import-outside-toplevel
+  from jaxsft.train import export  # pylint: disable=import-outside-toplevel
   export.export_run(args.workdir, args.format, args.out, args.dtype)
   print(f'wrote {args.format} export of {args.workdir} to {args.out}')
   return 0
 
 
 def _model(args: argparse.Namespace):
-  from jaxsft import evaluate  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.config import default_config
+  from jaxsft.eval import model
   if bool(args.workdir) == bool(args.hf):
     raise UserError('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
   if args.workdir:
-    return evaluate.from_workdir(args.workdir)
-  return evaluate.from_hf(args.hf, template=args.template, max_seq_len=args.max_seq_len)
+    return model.from_workdir(args.workdir)
+  config = default_config()
+  config.model.path = args.hf
+  config.data.template = args.template
+  config.data.max_seq_len = args.max_seq_len
+  return model.from_hf(config)
 
 
 def _eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft import evaluate  # pylint: disable=import-outside-toplevel
+  from jaxsft.eval import metrics  # pylint: disable=import-outside-toplevel
   model = _model(args)
   data = args.data or (model.config.data.eval_datasets[0]['path']
                        if model.config.data.eval_datasets else '')
   if not data:
     raise UserError('no eval data: pass --data FILE (json/jsonl/parquet).')
-  report = {'data': data, **evaluate.likelihood(model, data, args.batch_size)}
+  report = {'data': data, **metrics.likelihood(model, data, args.batch_size)}
   if args.generate:
-    report.update(evaluate.generation_metrics(model, data, args.generate, args.max_new_tokens))
+    report.update(metrics.generation_metrics(model, data, args.generate, args.max_new_tokens))
   text = json.dumps(report, indent=2)
   print(text)
   if args.out:
@@ -160,16 +175,18 @@ def _eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def _generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft import evaluate, generate  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.model import answer
   prompts = list(args.prompt)
   if args.prompts:
     prompts += _read_prompts(args.prompts)
   if not prompts:
     raise UserError('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...}).')
   model = _model(args)
-  sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p)
-  answers = evaluate.answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
+  answers = answer(model, [[{'role': 'user', 'content': p}] for p in prompts],
                             sampling, args.seed)
   for prompt, text in zip(prompts, answers):
     print(json.dumps({'prompt': prompt, 'answer': text}, ensure_ascii=False))
@@ -197,9 +214,11 @@ def _read_prompts(path: str) -> list[str]:
 
 def _chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft import evaluate, generate  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.model import answer
   model = _model(args)
-  sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p)
   history = [{'role': 'system', 'content': args.system}] if args.system else []
   print('chat: an empty line or Ctrl-D ends; /reset forgets the conversation.')
@@ -214,7 +233,7 @@ def _chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
       history = history[:1] if args.system else []
       continue
     history.append({'role': 'user', 'content': line})
-    reply = evaluate.answer(model, [history], sampling, args.seed)[0]
+    reply = answer(model, [history], sampling, args.seed)[0]
     history.append({'role': 'assistant', 'content': reply})
     print(f'model> {reply}')
 

@@ -5,35 +5,27 @@ A config file is Python with `get_config(arg: str | None = None)` that starts fr
 `--config.key=value` overrides (`--config.data.max_seq_len=1024`, applied by
 `apply_override`). The config is locked, so a
 misspelled key is an error, never a silently ignored setting; the entries of `data.datasets`
-are dicts checked against `DATASET_DEFAULTS` the same way.
+are dicts checked against `jaxsft.data.spec.DATASET_DEFAULTS` the same way.
+
+Only the CLI reads this module: the trainer, the data pipeline and the evaluators take a config
+and never know the defaults.
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 import os
 import re
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from jaxsft.errors import UserError
-
-# One entry of `data.datasets` / `data.eval_datasets`. `path`: a local json/jsonl/parquet/arrow/
-# csv file, a folder of them (or one written by `Dataset.save_to_disk`), or a hub dataset name.
-DATASET_DEFAULTS: dict[str, Any] = {
-    'path': '',
-    'name': None,         # hub config (subset) name
-    'split': 'train',
-    'data_files': None,   # for hub/folder datasets: a glob or list of files inside
-    'format': 'auto',     # auto | alpaca | sharegpt | messages | prompt_completion | text
-    'columns': {},        # field renames, e.g. {'instruction': 'question', 'output': 'answer'}
-    'weight': 1.0,        # sampling weight in the training mixture
-}
+from jaxsft.adapters.targets import DEFAULT_TARGETS
+from jaxsft.errors import UserError, did_you_mean
+from jaxsft.train.loss import DEFAULT_CHUNK_SIZE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict({
       'path': '',            # HF checkpoint folder or hub id; '' = build from `preset`/`architecture`
-      'preset': '',          # jaxsft.presets name; the architecture without weights (random init)
+      'preset': '',          # jaxsft.interop.presets name; the architecture without weights (random init)
       'architecture': {},    # LlamaConfig fields for a random-init model (e.g. the demo's)
       'dtype': 'bfloat16',   # compute dtype of activations and matmuls
       'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure);
@@ -55,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
       'rank': 16,
       'alpha': 32.0,
       'dropout': 0.05,
-      'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+      'targets': list(DEFAULT_TARGETS),
       'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
       'init_from': '',       # a PEFT adapter folder to start from (same rank and targets)
   })
@@ -64,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
       'block_size': 64,      # inputs per absmax block
       'double_quant': True,  # 8-bit absmax values (blocks of 256), as bitsandbytes
       'double_quant_rounding': 'min_error',  # min_error (never worse than bnb) | nearest
-      'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+      'targets': list(DEFAULT_TARGETS),
   })
   config.optim = ml_collections.ConfigDict({
       'learning_rate': 2e-5,
@@ -85,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
       'neftune_alpha': 0.0,  # NEFTune noise on input embeddings; 0 = off (5 is the paper's)
       # Positions per row whose logits exist at once in the fused LM head + loss; only chunks
       # holding supervised tokens are computed. 0 = whole [B, T, V] logits (the reference).
-      'loss_chunk_size': 256,
+      'loss_chunk_size': DEFAULT_CHUNK_SIZE,
       'seed': 0,             # model init, LoRA init, dropout, NEFTune
       'log_every': 10,       # steps between log lines
       'eval_every': 0,       # steps between eval-loss passes; 0 = only at the end
@@ -117,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
       'show_examples': 4,
   })
   config.data = ml_collections.ConfigDict({
-      'datasets': [],        # list of DATASET_DEFAULTS-shaped dicts (the training mixture)
+      'datasets': [],        # list of jaxsft.data.spec.DATASET_DEFAULTS-shaped dicts (the training mixture)
       'eval_datasets': [],   # separate eval sources; else `eval_size` is held out of `datasets`
       'eval_size': 0.0,      # held out of each training source: < 1 a fraction, >= 1 a count
       'tokenizer': '',       # '' = the tokenizer saved with model.path
@@ -137,23 +129,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.batch_size = 8      # packed rows per global batch
   config.lock()  # get_config functions may change settings, never invent them
   return config
-
-
-def dataset_spec(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
-  """Fills one `data.datasets` entry with defaults; unknown keys are errors."""
-  if isinstance(entry, str):
-    entry = {'path': entry}
-  entry = dict(entry)
-  unknown = sorted(set(entry) - set(DATASET_DEFAULTS))
-  if unknown:
-    hint = _closest(unknown[0], list(DATASET_DEFAULTS))
-    raise UserError(f'{where}: unknown keys {unknown}.{hint} Known: {sorted(DATASET_DEFAULTS)}.')
-  spec = {**DATASET_DEFAULTS, **entry}
-  if not spec['path']:
-    raise UserError(f'{where}: "path" is required (a file, folder or hub dataset name).')
-  if not spec['weight'] > 0:
-    raise UserError(f'{where}: weight must be > 0, got {spec["weight"]}.')
-  return spec
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -187,11 +162,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return config
 
 
-def _closest(name: str, known: Sequence[str], prefix: str = '') -> str:
-  match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-  return f' Did you mean {prefix}{match[0]!r}?' if match else ''
-
-
 def _all_keys(node: Any, prefix: str = '') -> list[str]:
   keys = []
   for name, value in node.items():
@@ -220,11 +190,11 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       section = '.'.join(parents[:i + 1])
       raise UserError(f'--config.{key}: there is no config section {section!r}.'
-                      f'{_closest(key, _all_keys(config))} Every setting is listed in '
+                      f'{did_you_mean(key, _all_keys(config))} Every setting is listed in '
                       'jaxsft/config.py.')
     node = node[part]
   if leaf not in node:
-    raise UserError(f'--config.{key}: unknown key.{_closest(key, _all_keys(config))} Every '
+    raise UserError(f'--config.{key}: unknown key.{did_you_mean(key, _all_keys(config))} Every '
                     'setting is listed in jaxsft/config.py.')
   current = node[leaf]
   if isinstance(current, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):

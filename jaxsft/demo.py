@@ -6,7 +6,8 @@
                 addition, reversing, upper-casing and repeating words, unit conversion
   eval.jsonl    held-out single-turn prompts
 and points the config's data and model at them. `report` measures exact-match accuracy on the
-held-out prompts with greedy decoding before and after training.
+held-out prompts with greedy decoding before and after training. `DemoCallback` does both
+inside a run (`jaxsft train` passes it when `demo.enabled`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxsft.eval.generate import SamplingConfig
+from jaxsft.eval.model import Model, answer
+from jaxsft.train.callbacks import Callback, RunContext
 
 SPECIAL_TOKENS = ['<pad>', '<unk>', '<s>', '<|im_start|>', '<|im_end|>']
 _LETTERS = 'abcdefghijklmnopqrstuvwxyz'
@@ -100,15 +105,13 @@ def prepare(config: Any, workdir: str) -> None:
 
 def report(config: Any, state: Any, model_config: Any, tokenizer: Any, workdir: str,
            when: str) -> dict[str, Any]:
-  """Exact-match accuracy of greedy answers (KV-cache decoding, `jaxsft.evaluate.answer`) on
-  the held-out prompts, printed and returned."""
-  # pylint: disable=import-outside-toplevel
-  from jaxsft import evaluate, generate
+  """Exact-match accuracy of greedy answers (KV-cache decoding, `jaxsft.eval.model.answer`)
+  on the held-out prompts, printed and returned."""
   with open(os.path.join(workdir, 'demo', 'eval.jsonl')) as f:
     records = [json.loads(line) for line in f]
-  model = evaluate.Model(config, model_config, jax.device_get(state.variables()), tokenizer)
-  generated = evaluate.answer(model, [r['messages'][:-1] for r in records],
-                              generate.SamplingConfig(max_new_tokens=16))
+  model = Model(config, model_config, jax.device_get(state.variables()), tokenizer)
+  generated = answer(model, [r['messages'][:-1] for r in records],
+                     SamplingConfig(max_new_tokens=16))
   answers = [r['messages'][-1]['content'] for r in records]
   correct = [g == a for g, a in zip(generated, answers)]
   accuracy = float(np.mean(correct))
@@ -118,3 +121,24 @@ def report(config: Any, state: Any, model_config: Any, tokenizer: Any, workdir: 
     print(f'  {record["messages"][0]["content"]!r:20s} -> {g!r:16s} (expected {a!r})',
           flush=True)
   return {'exact_match': accuracy, 'examples': len(correct)}
+
+
+class DemoCallback(Callback):
+  """The demo inside a run: its data and tokenizer written before the model is built, the
+  held-out exact match measured before the first step and after the last."""
+
+  name = 'demo'
+
+  def __init__(self) -> None:
+    self._before: dict[str, Any] | None = None
+
+  def setup(self, config: Any, workdir: str) -> None:
+    prepare(config, workdir)
+
+  def start(self, run: RunContext, state: Any) -> None:
+    self._before = report(run.config, state, run.model_config, run.tokenizer, run.workdir,
+                          'before')
+
+  def end(self, run: RunContext, state: Any) -> dict[str, Any]:
+    after = report(run.config, state, run.model_config, run.tokenizer, run.workdir, 'after')
+    return {'before': self._before, 'after': after}

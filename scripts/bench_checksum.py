@@ -1,4 +1,4 @@
-"""What the checkpoint checksums cost: the on-device pass of `jaxsft.checkpoint.checksums` vs
+"""What the checkpoint checksums cost: the on-device pass of `jaxsft.train.checksums.checksums` vs
 the Orbax save it guards, on a state of realistic leaf sizes, extrapolated to a 7B
 full-fine-tuning state.
 
@@ -53,8 +53,9 @@ def main() -> None:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  from jaxsft import checkpoint
-  from jaxsft.state import TrainState
+  from jaxsft.train import checkpoint
+  from jaxsft.train import checksums as checksums_lib
+  from jaxsft.train.state import TrainState
 
   mesh = Mesh(np.array(jax.devices()[:args.cpu_devices]), ('fsdp',))
   rows = NamedSharding(mesh, PartitionSpec('fsdp', None))
@@ -78,13 +79,13 @@ def main() -> None:
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   gb = nbytes / 1e9
 
-  compiled = checkpoint._checksums_jit.lower(leaves).compile()  # pylint: disable=protected-access
+  compiled = checksums_lib._checksums_jit.lower(leaves).compile()  # pylint: disable=protected-access
   temp = compiled.memory_analysis().temp_size_in_bytes
-  checkpoint.checksums(state)  # warm-up
+  checksums_lib.checksums(state)  # warm-up
   checksum_s = []
   for _ in range(args.repeats):
     start = time.perf_counter()
-    checkpoint.checksums(state)
+    checksums_lib.checksums(state)
     checksum_s.append(time.perf_counter() - start)
   checksum = statistics.median(checksum_s)
 
@@ -105,7 +106,7 @@ def main() -> None:
   restore = time.perf_counter() - start
   assert restored is not None and restored[0] == args.repeats
   start = time.perf_counter()
-  checkpoint.checksums(restored[1])
+  checksums_lib.checksums(restored[1])
   verify = time.perf_counter() - start
   saver.close()
 

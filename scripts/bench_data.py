@@ -105,7 +105,7 @@ def main() -> None:
   parser.add_argument('--batch-size', type=int, default=8)
   parser.add_argument('--skip-trl', action='store_true')
   args = parser.parse_args()
-  from jaxsft.data.pipeline import load_tokenizer
+  from jaxsft.data.tokenizer import load_tokenizer
   tokenizer = load_tokenizer(args.tokenizer)
   with tempfile.TemporaryDirectory() as scratch:
     data_path = os.path.join(scratch, 'records.jsonl')

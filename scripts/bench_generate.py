@@ -4,7 +4,7 @@
   python scripts/bench_generate.py --hidden 2048 --layers 16 --batch 8 --dtype bfloat16   # GPU
 
 Both decode greedily from the same prompt; the cached path is one prefill plus one jitted
-`while_loop` (jaxsft.generate), the uncached path re-runs the model over the whole sequence for
+`while_loop` (jaxsft.eval.generate), the uncached path re-runs the model over the whole sequence for
 every new token. Times exclude compilation (one warm-up call each).
 """
 
@@ -30,7 +30,7 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxsft import generate
+  from jaxsft.eval import generate
   from jaxsft.models import Llama, LlamaConfig
   config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden,
                        intermediate_size=args.hidden * 11 // 4, num_layers=args.layers,

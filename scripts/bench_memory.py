@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxsft import plan
 from jaxsft.config import load_config
+from jaxsft.train import plan
 
 METHODS = {
     'full': ['lora.enabled=False', 'quant.kind=none', 'model.param_dtype=bfloat16'],

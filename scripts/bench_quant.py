@@ -22,7 +22,7 @@ def error_table(seed: int = 0) -> list[dict]:
   import jax.numpy as jnp
   import torch
 
-  from jaxsft import quant
+  from jaxsft.adapters import quant
   rng = np.random.default_rng(seed)
   rows = []
   for name, shape in (('q_proj', (4096, 4096)), ('gate_proj', (11008, 4096)),

@@ -3,7 +3,7 @@
 Times steady-state train steps after compilation (jaxsft) or warm-up (torch) on the same packed
 rows and, with `--compare-hf`, the same initial weights (one random HF checkpoint both load;
 their first-step losses are printed as a check that both compute the same thing). Reports
-tokens/s (non-padding positions), step time, peak memory and MFU from `jaxsft.flops` (model
+tokens/s (non-padding positions), step time, peak memory and MFU from `jaxsft.train.flops` (model
 FLOPs: 6 P per trained and 4 P per frozen matmul parameter per token, plus causal attention).
 Each (side, method) runs in its own process, so peaks and thread pools never mix.
 
@@ -48,12 +48,12 @@ _LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj',
 
 
 def hf_fields(model: str) -> dict:
-  from jaxsft import hf, presets
+  from jaxsft.interop import hf_config, presets
   if model == 'cpu-512':
     return dict(CPU_512)
   if model in presets.HF_CONFIGS:
     return dict(presets.HF_CONFIGS[model])
-  return hf.read_hf_config(model)
+  return hf_config.read_hf_config(model)
 
 
 def synthetic_rows(num_rows: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -108,14 +108,19 @@ def worker_jax(spec: dict) -> dict:
   import flax.linen as nn
   import jax
 
-  from jaxsft import flops, optim, train
   from jaxsft.config import default_config
+  from jaxsft.interop import hf_config
+  from jaxsft.parallel.batch import batch_sharding, global_batch
+  from jaxsft.parallel.mesh import mesh_and_rules
+  from jaxsft.train import flops, optim
+  from jaxsft.train.model_source import model_config_from
+  from jaxsft.train.state import init_train_state, state_shardings
+  from jaxsft.train.step import jit_train_step
   config = default_config()
   if spec['checkpoint']:
     config.model.path = spec['checkpoint']
   else:
-    from jaxsft import hf
-    arch = hf.config_from_hf(spec['fields'])
+    arch = hf_config.config_from_hf(spec['fields'])
     config.model.architecture = {f: getattr(arch, f) for f in _ARCH_FIELDS}
   config.model.dtype = spec['dtype']
   config.model.param_dtype = spec['param_dtype']
@@ -131,21 +136,20 @@ def worker_jax(spec: dict) -> dict:
   config.optim.learning_rate = 1e-4
   config.batch_size = spec['batch']
   config.data.max_seq_len = spec['seq']
-  model_config, folder = train.model_config_from(config)
-  mesh, rules = train.mesh_and_rules(config, jax.devices()[:1])
+  model_config, folder = model_config_from(config)
+  mesh, rules = mesh_and_rules(config.mesh, jax.devices()[:1])
   optimizer, schedule = optim.make_optimizer(config.optim, 1000)
   data = np.load(spec['rows'])
   rows = {k: data[k] for k in data.files}
-  state = train.init_train_state(config, model_config, folder, optimizer, mesh, rules)
+  state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = train.state_shardings(state)
-    row_sharding = train.batch_sharding(mesh)
-    step = train.jit_train_step(config, model_config, optimizer, schedule, shardings,
-                                row_sharding)
+    shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+    row_sharding = batch_sharding(mesh)
+    step = jit_train_step(config, model_config, optimizer, schedule, shardings, row_sharding)
     b = spec['batch']
     count = len(rows['inputs']) // b
-    batches = [train.global_batch({k: v[i * b:(i + 1) * b] for k, v in rows.items()},
-                                  row_sharding) for i in range(count)]
+    batches = [global_batch({k: v[i * b:(i + 1) * b] for k, v in rows.items()}, row_sharding)
+               for i in range(count)]
     tokens = [int((rows['segment_ids'][i * b:(i + 1) * b] > 0).sum()) for i in range(count)]
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -183,7 +187,8 @@ def worker_hf(spec: dict) -> dict:
   import torch
   import transformers
 
-  from jaxsft import flops, hf
+  from jaxsft.interop import hf_config
+  from jaxsft.train import flops
   cuda = torch.cuda.is_available()
   device = 'cuda' if cuda else 'cpu'
   dtype = getattr(torch, spec['dtype'])
@@ -245,7 +250,7 @@ def worker_hf(spec: dict) -> dict:
   elapsed = time.perf_counter() - start
   memory = (torch.cuda.max_memory_allocated() / 2**30 if cuda else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  model_config = hf.config_from_hf(spec['fields'])
+  model_config = hf_config.config_from_hf(spec['fields'])
   per_token = flops.train_flops_per_token(
       model_config, spec['seq'], lora_rank=spec['lora_rank'] if method != 'full' else 0,
       lora_targets=_LORA_TARGETS)
@@ -275,7 +280,7 @@ def _run_worker(side: str, spec: dict, workdir: str) -> dict:
 
 
 def _mfu(result: dict) -> str:
-  from jaxsft import flops
+  from jaxsft.train import flops
   peak = flops.peak_flops_of_kind(result['device'])
   if not peak:
     return '-'

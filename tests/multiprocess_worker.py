@@ -12,7 +12,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_checkpoint import run_config  # noqa: E402  (imports conftest, which asks for 8 devices)
 
-from jaxsft import train  # noqa: E402
+from jaxsft.train.run import train
 
 # After those imports and before any backend starts: 4 CPU devices per process, gloo for the
 # cross-process collectives.
@@ -24,7 +24,7 @@ jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processe
 
 config = run_config(pathlib.Path(workdir) / f'cache_{process_id}', mesh=(2, 2, 2), steps=3)
 config.checkpoint.save_every = 0
-result = train.train(config, str(pathlib.Path(workdir) / 'run'))
+result = train(config, str(pathlib.Path(workdir) / 'run'))
 with open(pathlib.Path(workdir) / 'run' / 'metrics.jsonl') as f:
   losses = [r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r] \
       if process_id == 0 else []

@@ -9,10 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import checkpoint, train
 from jaxsft.config import default_config
 from jaxsft.data import pipeline as pipeline_lib
 from jaxsft.errors import UserError
+from jaxsft.train import checkpoint
+from jaxsft.train.loop import EXIT_NON_FINITE, Preempted
+from jaxsft.train.metrics import MetricWriter
+from jaxsft.train.run import train
+from jaxsft.train.state import abstract_train_state
 
 from conftest import shared_data
 
@@ -71,14 +75,14 @@ def seen_batches(monkeypatch):
 
 def sigterm_at(monkeypatch, step):
   """Sends this process a real SIGTERM when the metrics of `step` are written."""
-  original = train.MetricWriter.write
+  original = MetricWriter.write
 
   def write(self, at, scalars, prefix='train'):
     original(self, at, scalars, prefix)
     if at == step and prefix == 'train':
       os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(train.MetricWriter, 'write', write)
+  monkeypatch.setattr(MetricWriter, 'write', write)
   return original
 
 
@@ -89,18 +93,18 @@ def host_params(result):
 # LoRA and QLoRA runs resume through the executable in tests/test_user_path.py.
 @pytest.mark.parametrize('lora', [False])
 def test_resume_after_sigterm_is_bitwise_exact(tmp_path, monkeypatch, seen_batches, lora):
-  straight = train.train(run_config(tmp_path, lora), str(tmp_path / 'straight'))
+  straight = train(run_config(tmp_path, lora), str(tmp_path / 'straight'))
   straight_batches = list(seen_batches)
   seen_batches.clear()
 
   original = sigterm_at(monkeypatch, 6)
-  with pytest.raises(train.Preempted) as preempted:
-    train.train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
+  with pytest.raises(Preempted) as preempted:
+    train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
   assert preempted.value.step == 6
   first_part = list(seen_batches)
   seen_batches.clear()
-  monkeypatch.setattr(train.MetricWriter, 'write', original)
-  resumed = train.train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
+  monkeypatch.setattr(MetricWriter, 'write', original)
+  resumed = train(run_config(tmp_path, lora), str(tmp_path / 'interrupted'))
   assert resumed['steps'] == 12
   assert first_part[:6] + seen_batches == straight_batches  # the same batches, in order
   for x, y in zip(jax.tree_util.tree_leaves(host_params(resumed)),
@@ -118,12 +122,12 @@ def test_restore_onto_another_mesh(tmp_path, monkeypatch):
     with open(workdir / 'metrics.jsonl') as f:
       return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
 
-  train.train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'straight'))
+  train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'straight'))
   original = sigterm_at(monkeypatch, 6)
-  with pytest.raises(train.Preempted):
-    train.train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'moved'))
-  monkeypatch.setattr(train.MetricWriter, 'write', original)
-  train.train(run_config(tmp_path, mesh=(2, 2, 2)), str(tmp_path / 'moved'))
+  with pytest.raises(Preempted):
+    train(run_config(tmp_path, mesh=(8, 1, 1)), str(tmp_path / 'moved'))
+  monkeypatch.setattr(MetricWriter, 'write', original)
+  train(run_config(tmp_path, mesh=(2, 2, 2)), str(tmp_path / 'moved'))
   straight, moved = losses(tmp_path / 'straight'), losses(tmp_path / 'moved')
   for step in range(7, 13):
     np.testing.assert_allclose(moved[step], straight[step], rtol=1e-5)
@@ -156,10 +160,10 @@ def test_nan_stops_with_exit_code_and_the_last_good_checkpoint_restores(tmp_path
       'import pathlib\n\ndef get_config():\n  return run_config(pathlib.Path(%r))\n'
       % (os.path.dirname(__file__), str(tmp_path)))
   code = cli.main(['train', '--config', str(config_file), '--workdir', str(tmp_path / 'run')])
-  assert code == train.EXIT_NON_FINITE
+  assert code == EXIT_NON_FINITE
   saved = checkpoint.Checkpointer(str(tmp_path / 'run'))
   assert saved.latest_step() == 4  # step 8 would have been saved; step 7 went NaN first
-  like = train.abstract_train_state(run_config(tmp_path))
+  like = abstract_train_state(run_config(tmp_path))
   like = jax.tree_util.tree_map(
       lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
       else jax.numpy.zeros(x.shape, x.dtype), like)
@@ -171,7 +175,7 @@ def test_nan_stops_with_exit_code_and_the_last_good_checkpoint_restores(tmp_path
 
 def test_partial_checkpoints_are_never_resumed(tmp_path):
   config = run_config(tmp_path, steps=4)
-  train.train(config, str(tmp_path / 'run'))
+  train(config, str(tmp_path / 'run'))
   partial = tmp_path / 'run' / 'checkpoints' / '8.orbax-checkpoint-tmp-1234567'
   partial.mkdir()
   (partial / 'junk').write_text('cut off mid-write')
@@ -182,4 +186,4 @@ def test_unwritable_work_directory_fails_at_start(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(UserError, match='not writable'):
-    train.train(run_config(tmp_path), str(blocker / 'run'))
+    train(run_config(tmp_path), str(blocker / 'run'))

@@ -18,10 +18,11 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxsft import checkpoint
 from jaxsft.errors import UserError
-from jaxsft.state import TrainState
-from jaxsft.workdir_lock import WorkdirLock
+from jaxsft.train import checkpoint
+from jaxsft.train import checksums as checksums_lib
+from jaxsft.train.state import TrainState
+from jaxsft.train.workdir_lock import WorkdirLock
 
 
 def small_state(seed: int) -> TrainState:
@@ -88,17 +89,17 @@ def reference_sums(x: np.ndarray) -> list[int]:
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_checksums_equal_for_equal_arrays_and_differ_for_any_flipped_bit(dtype):
   x = np.asarray(np.random.default_rng(0).normal(size=(33, 17)), dtype)
-  sums = checkpoint.checksums({'w': jnp.asarray(x)})['w']
-  assert sums == checkpoint.checksums({'w': jnp.asarray(x.copy())})['w']
+  sums = checksums_lib.checksums({'w': jnp.asarray(x)})['w']
+  assert sums == checksums_lib.checksums({'w': jnp.asarray(x.copy())})['w']
   assert sums['sums'] == reference_sums(x)
   assert sums['dtype'] == np.dtype(dtype).name and sums['shape'] == [33, 17]
   for bit in range(8 * x.dtype.itemsize):  # every bit of one element, sign and exponent too
-    flipped = checkpoint.checksums({'w': jnp.asarray(flip_bit(x, 100, bit))})['w']
+    flipped = checksums_lib.checksums({'w': jnp.asarray(flip_bit(x, 100, bit))})['w']
     assert flipped['sums'][0] != sums['sums'][0], bit
   # Two elements swapped keep s1 but not s2.
   swapped = x.copy().reshape(-1)
   swapped[[3, 4]] = swapped[[4, 3]]
-  assert checkpoint.checksums({'w': jnp.asarray(swapped.reshape(x.shape))})['w']['sums'][1] \
+  assert checksums_lib.checksums({'w': jnp.asarray(swapped.reshape(x.shape))})['w']['sums'][1] \
       != sums['sums'][1]
 
 
@@ -107,32 +108,32 @@ def test_checksums_do_not_depend_on_sharding():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('a', 'b'))
   sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec('a', 'b')))
   assert len(sharded.addressable_shards) == 8
-  assert checkpoint.checksums({'w': sharded}) == checkpoint.checksums({'w': x})
+  assert checksums_lib.checksums({'w': sharded}) == checksums_lib.checksums({'w': x})
   # Leaves committed to different devices (one jitted call per device set) in one tree.
   elsewhere = jax.device_put(x, jax.devices()[3])
-  mixed = checkpoint.checksums({'a': sharded, 'b': elsewhere, 'c': x})
-  assert mixed['a'] == mixed['b'] == mixed['c'] == checkpoint.checksums({'w': x})['w']
+  mixed = checksums_lib.checksums({'a': sharded, 'b': elsewhere, 'c': x})
+  assert mixed['a'] == mixed['b'] == mixed['c'] == checksums_lib.checksums({'w': x})['w']
 
 
 def test_checksum_pass_reads_each_leaf_once_without_temporaries():
   """Both sums fuse into one reduction: no uint32 copy of a leaf (the state's size again, on
   a device that holds a 7B state) is materialised."""
   leaves = [jnp.zeros((1024, 4096), jnp.float32), jnp.zeros((512, 4096), jnp.bfloat16)]
-  compiled = checkpoint._checksums_jit.lower(leaves).compile()  # pylint: disable=protected-access
+  compiled = checksums_lib._checksums_jit.lower(leaves).compile()  # pylint: disable=protected-access
   assert compiled.memory_analysis().temp_size_in_bytes < 2**20
 
 
 def test_checksums_cover_keys_integers_and_wide_types():
   tree = {'key': jax.random.key(3), 'count': jnp.int32(7), 'mask': jnp.array([True, False]),
           'int4': jnp.array([1, -2, 3], jnp.int4)}
-  sums = checkpoint.checksums(tree)
+  sums = checksums_lib.checksums(tree)
   assert sums['key']['sums'] == reference_sums(np.asarray(jax.random.key_data(tree['key'])))
   assert sums['count']['sums'] == [7, 7] and sums['mask']['sums'] == [1, 1]
-  assert sums['int4']['sums'] != checkpoint.checksums(
+  assert sums['int4']['sums'] != checksums_lib.checksums(
       {'int4': jnp.array([1, -2, 2], jnp.int4)})['int4']['sums']
   with jax.enable_x64(True):  # 8-byte types read as two uint32 words each
     wide = np.arange(5, dtype=np.float64)
-    assert checkpoint.checksums({'d': jnp.asarray(wide)})['d']['sums'] == reference_sums(
+    assert checksums_lib.checksums({'d': jnp.asarray(wide)})['d']['sums'] == reference_sums(
         wide.view(np.uint32))
 
 
@@ -142,7 +143,7 @@ def test_save_records_checksums_and_restore_latest_verifies(tmp_path, caplog):
   saver = saved_run(tmp_path)
   meta = saver.read_meta(4)
   assert meta['config'] == {'seed': 4}
-  assert meta['checksums']['algorithm'] == checkpoint.CHECKSUM_ALGORITHM
+  assert meta['checksums']['algorithm'] == checksums_lib.CHECKSUM_ALGORITHM
   assert meta['checksums']['leaves']['params/layers/kernel']['shape'] == [128, 96]
   with caplog.at_level(logging.INFO, logger='jaxsft'):
     step, state, data_states, restored_meta = saver.restore_latest(like(small_state(0)))
@@ -271,7 +272,7 @@ def test_set_aside_moves_a_diverged_step_after_its_save_finishes(tmp_path):
 
 HOLDER = textwrap.dedent('''
     import sys, time
-    from jaxsft.workdir_lock import WorkdirLock
+    from jaxsft.train.workdir_lock import WorkdirLock
     lock = WorkdirLock(sys.argv[1], process_index=0).acquire()
     print('locked', flush=True)
     time.sleep(120)

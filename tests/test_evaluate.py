@@ -11,8 +11,12 @@ import torch
 import transformers
 from test_train import e2e_config
 
-from jaxsft import evaluate, export, train
+from jaxsft.config import default_config
 from jaxsft.data import encode_batch, load_tokenizer, to_messages
+from jaxsft.eval import metrics as eval_metrics
+from jaxsft.eval import model as eval_model
+from jaxsft.train import export
+from jaxsft.train.run import train
 
 from conftest import shared_data
 from hf_reference import make_model
@@ -44,13 +48,17 @@ def test_eval_of_run_and_of_merged_export_equal_torch(tmp_path):
   make_model('llama2_mha', vocab_size=32000).save_pretrained(model_dir)
   config = e2e_config(tmp_path, model_dir, lora=True)
   config.train.num_steps = 3
-  train.train(config, str(tmp_path / 'run'))
+  train(config, str(tmp_path / 'run'))
   export.export_run(str(tmp_path / 'run'), 'merged', str(tmp_path / 'merged'), 'float32')
   data = str(shared_data('instructions/alpaca_tiny.json'))
 
-  run_report = evaluate.likelihood(evaluate.from_workdir(str(tmp_path / 'run')), data)
-  merged = evaluate.from_hf(str(tmp_path / 'merged'), template='llama2', max_seq_len=256)
-  merged_report = evaluate.likelihood(merged, data)
+  run_report = eval_metrics.likelihood(eval_model.from_workdir(str(tmp_path / 'run')), data)
+  hf_run = default_config()
+  hf_run.model.path = str(tmp_path / 'merged')
+  hf_run.data.template = 'llama2'
+  hf_run.data.max_seq_len = 256
+  merged = eval_model.from_hf(hf_run)
+  merged_report = eval_metrics.likelihood(merged, data)
   reference = torch_nll(tmp_path / 'merged', data, str(tmp_path / 'merged'), 'llama2', 257)
   np.testing.assert_allclose(run_report['nll'], merged_report['nll'], rtol=1e-5)
   np.testing.assert_allclose(run_report['nll'], reference, rtol=1e-4)

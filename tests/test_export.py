@@ -8,8 +8,12 @@ import torch
 import transformers
 from test_train import e2e_config
 
-from jaxsft import export, optim, sharding, train
 from jaxsft.models import Llama
+from jaxsft.parallel import mesh as mesh_lib
+from jaxsft.train import export, optim
+from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import train
+from jaxsft.train.state import init_train_state
 
 from hf_reference import make_model, random_tokens
 
@@ -26,7 +30,7 @@ def test_lora_run_exports_as_peft_adapter_and_merged_checkpoint(tmp_path):
   config.train.num_steps = 4
   config.lora.targets = ['q_proj', 'v_proj', 'down_proj']
   config.lora.rank, config.lora.alpha = 4, 8.0
-  result = train.train(config, str(tmp_path / 'run'))
+  result = train(config, str(tmp_path / 'run'))
   tokens = random_tokens(2, 16, vocab=32000)
   ours = np.asarray(Llama(result['model_config']).apply(
       jax.device_get(result['state'].variables()), tokens))
@@ -61,11 +65,11 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path):
   config.lora.rank, config.lora.alpha, config.lora.dropout = 4, 8.0, 0.0
   config.lora.targets = ['q_proj', 'v_proj', 'up_proj']
   config.lora.init_from = str(tmp_path / 'adapter')
-  model_config, folder = train.model_config_from(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  model_config, folder = model_config_from(config)
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
   optimizer, _ = optim.make_optimizer(config.optim, 10)
-  with nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    state = train.init_train_state(config, model_config, folder, optimizer, mesh,
-                                   sharding.DEFAULT_RULES)
+  with nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    state = init_train_state(config, model_config, folder, optimizer, mesh,
+                                   mesh_lib.DEFAULT_RULES)
   ours = np.asarray(Llama(model_config).apply(jax.device_get(state.variables()), tokens))
   np.testing.assert_allclose(ours, expected, atol=1e-4)

@@ -8,7 +8,8 @@ import peft
 import pytest
 import torch
 
-from jaxsft import generate, hf
+from jaxsft.eval import generate
+from jaxsft.interop import hf
 
 from hf_reference import make_model
 
@@ -44,9 +45,10 @@ def test_greedy_with_lora_equals_peft(tmp_path):
       r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'], lora_dropout=0.0,
       init_lora_weights=False)).eval()
   peft_model.save_pretrained(tmp_path / 'adapter')
-  from jaxsft import export, lora
+  from jaxsft.adapters import lora
+  from jaxsft.interop import peft as peft_io
   abstract = lora.abstract_lora(hf.abstract_params(config), ['q_proj', 'v_proj', 'down_proj'], 4)
-  adapters, _ = export.load_peft_adapter(str(tmp_path / 'adapter'), abstract, config.num_layers)
+  adapters, _ = peft_io.load_peft_adapter(str(tmp_path / 'adapter'), abstract, config.num_layers)
   config = config.replace(lora_scale=2.0)
   ours = generate.generate(config, {'params': params, 'lora': adapters}, PROMPTS[:2],
                            generate.SamplingConfig(max_new_tokens=24))
@@ -79,7 +81,8 @@ def test_top_k_and_top_p_filters():
 
 
 def test_generation_with_a_4bit_base_and_on_a_sharded_mesh(tmp_path):
-  from jaxsft import quant, sharding
+  from jaxsft.adapters import quant
+  from jaxsft.parallel import mesh as mesh_lib
   model = make_model('llama3_gqa')
   model.save_pretrained(tmp_path)
   config, params = hf.load_checkpoint(tmp_path)
@@ -88,7 +91,7 @@ def test_generation_with_a_4bit_base_and_on_a_sharded_mesh(tmp_path):
   assert (generate.generate(config, {'params': quantized}, PROMPTS, sampling) ==
           generate.generate(config, {'params': quant.dequantize_params(quantized)}, PROMPTS,
                             sampling))
-  mesh = sharding.make_mesh((1, 4, 2))
+  mesh = mesh_lib.make_mesh((1, 4, 2))
   _, sharded = hf.load_checkpoint(tmp_path, mesh=mesh)
   assert len(sharded['layers']['mlp']['up_proj']['kernel'].sharding.device_set) == 8
   assert (generate.generate(config, {'params': sharded}, PROMPTS, sampling) ==

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from jaxsft import hf
 from jaxsft.errors import UserError
+from jaxsft.interop import hf
+from jaxsft.interop.hf_config import config_from_hf
 
 from conftest import shared_data
 from hf_reference import random_tokens, save_model, torch_logits
@@ -155,6 +156,6 @@ def test_mixed_sliding_window_layers_are_refused():
                    num_hidden_layers=4, num_attention_heads=2, sliding_window=16,
                    use_sliding_window=True, max_window_layers=2)
   with pytest.raises(NotImplementedError, match='mixes sliding-window and full-attention'):
-    hf.config_from_hf(hf_config)
+    config_from_hf(hf_config)
   hf_config['use_sliding_window'] = False
-  assert hf.config_from_hf(hf_config).sliding_window is None
+  assert config_from_hf(hf_config).sliding_window is None

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import hf, lora
-from jaxsft.loss import fused_cross_entropy
+from jaxsft.adapters import lora
+from jaxsft.interop import hf
 from jaxsft.models import Llama, LlamaConfig
 from jaxsft.models.layers import accumulation_dtype, dense, low_rank_update
 from jaxsft.models.rope import apply_rotary, inverse_frequencies, rotary_angles
+from jaxsft.train.loss import fused_cross_entropy
 
 
 def _tanh_loss(fn, weights):

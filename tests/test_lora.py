@@ -8,7 +8,8 @@ import peft
 import pytest
 import torch
 
-from jaxsft import hf, lora
+from jaxsft.adapters import lora
+from jaxsft.interop import hf
 from jaxsft.models import Llama
 from jaxsft.models.layers import low_rank_update
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import loss as loss_lib
+from jaxsft.train import loss as loss_lib
 
 
 def reference(hidden, kernel, targets, mask):

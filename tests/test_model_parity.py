@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import hf
+from jaxsft.interop import hf
 from jaxsft.models import Llama
 
 from hf_reference import VARIANTS, random_tokens, save_model, torch_logits

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from test_checkpoint import run_config
 
-from jaxsft import checkpoint, train
+from jaxsft.train import checkpoint
+from jaxsft.train.run import train
 
 from conftest import shared_data
 
@@ -40,7 +41,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
 
   config = run_config(tmp_path / 'single_cache', mesh=(2, 2, 2), steps=3)
   config.checkpoint.save_every = 0
-  single = train.train(config, str(tmp_path / 'single'))
+  single = train(config, str(tmp_path / 'single'))
   with open(tmp_path / 'single' / 'metrics.jsonl') as f:
     losses = [r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r]
   np.testing.assert_allclose(report['losses'], losses, rtol=1e-5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxsft import hf
+from jaxsft.interop import hf
 from jaxsft.models import Llama
 
 from hf_reference import random_tokens, save_model, torch_logits

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxsft import hf, presets
+from jaxsft.interop import hf, presets
 
 
 @pytest.mark.parametrize('name, expected', [('llama2-7b', 6_738_415_616),

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsft import hf, lora, quant, sharding, train
+from jaxsft.adapters import lora, quant
+from jaxsft.data.packing import ROW_KEYS
+from jaxsft.interop import hf
 from jaxsft.models import Llama, LlamaConfig
+from jaxsft.parallel import mesh as mesh_lib
+from jaxsft.train import optim
+from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import train
+from jaxsft.train.state import init_train_state
+from jaxsft.train.step import compiler_options, make_eval_step, make_train_step
 
 SHAPES = [(256, 512), (384, 1024), (128, 11008)]  # HF [out, in]
 
@@ -117,14 +125,14 @@ def qlora_config(kind='nf4'):
 def test_lora_step_on_nf4_equals_step_on_dequantized_base():
   from test_train import packed_batch
   config = qlora_config()
-  model_config, _ = train.model_config_from(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  optimizer, schedule = train.optim.make_optimizer(config.optim, 10)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    state = train.init_train_state(config, model_config, None, optimizer, mesh,
-                                   sharding.DEFAULT_RULES)
+  model_config, _ = model_config_from(config)
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  optimizer, schedule = optim.make_optimizer(config.optim, 10)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    state = init_train_state(config, model_config, None, optimizer, mesh,
+                                   mesh_lib.DEFAULT_RULES)
   dense = state.replace(frozen=quant.dequantize_params(state.frozen, jnp.float32))
-  step = jax.jit(train.make_train_step(model_config, optimizer, schedule))
+  step = jax.jit(make_train_step(model_config, optimizer, schedule))
   batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
   after_quantized, m_quantized = step(state, batch)
   after_dense, m_dense = step(dense, batch)
@@ -136,17 +144,17 @@ def test_lora_step_on_nf4_equals_step_on_dequantized_base():
 
 def test_quantized_kernels_shard_like_dense_kernels():
   config = qlora_config()
-  model_config, _ = train.model_config_from(config)
+  model_config, _ = model_config_from(config)
   model_config = model_config.replace(hidden_size=128, intermediate_size=256, num_heads=8,
                                       num_kv_heads=4)
   config.model.architecture = {**dict(config.model.architecture), 'hidden_size': 128,
                                'intermediate_size': 256, 'num_heads': 8, 'num_kv_heads': 4}
-  model_config, _ = train.model_config_from(config)
-  mesh = sharding.make_mesh((2, 2, 2))
-  optimizer, _ = train.optim.make_optimizer(config.optim, 10)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    state = train.init_train_state(config, model_config, None, optimizer, mesh,
-                                   sharding.DEFAULT_RULES)
+  model_config, _ = model_config_from(config)
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  optimizer, _ = optim.make_optimizer(config.optim, 10)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    state = init_train_state(config, model_config, None, optimizer, mesh,
+                                   mesh_lib.DEFAULT_RULES)
   node = state.frozen['layers']['mlp']['up_proj']['kernel']  # ('layers', 'embed', 'mlp')
   expected = jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
   assert node.codes.sharding.spec == expected and node.absmax.sharding.spec == expected
@@ -163,7 +171,7 @@ def test_qlora_training_lowers_the_loss(tmp_path):
   make_model('llama2_mha', vocab_size=32000).save_pretrained(model_dir)
   config = e2e_config(tmp_path, model_dir, lora=True)
   config.quant.kind = 'nf4'
-  result = train.train(config, str(tmp_path / 'run'))
+  result = train(config, str(tmp_path / 'run'))
   state = jax.device_get(result['state'])
   assert isinstance(state.frozen['layers']['self_attn']['q_proj']['kernel'],
                     quant.QuantizedKernel)
@@ -188,8 +196,8 @@ def test_merge_handles_a_quantized_base():
 
 def test_plan_finds_the_longest_row_that_fits():
   """`jaxsft plan --find-max-seq-len`: the answer fits, one step longer does not."""
-  from jaxsft import plan
   from jaxsft.config import default_config
+  from jaxsft.train import plan
   config = default_config()
   config.model.architecture = {'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
                                'num_layers': 2, 'num_heads': 4, 'num_kv_heads': 2}
@@ -216,8 +224,8 @@ def _with_length(config, length):
 def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
   """XLA:CPU computes bf16 in f32 and would hoist an f32 copy of every stacked frozen kernel out
   of the layer loop, memory a GPU or TPU never uses; CPU compiles turn that hoisting off."""
-  from jaxsft import plan
   from jaxsft.config import default_config
+  from jaxsft.train import plan
   config = default_config()
   config.model.architecture = {'vocab_size': 512, 'hidden_size': 512, 'intermediate_size': 2048,
                                'num_layers': 8, 'num_heads': 8, 'num_kv_heads': 8}
@@ -239,10 +247,10 @@ def test_cpu_eval_step_holds_no_f32_copy_of_the_stacked_weights():
                        attention_implementation='xla')
   params = jax.eval_shape(lambda: nn.unbox(Llama(config).init(
       jax.random.key(0), jnp.zeros((1, 64), jnp.int32))))
-  batch = {key: jax.ShapeDtypeStruct((1, 64), jnp.int32) for key in train.ROW_KEYS}
+  batch = {key: jax.ShapeDtypeStruct((1, 64), jnp.int32) for key in ROW_KEYS}
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  compiled = jax.jit(train.make_eval_step(config)).lower(params, batch).compile(
-      compiler_options=train.compiler_options(jax.default_backend()))
+  compiled = jax.jit(make_eval_step(config)).lower(params, batch).compile(
+      compiler_options=compiler_options(jax.default_backend()))
   # Measured: 0.13x the weights; with the hoisting, 2.1x (f32 copies of every stacked kernel).
   assert compiled.memory_analysis().temp_size_in_bytes < weight_bytes
 

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import hf, sharding
+from jaxsft.interop import hf
 from jaxsft.models import Llama
+from jaxsft.parallel import mesh as mesh_lib
 
 from hf_reference import random_tokens, save_model
 
@@ -22,7 +23,7 @@ def folder(tmp_path_factory):
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_sharded_load_matches_logical_axes_and_values(folder, scan_layers, monkeypatch):
   assert jax.device_count() == 8
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = mesh_lib.make_mesh((2, 2, 2))
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
 
   reads = []
@@ -41,7 +42,7 @@ def test_sharded_load_matches_logical_axes_and_values(folder, scan_layers, monke
 
   # Expected shardings straight from flax's logical-axis machinery.
   specs = nn.get_partition_spec(hf.abstract_params(config))
-  expected = nn.logical_to_mesh_sharding(specs, mesh, sharding.DEFAULT_RULES)
+  expected = nn.logical_to_mesh_sharding(specs, mesh, mesh_lib.DEFAULT_RULES)
   flat_expected = jax.tree_util.tree_leaves_with_path(expected)
   flat_sharded = jax.tree_util.tree_leaves_with_path(sharded)
   assert [p for p, _ in flat_expected] == [p for p, _ in flat_sharded]

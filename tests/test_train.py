@@ -10,9 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import optim, sharding, train
 from jaxsft.config import default_config
+from jaxsft.eval.sampling import SampleCallback
 from jaxsft.models.llama import neftune_noise
+from jaxsft.parallel import mesh as mesh_lib
+from jaxsft.parallel.batch import batch_sharding, global_batch
+from jaxsft.train import optim
+from jaxsft.train.loop import NonFiniteLoss
+from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import train
+from jaxsft.train.state import abstract_train_state, init_train_state, state_shardings
+from jaxsft.train.step import make_train_step
 
 from conftest import shared_data
 from hf_reference import make_model
@@ -62,15 +70,15 @@ def packed_batch(rows=8, length=32, seed=0):
 
 def run_steps(config, mesh_shape, batches, devices=None):
   """Initialises on a mesh and runs the jitted step; returns (state on host, metrics list)."""
-  model_config, _ = train.model_config_from(config)
-  mesh = sharding.make_mesh(mesh_shape, devices)
-  rules = sharding.DEFAULT_RULES
+  model_config, _ = model_config_from(config)
+  mesh = mesh_lib.make_mesh(mesh_shape, devices)
+  rules = mesh_lib.DEFAULT_RULES
   optimizer, schedule = optim.make_optimizer(config.optim, 10)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = train.init_train_state(config, model_config, None, optimizer, mesh, rules)
-    shardings = train.state_shardings(state)
-    rows = train.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(model_config, optimizer, schedule,
+    state = init_train_state(config, model_config, None, optimizer, mesh, rules)
+    shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+    rows = batch_sharding(mesh)
+    step = jax.jit(make_train_step(model_config, optimizer, schedule,
                                          grad_accum_steps=config.train.grad_accum_steps,
                                          neftune_alpha=config.train.neftune_alpha,
                                          loss_chunk_size=config.train.loss_chunk_size),
@@ -78,7 +86,7 @@ def run_steps(config, mesh_shape, batches, devices=None):
                    out_shardings=(shardings, None), donate_argnums=(0,))
     metrics = []
     for batch in batches:
-      state, m = step(state, train.global_batch(batch, rows))
+      state, m = step(state, global_batch(batch, rows))
       metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics
 
@@ -144,12 +152,12 @@ def test_lora_step_costs_at_most_070_of_full_step_flops():
                                  'intermediate_size': 5504, 'num_layers': 4, 'num_heads': 16,
                                  'num_kv_heads': 16}
     config.lora.rank = 16
-    model_config, _ = train.model_config_from(config)
+    model_config, _ = model_config_from(config)
     optimizer, schedule = optim.make_optimizer(config.optim, 10)
-    state = train.abstract_train_state(config)
+    state = abstract_train_state(config)
     batch = {k: jax.ShapeDtypeStruct((1, 1024), jnp.int32) for k in
              ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
-    lowered = jax.jit(train.make_train_step(model_config, optimizer, schedule)).lower(state,
+    lowered = jax.jit(make_train_step(model_config, optimizer, schedule)).lower(state,
                                                                                       batch)
     flops[lora] = lowered.cost_analysis()['flops']
   ratio = flops[True] / flops[False]
@@ -220,10 +228,10 @@ def test_end_to_end_on_real_data(tmp_path, lora):
   config.train.sample_prompts = ['Name a fruit.']
   config.train.sample_every = 6
   config.train.sample_max_new_tokens = 4
-  from jaxsft import hf
+  from jaxsft.interop import hf
   _, base = hf.load_checkpoint(model_dir)
   base = jax.device_get(base)
-  result = train.train(config, str(tmp_path / 'run'))
+  result = train(config, str(tmp_path / 'run'), [SampleCallback()])
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     losses = [r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r]
   assert len(losses) == 12
@@ -245,15 +253,15 @@ def test_nan_loss_stops_the_run(tmp_path):
   config = e2e_config(tmp_path, model_dir, False)
   config.optim.learning_rate = 1e12
   config.optim.max_grad_norm = 0.0
-  with pytest.raises(train.NonFiniteLoss, match='the loss became'):
-    train.train(config, str(tmp_path / 'run'))
+  with pytest.raises(NonFiniteLoss, match='the loss became'):
+    train(config, str(tmp_path / 'run'))
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
   model_dir = tmp_path / 'model'
   make_model('llama2_mha').save_pretrained(model_dir)  # vocabulary 256 < the tokenizer's 32000
   with pytest.raises(ValueError, match='32000 tokens but the model'):
-    train.train(e2e_config(tmp_path, model_dir, False), str(tmp_path / 'run'))
+    train(e2e_config(tmp_path, model_dir, False), str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('name', ['demo', 'llama2_7b_lora', 'llama3_8b_full',
@@ -264,7 +272,7 @@ def test_every_config_resolves_and_builds_its_abstract_state(name):
   config.model.path = ''  # the weights are not here; the preset gives the same shapes
   if name in ('alpaca_llama2_data',):
     config.model.preset = 'llama2-7b'
-  state = train.abstract_train_state(config)
+  state = abstract_train_state(config)
   leaves = jax.tree_util.tree_leaves(state)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   trained = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))

@@ -1,4 +1,11 @@
-"""LLaMA-family models: `Llama` (Flax Linen) and its `LlamaConfig`."""
+"""LLaMA-family models in Flax Linen: the decoder (`llama`), its layers and projections
+(`layers`), attention kernels (`attention`, `blocked_attention`), RoPE (`rope`) and the model
+config (`config`).
+
+A projection applies LoRA and dequantizes 4-bit kernels, so models import `jaxsft.adapters`;
+nothing else of jaxsft. `Llama` and `LlamaConfig` below are the public API the README shows;
+jaxsft's own modules import them from `models.llama` and `models.config`.
+"""
 
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama

@@ -2,7 +2,7 @@
 
 One dataclass covers LLaMA 1/2/3, Mistral and Qwen2; they differ only in the fields below (GQA
 head counts, rotary scaling, q/k/v biases, tied embeddings, sliding window). The HF
-`config.json` mapping lives in `jaxsft.hf`; this module knows nothing about files.
+`config.json` mapping lives in `jaxsft.interop.hf_config`; this module knows nothing about files.
 """
 
 from __future__ import annotations

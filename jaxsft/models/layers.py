@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsft.quant import QuantizedKernel, dequantize
+from jaxsft.adapters.quant import QuantizedKernel, dequantize
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 

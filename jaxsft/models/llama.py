@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.models.attention import attention
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
 from jaxsft.models.rope import apply_rotary, inverse_frequencies, rotary_angles
-from jaxsft.quant import QuantizedKernel, dequantize
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer in the backward pass
@@ -154,7 +154,7 @@ class Llama(nn.Module):
     segment_ids: `[B, T]` int32, 1.. per packed example, 0 for padding; default all ones.
     neftune_alpha: NEFTune noise on the input embeddings (training only; needs a `neftune` rng).
     return_hidden: skip the LM head and return the final-normed hidden states `[B, T, D]`
-      (the fused loss applies the head itself, chunk by chunk; see `jaxsft.loss`).
+      (the fused loss applies the head itself, chunk by chunk; see `jaxsft.train.loss`).
   Returns:
     logits `[B, T, V]` in `config.logits_dtype`.
 
@@ -163,7 +163,7 @@ class Llama(nn.Module):
 
   config: LlamaConfig
   deterministic: bool = True
-  decode: bool = False  # KV cache in the `cache` collection (see jaxsft.generate)
+  decode: bool = False  # KV cache in the `cache` collection (see jaxsft.eval.generate)
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, neftune_alpha: float = 0.0,

@@ -12,17 +12,17 @@ import math
 import numbers
 from typing import Any
 
-from jaxsft.config import dataset_spec
+from jaxsft.adapters.quant import KINDS as QUANT_KINDS
+from jaxsft.adapters.targets import target_matcher
 from jaxsft.data.formats import FORMATS
 from jaxsft.data.packing import OVERLONG_POLICIES, STRATEGIES
 from jaxsft.data.sources import BAD_RECORD_POLICIES
+from jaxsft.data.spec import dataset_spec
 from jaxsft.data.templates import TRAIN_ON, template_kind
 from jaxsft.errors import UserError
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from jaxsft.optim import SCHEDULES
-from jaxsft.sharding import check_mesh_shape
-from jaxsft.state import check_quant_config
-from jaxsft.targets import target_matcher
+from jaxsft.parallel.mesh import check_mesh_shape
+from jaxsft.train.optim import SCHEDULES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -122,3 +122,42 @@ def check_config(config: Any) -> None:
   if d.streaming and t.num_steps <= 0:
     _fail('train.num_steps', t.num_steps, 'must be > 0 with data.streaming=True (a stream has '
           'no length, so num_epochs cannot end it)')
+
+
+def check_quant_config(config: Any) -> bool:
+  """Whether the run quantizes its base weights; QLoRA needs LoRA (4-bit weights are frozen)."""
+  if config.quant.kind == 'none':
+    return False
+  if config.quant.kind not in QUANT_KINDS:
+    raise UserError(f'quant.kind={config.quant.kind!r}; choose none or one of {QUANT_KINDS}.')
+  if not config.lora.enabled:
+    raise UserError(f'quant.kind={config.quant.kind!r} freezes the base weights in 4 bits, so '
+                    'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
+  return True
+
+
+def check_batch_layout(config: Any, mesh: Any) -> None:
+  """Each micro-batch's rows split evenly over the data x fsdp devices (that `grad_accum_steps`
+  divides `batch_size` is `check_config`'s rule)."""
+  rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
+  accum = config.train.grad_accum_steps
+  if (config.batch_size // accum) % rows_axes:
+    raise UserError(f'each micro-batch has {config.batch_size // accum} rows, which the '
+                    f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
+                    'make batch_size / grad_accum_steps a multiple of that.')
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
+  """Refuses a tokenizer that cannot be the model's: more ids than embedding rows (they would
+  read garbage, NaN on some backends, not fail), or a vocabulary far smaller than the model's
+  (a folder that loaded without its model files)."""
+  size = len(tokenizer)
+  if size > vocab_size:
+    raise UserError(f'the tokenizer at {where} has {size} tokens but the model\'s vocabulary '
+                    f'is {vocab_size}; use the tokenizer saved with the model, or resize the '
+                    'model\'s embeddings (added special tokens need rows too).')
+  if size < vocab_size // 2:
+    raise UserError(f'the tokenizer at {where} has {size} tokens but the model\'s vocabulary is '
+                    f'{vocab_size}: it cannot be this model\'s tokenizer (is its tokenizer.json '
+                    'or tokenizer.model missing?); point data.tokenizer at the model\'s '
+                    'tokenizer.')

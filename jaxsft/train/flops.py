@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxsft.models import LlamaConfig
-from jaxsft.targets import target_matcher
+from jaxsft.adapters.targets import target_matcher
+from jaxsft.models.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity), by substring of
 # `device.device_kind`; the first match wins, so longer names come first.

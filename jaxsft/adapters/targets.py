@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from jaxsft.errors import UserError
 
 ALL_LINEAR = 'all-linear'
+# The default of `lora.targets` and `quant.targets`: every linear projection of the decoder
+# (embeddings, norms and the LM head stay as they are).
+DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 _PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 
 

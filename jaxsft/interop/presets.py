@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxsft import hf
-from jaxsft.models import LlamaConfig
+from jaxsft.interop.hf_config import config_from_hf
+from jaxsft.models.config import LlamaConfig
 
 _LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
@@ -53,4 +53,4 @@ def preset(name: str, **overrides: Any) -> LlamaConfig:
   if name not in HF_CONFIGS:
     raise KeyError(f'unknown model preset {name!r}; known: {sorted(HF_CONFIGS)}. For other '
                    'models point jaxsft at the HF folder instead.')
-  return hf.config_from_hf(HF_CONFIGS[name], **overrides)
+  return config_from_hf(HF_CONFIGS[name], **overrides)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.errors import UserError
-from jaxsft.models import Llama, LlamaConfig
+from jaxsft.models.config import LlamaConfig
+from jaxsft.models.llama import Llama
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,10 @@ import jax.numpy as jnp
 
 from jaxsft.models.layers import dot
 
+# Positions per row whose logits exist at once (`data.max_seq_len` is cut into chunks of the
+# largest divisor at most this); the config's `train.loss_chunk_size` default.
+DEFAULT_CHUNK_SIZE = 256
+
 
 def _supervised_first(mask_bt: jnp.ndarray) -> jnp.ndarray:
   """`[B, T]` permutation per row putting supervised positions first, in order."""

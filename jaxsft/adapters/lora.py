@@ -5,7 +5,7 @@ kernels it adapts: `layers/self_attn/q_proj/kernel [L, D, N*H]` gets
 `layers/self_attn/q_proj/{a: [L, D, R], b: [L, R, N*H]}` (the leading `layers` axis only with
 `scan_layers`). `Projection` finds them there and adds `scale * (dropout(x) @ a) @ b`.
 
-Targets (`lora.targets`) are read by `jaxsft.targets.target_matcher`, as `quant.targets` are:
+Targets (`lora.targets`) are read by `jaxsft.adapters.targets.target_matcher`, as `quant.targets` are:
 plain names (`q_proj`), regular expressions over the module path, or `all-linear`.
 """
 
@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsft.adapters import quant
+from jaxsft.adapters.targets import module_path, target_matcher
 from jaxsft.errors import UserError
-from jaxsft.targets import module_path, target_matcher
 
 LORA_RANK_AXIS = 'lora_rank'
 
@@ -83,7 +84,6 @@ def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.
   """Params with `W + scale * A @ B` folded into each adapted kernel (for export). A 4-bit
   base kernel is dequantized first and the merged kernel written in `quantized_dtype`; every
   other quantized kernel is dequantized too, so the result is a plain dense tree."""
-  from jaxsft import quant  # pylint: disable=import-outside-toplevel
   flat_params = _flat(params)
   flat_lora = _flat(lora)
   merged = {}
@@ -97,3 +97,11 @@ def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.
                        flat_lora[path + ('b',)].astype(jnp.float32))
     merged[path + ('kernel',)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
   return flax.traverse_util.unflatten_dict(merged)
+
+
+def dense_params(params: Any, lora_tree: Any | None, scale: float) -> Any:
+  """A plain float32-kernel tree for export: the adapters merged (`merge_lora`) when there are
+  any, every 4-bit kernel dequantized."""
+  if lora_tree is not None:
+    return merge_lora(params, lora_tree, scale, quantized_dtype=jnp.float32)
+  return quant.dequantize_params(params, jnp.float32)

@@ -16,7 +16,7 @@ time in that same flat order (output-major), with bitsandbytes' dynamic 8-bit ma
 `dequantize` reproduces `bitsandbytes.functional.dequantize_4bit` bit for bit.
 
 Because every leaf has the kernel's rank, `nn.scan` slices it per layer and the kernel's
-logical axes shard it (`quantized_shardings`); `Projection` dequantizes to the compute dtype
+logical axes shard it (`node_shardings`); `Projection` dequantizes to the compute dtype
 right before its matmul, inside the scanned layer.
 """
 
@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxsft.adapters.targets import DEFAULT_TARGETS, target_matcher
 from jaxsft.errors import UserError
-from jaxsft.targets import target_matcher
+from jaxsft.parallel.mesh import logical_to_mesh_spec
 
 KINDS = ('nf4', 'int4')
 # The NF4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes stores them in float32.
@@ -46,9 +47,6 @@ NF4_LEVELS = np.array([
 INT4_LEVELS = np.arange(-8, 8, dtype=np.float32) / 7.0  # codes 0..15 <-> -8..7, |q| <= 7 used
 DOUBLE_QUANT_BLOCK = 256
 DOUBLE_QUANT_ROUNDING = ('min_error', 'nearest')
-# Default targets: every linear projection of the decoder (embeddings, norms and the LM head
-# stay dense).
-DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
 
 def _torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
@@ -272,7 +270,6 @@ def node_shardings(names: Sequence[str | None], node: QuantizedKernel, mesh: Mes
   """Shardings of a quantized kernel's leaves from the dense kernel's logical axes: codes and
   absmax shard like the kernel; the small double-quantization statistics are replicated
   along their own dimension."""
-  from jaxsft.sharding import logical_to_mesh_spec  # pylint: disable=import-outside-toplevel
   *lead, _, _ = names
 
   def spec(leaf, leaf_names):

@@ -15,18 +15,20 @@ import copy
 import dataclasses
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxsft import hf, lora, optim, quant, train
-from jaxsft import sharding as sharding_lib
+from jaxsft.adapters.quant import QuantizedKernel
 from jaxsft.data.packing import ROW_KEYS
-from jaxsft.validate import check_config
+from jaxsft.parallel.batch import batch_sharding
+from jaxsft.parallel.mesh import mesh_and_rules
+from jaxsft.train.model_source import model_config_from
+from jaxsft.train.optim import make_optimizer
+from jaxsft.train.state import abstract_train_state, state_shardings
+from jaxsft.train.step import jit_train_step
+from jaxsft.train.validate import check_batch_layout, check_config
 
 GIB = 1024 ** 3
 
@@ -38,40 +40,6 @@ def _device_bytes(tree: Any, shardings: Any) -> int:
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
     total += int(np.prod(sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
   return total
-
-
-def state_shardings(config: Any, state: train.TrainState, mesh: Any, rules: tuple
-                    ) -> train.TrainState:
-  """Shardings of an abstract train state, from the logical axes of the model's kernels."""
-  model_config, _ = train.model_config_from(config, shapes_only=True)
-  boxed = flax.traverse_util.flatten_dict(flax.core.unfreeze(hf.abstract_params(model_config)),
-                                          sep=None)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def base_sharding(tree):
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
-    out = {}
-    for path, leaf in flat.items():
-      names = boxed[path].names
-      if isinstance(leaf, quant.QuantizedKernel):
-        out[path] = quant.node_shardings(names, leaf, mesh, rules)
-      else:
-        out[path] = NamedSharding(mesh, sharding_lib.logical_to_mesh_spec(names, leaf.shape,
-                                                                          mesh, rules))
-    return flax.traverse_util.unflatten_dict(out)
-
-  if config.lora.enabled:
-    abstract = lora.abstract_lora(hf.abstract_params(model_config), list(config.lora.targets),
-                                  config.lora.rank)
-    trained = sharding_lib.logical_shardings(abstract, mesh, rules)
-    frozen = base_sharding(state.frozen)
-  else:
-    trained, frozen = base_sharding(state.params), None
-  optimizer, _ = optim.make_optimizer(config.optim, 1000)
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, trained,
-                              transform_non_params=lambda _: replicated)
-  return train.TrainState(step=replicated, params=trained, frozen=frozen, opt_state=opt,
-                          rng=replicated)
 
 
 @dataclasses.dataclass
@@ -92,32 +60,32 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
   """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
   default all)."""
   check_config(config)
-  mesh, rules = train.mesh_and_rules(config, devices)
-  train.check_batch_layout(config, mesh)
-  model_config, _ = train.model_config_from(config, shapes_only=True)
-  state = train.abstract_train_state(config)
-  shardings = state_shardings(config, state, mesh, rules)
-  optimizer, schedule = optim.make_optimizer(config.optim, 1000)
-  rows = train.batch_sharding(mesh)
+  mesh, rules = mesh_and_rules(config.mesh, devices)
+  check_batch_layout(config, mesh)
+  model_config, _ = model_config_from(config, shapes_only=True)
+  optimizer, schedule = make_optimizer(config.optim, 1000)
+  state = abstract_train_state(config, model_config, optimizer)
+  shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+  rows = batch_sharding(mesh)
   batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.max_seq_len), jnp.int32,
                                      sharding=rows)
            for key in ROW_KEYS}
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = train.jit_train_step(config, model_config, optimizer, schedule, shardings,
+    compiled = jit_train_step(config, model_config, optimizer, schedule, shardings,
                                     rows).lower(state, batch).compile()
   analysis = compiled.memory_analysis()
   temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
   frozen_tree = state.frozen if state.frozen is not None else {}
   frozen_shardings = shardings.frozen if state.frozen is not None else {}
   kernels = [x for x in jax.tree_util.tree_leaves(
-      state.frozen, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
-             if isinstance(x, quant.QuantizedKernel)] if state.frozen is not None else []
+      state.frozen, is_leaf=lambda x: isinstance(x, QuantizedKernel))
+             if isinstance(x, QuantizedKernel)] if state.frozen is not None else []
   bits = (8 * sum(k.nbytes() for k in kernels) / sum(int(np.prod(k.shape)) for k in kernels)
           if kernels else None)
   frozen_parameters = sum(int(np.prod(k.shape)) for k in jax.tree_util.tree_leaves(
-      frozen_tree, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel)))
+      frozen_tree, is_leaf=lambda x: isinstance(x, QuantizedKernel)))
   return MemoryPlan(
       frozen_bytes=_device_bytes(frozen_tree, frozen_shardings),
       trained_bytes=_device_bytes(state.params, shardings.params),

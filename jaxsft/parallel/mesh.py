@@ -114,3 +114,13 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 
   return jax.tree_util.tree_map(one, abstract_tree,
                                 is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def mesh_and_rules(mesh_config: Any, devices: Sequence[jax.Device] | None = None
+                   ) -> tuple[Mesh, tuple[tuple[str, Any], ...]]:
+  """The mesh of a run's `mesh` config section (`shape`, `rules`) and its rules table: the
+  section's rules first, then every `DEFAULT_RULES` entry they do not override."""
+  rules = tuple(tuple(rule) for rule in mesh_config.rules)
+  overridden = {name for name, _ in rules}
+  rules += tuple(rule for rule in DEFAULT_RULES if rule[0] not in overridden)
+  return make_mesh(tuple(mesh_config.shape), devices), rules

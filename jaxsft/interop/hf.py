@@ -1,4 +1,4 @@
-"""HF checkpoints <-> jaxsft parameters.
+"""HF checkpoint weights <-> jaxsft parameters, and the tokenizer files that travel with them.
 
 `load_checkpoint` reads a local HF folder (or fetches a hub id into the HF cache): `config.json`
 of transformers 4 or 5, one `model.safetensors` or shards listed in
@@ -27,130 +27,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from jaxsft import sharding as sharding_lib
 from jaxsft.errors import UserError
-from jaxsft.models import Llama, LlamaConfig
+from jaxsft.interop.hf_config import (
+  config_from_hf,
+  config_to_hf,
+  read_hf_config,
+  resolve_checkpoint_dir,
+)
+from jaxsft.models.config import LlamaConfig
+from jaxsft.models.llama import Llama
+from jaxsft.parallel.mesh import DEFAULT_RULES, logical_shardings
 
 _LOG = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                         'qwen2': 'Qwen2ForCausalLM'}
 SAFETENSORS_SINGLE = 'model.safetensors'
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json',
                    'chat_template.jinja', 'chat_template.json', 'generation_config.json')
 _HF_DTYPES = {'float32': jnp.float32, 'float16': jnp.float16, 'bfloat16': jnp.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json <-> LlamaConfig
-
-
-def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
-  """Maps an HF `config.json` dict (transformers 4 or 5) to a `LlamaConfig`.
-
-  `overrides` set `LlamaConfig` fields the file does not hold (`scan_layers`, `dtype`, ...).
-  """
-  model_type = hf.get('model_type')
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise UserError(f'config.json has model_type={model_type!r} (architectures='
-                    f'{hf.get("architectures")}); jaxsft supports '
-                    f'{sorted(SUPPORTED_MODEL_TYPES)}.')
-  if hf.get('hidden_act', 'silu') != 'silu':
-    raise UserError(f'config.json has hidden_act={hf["hidden_act"]!r}; LLaMA-family models in '
-                    'jaxsft use silu (SwiGLU).')
-
-  # transformers 5 nests theta and scaling in `rope_parameters`; 4 has `rope_theta` and
-  # `rope_scaling` (whose type key was once `type`).
-  rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
-  rope_theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
-  if 'type' in rope and 'rope_type' not in rope:
-    rope['rope_type'] = rope.pop('type')
-  rope.pop('type', None)
-  rope_scaling = rope if rope.get('rope_type', 'default') != 'default' else None
-
-  num_layers = hf['num_hidden_layers']
-  sliding_window = _sliding_window(hf, model_type, num_layers)
-  attention_bias = bool(hf.get('attention_bias', False))
-  qkv_bias = True if model_type == 'qwen2' else attention_bias
-  num_heads = hf['num_attention_heads']
-  fields = dict(
-      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
-      intermediate_size=hf['intermediate_size'], num_layers=num_layers, num_heads=num_heads,
-      num_kv_heads=hf.get('num_key_value_heads') or num_heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // num_heads,
-      rms_norm_eps=hf.get('rms_norm_eps', 1e-6), rope_theta=float(rope_theta),
-      rope_scaling=rope_scaling,
-      max_position_embeddings=hf.get('max_position_embeddings', 4096),
-      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      qkv_bias=qkv_bias, o_bias=attention_bias and model_type == 'llama',
-      mlp_bias=bool(hf.get('mlp_bias', False)), sliding_window=sliding_window,
-      model_type=model_type, bos_token_id=hf.get('bos_token_id'),
-      eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
-  fields.update(overrides)
-  return LlamaConfig(**fields)
-
-
-def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
-  window = hf.get('sliding_window')
-  if model_type == 'llama' or window is None:
-    return None
-  if model_type == 'mistral':
-    return int(window)
-  # Qwen2: a window only where `use_sliding_window`, and then only from `max_window_layers` on.
-  layer_types = hf.get('layer_types')
-  if layer_types is None:
-    if not hf.get('use_sliding_window', False):
-      return None
-    start = hf.get('max_window_layers', num_layers)
-    layer_types = ['sliding_attention' if i >= start else 'full_attention'
-                   for i in range(num_layers)]
-  kinds = set(layer_types)
-  if kinds == {'full_attention'}:
-    return None
-  if kinds == {'sliding_attention'}:
-    return int(window)
-  raise NotImplementedError(
-      'config.json mixes sliding-window and full-attention layers (layer_types='
-      f'{layer_types}); jaxsft applies one attention pattern to every layer. Set '
-      '"use_sliding_window": false (what Qwen2 checkpoints ship with) to train with full '
-      'attention.')
-
-
-def config_to_hf(config: LlamaConfig, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
-  """An HF `config.json` dict that transformers 4 and 5 both read."""
-  c = config
-  rope_parameters = {'rope_type': 'default', **(c.rope_scaling or {}), 'rope_theta': c.rope_theta}
-  rope_scaling = dict(c.rope_scaling) if c.rope_scaling else None
-  dtype_name = jnp.dtype(dtype).name
-  hf = {
-      'architectures': [SUPPORTED_MODEL_TYPES[c.model_type]], 'model_type': c.model_type,
-      'vocab_size': c.vocab_size, 'hidden_size': c.hidden_size,
-      'intermediate_size': c.intermediate_size, 'num_hidden_layers': c.num_layers,
-      'num_attention_heads': c.num_heads, 'num_key_value_heads': c.num_kv_heads,
-      'head_dim': c.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': c.rms_norm_eps,
-      'max_position_embeddings': c.max_position_embeddings,
-      'tie_word_embeddings': c.tie_word_embeddings, 'rope_theta': c.rope_theta,
-      'rope_scaling': rope_scaling, 'rope_parameters': rope_parameters,
-      'bos_token_id': c.bos_token_id, 'eos_token_id': c.eos_token_id,
-      'pad_token_id': c.pad_token_id, 'torch_dtype': dtype_name, 'dtype': dtype_name,
-      'use_cache': True, 'initializer_range': 0.02, 'attention_dropout': 0.0,
-  }
-  if c.model_type == 'llama':
-    if c.qkv_bias != c.o_bias:
-      raise UserError('LLaMA in transformers has one attention_bias for q/k/v/o; this config '
-                      f'has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
-    hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-  elif c.model_type == 'mistral':
-    hf['sliding_window'] = c.sliding_window
-  elif c.model_type == 'qwen2':
-    hf.update(use_sliding_window=c.sliding_window is not None,
-              sliding_window=c.sliding_window, max_window_layers=0 if c.sliding_window else
-              c.num_layers,
-              layer_types=['sliding_attention' if c.sliding_window else 'full_attention'] *
-              c.num_layers)
-  return hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,32 +111,6 @@ def _get_path(tree: Mapping, path: Sequence[str]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-
-def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
-  """A local folder as is; anything else is taken as a hub id and fetched into the HF cache."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    return path
-  if os.path.exists(path) or path.startswith(('/', './', '../', '~')):
-    raise UserError(f'{path!r} is not a folder. Pass the folder holding config.json and '
-                    '*.safetensors, or a hub id such as "meta-llama/Llama-2-7b-hf".')
-  import huggingface_hub  # only when a hub id is given: loading local folders needs no network
-  try:
-    return huggingface_hub.snapshot_download(
-        repo_id=path, allow_patterns=['*.json', '*.safetensors', 'tokenizer.model', '*.txt',
-                                      '*.jinja'])
-  except Exception as error:  # not a folder here, and not fetchable (offline, private, typo)
-    raise UserError(f'{path!r} is not a local folder, and fetching it as a hub model failed '
-                    f'({type(error).__name__}); pass the folder holding config.json and '
-                    '*.safetensors.') from error
-
-
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
-    raise UserError(f'{path!r} has no config.json; it is not an HF model folder.')
-  with open(config_path) as f:
-    return json.load(f)
 
 
 class SafetensorsReader:
@@ -311,13 +180,13 @@ def abstract_params(config: LlamaConfig) -> Any:
 
 
 def param_shardings(config: LlamaConfig, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES) -> Any:
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """`NamedSharding` of each parameter of `Llama(config)` on `mesh`."""
-  return sharding_lib.logical_shardings(abstract_params(config), mesh, rules)
+  return logical_shardings(abstract_params(config), mesh, rules)
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh | None = None,
-                    rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                     config_overrides: Mapping[str, Any] | None = None,
                     transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None
                     ) -> tuple[LlamaConfig, dict[str, Any]]:
@@ -328,7 +197,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
     dtype: dtype of the returned parameters; 'auto' keeps the checkpoint's own dtype.
     mesh: place each parameter on this mesh with the sharding its logical axes give; each
       device's shard is read from disk on its own, so no device holds the whole model.
-    rules: logical-axis rules (see `jaxsft.sharding.DEFAULT_RULES`).
+    rules: logical-axis rules (see `jaxsft.parallel.mesh.DEFAULT_RULES`).
     config_overrides: `LlamaConfig` fields to set (`scan_layers`, compute `dtype`, ...).
     transform: applied to each parameter `(path, array)` as soon as it is read, before the next
       one is (e.g. quantization), so the untransformed model never exists whole.
@@ -349,7 +218,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
   _check_tensors(folder, reader, entries, prefix)
   abstract = abstract_params(config)
   if mesh is not None:
-    shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+    shardings = logical_shardings(abstract, mesh, rules)
   else:
     device = jax.local_devices()[0]
     shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), nn.unbox(abstract))
@@ -475,3 +344,22 @@ def _name_shards(path: str, files: list[tuple[str, list[str], int]]) -> None:
   index = {'metadata': {'total_size': sum(size for *_, size in files)}, 'weight_map': weight_map}
   with open(os.path.join(path, SAFETENSORS_INDEX), 'w') as f:
     json.dump(index, f, indent=2, sort_keys=True)
+
+
+def write_chat_template(out: str | os.PathLike, chat_template: str) -> None:
+  """Makes `chat_template` the template of the tokenizer in `out`: `chat_template.jinja`,
+  which transformers reads first, and no competing copy in `tokenizer_config.json`. The
+  `{% generation %}` markers of jaxsft's templates render as nothing in `apply_chat_template`.
+  Process 0 writes."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'chat_template.jinja'), 'w') as f:
+    f.write(chat_template)
+  config_path = os.path.join(out, 'tokenizer_config.json')
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      tokenizer_config = json.load(f)
+    if tokenizer_config.pop('chat_template', None) is not None:
+      with open(config_path, 'w') as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,7 @@
+"""The HF ecosystem in and out: `config.json` <-> `LlamaConfig` (`hf_config`), safetensors
+weights and tokenizer files (`hf`), PEFT LoRA adapters (`peft`) and named architectures
+without weights (`presets`).
+
+Usable in research code without the trainer: it may import `models`, `adapters`, `parallel`
+and `errors`, never `data`, `train`, `eval`, the CLI or the config defaults.
+"""
