@@ -1,3 +1,32 @@
-"""jaxsft: supervised fine-tuning of LLaMA-family models in JAX/Flax."""
+"""jaxsft: supervised fine-tuning of LLaMA-family models in JAX/Flax.
+
+The packages are the architecture's parts, each importing only the parts below it (the
+contracts in `pyproject.toml`, checked by `lint-imports`; the map is in docs/design.md):
+
+  cli, config, demo   the command line, the defaults it reads, the no-download demo
+  eval                generation (KV cache), a model from a run or HF folder, metrics
+  train               state, steps, optimizer, checkpoints, the run and its loop, plan, export
+  data | interop      records -> packed rows | HF config, weights, PEFT adapters, presets
+  models              the Linen LLaMA family, attention kernels, RoPE
+  adapters            LoRA and 4-bit kernels, with one target matcher
+  parallel            meshes, logical-axis rules, batch sharding, multi-host start-up
+  errors              `UserError`, the one-line errors a user can fix
+"""
+
+import importlib
+import warnings
 
 __version__ = '0.1.0'
+
+# Import paths of jaxsft 0.1.0's README that moved into the parts above; they keep working
+# for a while, with a warning that names the new path.
+_MOVED = {'hf': 'jaxsft.interop.hf', 'sharding': 'jaxsft.parallel.mesh'}
+
+
+def __getattr__(name: str):
+  if name in _MOVED:
+    warnings.warn(f'jaxsft.{name} moved to {_MOVED[name]}; import it from there.',
+                  DeprecationWarning, stacklevel=2)
+    module = globals()[name] = importlib.import_module(_MOVED[name])
+    return module
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -72,7 +72,8 @@ def synthetic_rows(num_rows: int, seq_len: int, vocab: int, seed: int) -> dict[s
 
 def real_rows(args, num_rows: int) -> dict[str, np.ndarray]:
   from jaxsft.config import default_config
-  from jaxsft.data.pipeline import Pipeline, load_tokenizer
+  from jaxsft.data.pipeline import Pipeline
+  from jaxsft.data.tokenizer import load_tokenizer
   config = default_config()
   config.data.datasets = [{'path': args.data}]
   config.data.template = args.template

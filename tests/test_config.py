@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxsft.config import apply_override, dataset_spec, default_config, load_config
+from jaxsft.config import apply_override, default_config, load_config
+from jaxsft.data.spec import dataset_spec
 from jaxsft.errors import UserError
 
 

@@ -11,7 +11,8 @@ import pytest
 from jaxsft.config import default_config
 from jaxsft.data import BadRecord, encode_batch, to_messages
 from jaxsft.data.packing import ROW_KEYS, fit_length
-from jaxsft.data.pipeline import Pipeline, load_tokenizer, mixture_counts
+from jaxsft.data.pipeline import Pipeline, mixture_counts
+from jaxsft.data.tokenizer import load_tokenizer
 
 from conftest import shared_data
 

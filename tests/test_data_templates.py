@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 from jaxsft.data import encode_batch, encode_messages, load_template, to_messages
-from jaxsft.data.templates import BUILTIN_TEMPLATES
+from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
 
 from conftest import shared_data
 

@@ -12,7 +12,8 @@ from test_data_templates import supervised_runs as supervised_id_runs
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from jaxsft.data import BadRecord, encode_batch, encode_messages, load_template, to_messages
-from jaxsft.data.templates import BUILTIN_TEMPLATES, ChatTemplate, render, render_examples
+from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
+from jaxsft.data.templates import ChatTemplate, render, render_examples
 
 from conftest import shared_data
 

@@ -9,6 +9,7 @@ What is not run here, and where it is run instead:
   steps (`--config.train.num_steps`), because generate and chat need a trained demo directory.
 - `pip install -e '.[cuda]'` / `'.[tpu]'`: no GPU or TPU wheels here.
 - The test command (`pip install torch... && pytest`): it is what runs this file.
+- `lint-imports`: `.ci/run` runs it after the tests, and `tests/test_architecture.py` runs it.
 - `gcloud compute tpus tpu-vm ssh ... --command='...'`: the jaxsft command inside the quotes runs.
 - The two multi-host commands of `configs/llama3_8b_full.py` run as written (one process, then
   two processes joined through a local coordinator) plus `SMALL_BATCH`: the config's 64 rows of
@@ -56,6 +57,7 @@ NOT_RUN_HERE = (
     "pip install -e '.[cuda]'",
     "pip install -e '.[tpu]'",
     "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q",
+    'lint-imports',
 )
 
 

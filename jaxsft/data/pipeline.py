@@ -24,7 +24,6 @@ A batch is a dict of int32 numpy arrays `[batch_size // process_count, max_seq_l
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -35,6 +34,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from jaxsft.data.batches import Batch, BatchIterator, InMemoryBatches, StreamingBatches, seeded_rng
 from jaxsft.data.packing import STRATEGIES, assign_rows, fill_rows
 from jaxsft.data.sources import (
   TRUNCATED,
@@ -48,15 +48,6 @@ from jaxsft.data.templates import load_template
 from jaxsft.errors import UserError
 
 _LOG = logging.getLogger(__name__)
-STATE_VERSION = 1
-Batch = dict[str, np.ndarray]
-
-
-def _rng(*keys: Any) -> np.random.Generator:
-  """A generator seeded by a tuple of ints and strings (stable across processes and runs)."""
-  words = [int(k) if not isinstance(k, str) else
-           int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], 'little') for k in keys]
-  return np.random.default_rng(words)
 
 
 def mixture_counts(weights: Sequence[float], total: int) -> np.ndarray:
@@ -142,7 +133,7 @@ class Pipeline:
       label = f'datasets[{i}] {spec["path"]}'
       table, kept, num_tokens = self._tokenized(spec, label)
       held_out = self._eval_count(len(kept), label)
-      order = _rng(self.config.seed, 'eval', i).permutation(len(kept))
+      order = seeded_rng(self.config.seed, 'eval', i).permutation(len(kept))
       eval_rows = np.sort(kept[order[:held_out]])
       train_rows = np.sort(kept[order[held_out:]])
       if not len(train_rows):
@@ -174,7 +165,7 @@ class Pipeline:
     if key not in self._permutations:
       if len(self._permutations) > 64:
         self._permutations.clear()
-      self._permutations[key] = _rng(self.config.seed, 'cycle', source, cycle).permutation(
+      self._permutations[key] = seeded_rng(self.config.seed, 'cycle', source, cycle).permutation(
           len(self.sources[source].train_rows))
     return self._permutations[key]
 
@@ -194,11 +185,11 @@ class Pipeline:
     as lists of indices into the refs)."""
     refs = [(s, int(row)) for s, count in enumerate(self.window_counts)
             for row in self._stream_rows(s, window * int(count), int(count))]
-    order = _rng(self.config.seed, 'window', window).permutation(len(refs))
+    order = seeded_rng(self.config.seed, 'window', window).permutation(len(refs))
     refs = [refs[i] for i in order]
     lengths = [int(self.sources[s].num_tokens[row]) - 1 for s, row in refs]
     rows = assign_rows(lengths, self.seq_len, self.config.packing)
-    row_order = _rng(self.config.seed, 'rows', window).permutation(len(rows))
+    row_order = seeded_rng(self.config.seed, 'rows', window).permutation(len(rows))
     return refs, [rows[i] for i in row_order]
 
   def _read(self, sources: Sequence[_Source], refs: Sequence[tuple[int, int]]
@@ -281,8 +272,8 @@ class Pipeline:
       raise UserError('data.datasets is empty; training needs at least one {"path": ...} '
                       'entry (data.eval_datasets alone only serve eval_batches).')
     if self.config.streaming:
-      return _StreamingBatches(self, state)
-    return _InMemoryBatches(self, state)
+      return StreamingBatches(self, state)
+    return InMemoryBatches(self, state)
 
   def eval_batches(self) -> Iterator[Batch]:
     """One pass over the eval examples, packed in a fixed order; the last global batch is
@@ -307,135 +298,3 @@ class Pipeline:
     for stats in self.stats.values():
       total += stats
     return total
-
-
-class BatchIterator(Iterator[Batch]):
-  """Endless batches with a serializable position (`state()`)."""
-
-  def __init__(self, pipeline: Pipeline):
-    self.pipeline = pipeline
-    self.window = 0
-    self.row = 0  # next row (global for in-memory, local for streaming) within the window
-
-  def state(self) -> dict[str, Any]:
-    return {'version': STATE_VERSION, 'fingerprint': self.pipeline.fingerprint(),
-            'streaming': bool(self.pipeline.config.streaming),
-            'process_index': self.pipeline.process_index, 'window': self.window,
-            'row': self.row}
-
-  def _check_state(self, state: dict[str, Any]) -> None:
-    if state.get('version') != STATE_VERSION:
-      raise UserError(f'data iterator state version {state.get("version")} is not '
-                      f'{STATE_VERSION}; it was saved by another jaxsft version.')
-    if state['fingerprint'] != self.pipeline.fingerprint():
-      raise UserError('the saved data iterator state belongs to a different data setup (seed, '
-                      'sources, max_seq_len, batch_size, packing, or the process count of a '
-                      'stream changed); '
-                      'resuming would not see the same batches. Restore those settings.')
-    if state.get('streaming') and state['process_index'] != self.pipeline.process_index:
-      raise UserError(f'data state of process {state["process_index"]} given to process '
-                      f'{self.pipeline.process_index}.')
-
-  @property
-  def epoch(self) -> int:
-    """Completed passes over the training data (in memory: one window is one epoch)."""
-    return self.window
-
-
-class _InMemoryBatches(BatchIterator):
-
-  def __init__(self, pipeline: Pipeline, state: dict[str, Any] | None):
-    super().__init__(pipeline)
-    if state is not None:
-      self._check_state(state)
-      self.window, self.row = state['window'], state['row']
-    self._plan = (-1, [], [])
-
-  def _window_plan(self, window: int):
-    if self._plan[0] != window:
-      self._plan = (window, *self.pipeline._plan_window(window))  # pylint: disable=protected-access
-    return self._plan[1], self._plan[2]
-
-  def __next__(self) -> Batch:
-    p = self.pipeline
-    first = p.process_index * p.local_batch_size
-    chosen: list[tuple[int, int]] = []
-    batch_rows: list[list[int]] = []
-    for position in range(p.batch_size):
-      refs, rows = self._window_plan(self.window)
-      if first <= position < first + p.local_batch_size:
-        base = len(chosen)
-        chosen += [refs[i] for i in rows[self.row]]
-        batch_rows.append(list(range(base, len(chosen))))
-      self.row += 1
-      if self.row == len(rows):
-        self.window, self.row = self.window + 1, 0
-    return fill_rows(p._read(p.sources, chosen), batch_rows, p.seq_len)  # pylint: disable=protected-access
-
-
-class _StreamingBatches(BatchIterator):
-
-  def __init__(self, pipeline: Pipeline, state: dict[str, Any] | None):
-    super().__init__(pipeline)
-    self.streams = [copy.deepcopy(s) for s in pipeline.streams]
-    self.epochs = [0] * len(self.streams)
-    if state is not None:
-      self._check_state(state)
-      self.window, self.row = state['window'], state['row']
-      self.epochs = list(state['epochs'])
-      for stream, epoch, saved in zip(self.streams, self.epochs, state['streams']):
-        stream.set_epoch(epoch)
-        stream.load_state_dict(saved)
-    self._iterators = [iter(s) for s in self.streams]
-    self._load_window()
-
-  @property
-  def epoch(self) -> int:
-    """Passes this process has completed over its part of every source."""
-    return min(self.epochs)
-
-  def state(self) -> dict[str, Any]:
-    return {**super().state(), 'epochs': list(self._window_epochs),
-            'streams': copy.deepcopy(self._window_streams)}
-
-  def _next_example(self, s: int) -> dict[str, Any]:
-    for _ in range(2):
-      for example in self._iterators[s]:
-        self.pipeline.stats[self.pipeline.stream_labels[s]].add(
-            np.array([example['status']]), np.array([example['num_tokens']]))
-        if example['status'] <= TRUNCATED:
-          return example
-      self.epochs[s] += 1  # this process's part of the source is used up: next epoch
-      self.streams[s].set_epoch(self.epochs[s])
-      self._iterators[s] = iter(self.streams[s])
-    raise UserError(f'{self.pipeline.stream_labels[s]}: no usable examples on process '
-                    f'{self.pipeline.process_index} (every record was dropped or skipped).')
-
-  def _load_window(self) -> None:
-    """Reads the current window's examples; the state saved is the streams' position at the
-    window's start, so a resume re-reads and re-packs the same window."""
-    p = self.pipeline
-    self._window_epochs = list(self.epochs)
-    self._window_streams = [s.state_dict() for s in self.streams]
-    rng = _rng(p.config.seed, 'stream-window', p.process_index, self.window)
-    counts = rng.multinomial(p.config.pack_window, np.asarray(p.weights) / np.sum(p.weights))
-    examples = [{k: np.asarray(e[k]) for k in ('input_ids', 'loss_mask')}
-                for s, count in enumerate(counts) for e in
-                (self._next_example(s) for _ in range(count))]
-    examples = [examples[i] for i in rng.permutation(len(examples))]
-    rows = assign_rows([len(e['input_ids']) - 1 for e in examples], p.seq_len, p.config.packing)
-    self._examples = examples
-    self._rows = [rows[i] for i in rng.permutation(len(rows))]
-
-  def __next__(self) -> Batch:
-    p = self.pipeline
-    chosen, batch_rows = [], []
-    for _ in range(p.local_batch_size):
-      base = len(chosen)
-      chosen += [self._examples[i] for i in self._rows[self.row]]
-      batch_rows.append(list(range(base, len(chosen))))
-      self.row += 1
-      if self.row == len(self._rows):
-        self.window, self.row = self.window + 1, 0
-        self._load_window()
-    return fill_rows(chosen, batch_rows, p.seq_len)
