@@ -71,6 +71,7 @@ def test_eval_of_run_and_of_merged_export_equal_torch(tmp_path):
   report = json.loads((tmp_path / 'eval.json').read_text())
   np.testing.assert_allclose(report['nll'], run_report['nll'], rtol=1e-5)
   assert 0 <= report['rouge_l'] <= 1 and report['generated'] == 2, out.stdout
+  assert 0 <= report['bleu'] <= 100, out.stdout
   answers = subprocess.run(
       [sys.executable, '-m', 'jaxsft.cli', 'generate', '--hf', str(tmp_path / 'merged'),
        '--template', 'llama2', '--prompt', 'Name a fruit.', '--max-new-tokens', '5'],

@@ -6,6 +6,7 @@ reference answers, generation metrics.
   accuracy    argmax next-token accuracy over supervised tokens
   exact_match fraction of greedy answers equal to the reference (whitespace-stripped)
   rouge_l     mean ROUGE-L F1 (the `rouge-score` package) of greedy answers vs references
+  bleu        corpus BLEU (sacrebleu, its default 13a tokenization) of the greedy answers
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import sacrebleu
 from rouge_score import rouge_scorer
 
 from jaxsft.data.formats import to_messages
@@ -49,7 +51,8 @@ def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, f
 
 def generation_metrics(model: Model, data_file: str, limit: int,
                        max_new_tokens: int = 256) -> dict[str, float]:
-  """Exact match and ROUGE-L of greedy answers to the first `limit` records' last turn."""
+  """Exact match, ROUGE-L and BLEU of greedy answers to the first `limit` records' last
+  turn."""
   records = _read_records(data_file)[:limit]
   conversations = [to_messages(r) for r in records]
   prompts = [m[:max(i for i, x in enumerate(m) if x['role'] == 'assistant')]
@@ -60,7 +63,9 @@ def generation_metrics(model: Model, data_file: str, limit: int,
   scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=False)
   rouge = [scorer.score(ref, out)['rougeL'].fmeasure for ref, out in zip(references, answers)]
   return {'exact_match': float(np.mean([a == r for a, r in zip(answers, references)])),
-          'rouge_l': float(np.mean(rouge)), 'generated': len(answers)}
+          'rouge_l': float(np.mean(rouge)),
+          'bleu': float(sacrebleu.corpus_bleu(answers, [references]).score),
+          'generated': len(answers)}
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:

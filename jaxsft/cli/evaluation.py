@@ -1,0 +1,215 @@
+"""The commands that use a trained model: `eval`, `generate`, `chat` and `benchmark`.
+
+Each imports what it needs when it runs, so `jaxsft --help` loads none of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from jaxsft.errors import UserError
+
+
+def load_model(args: argparse.Namespace):
+  """The `--workdir` run or the `--hf` checkpoint of a command."""
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.config import default_config
+  from jaxsft.eval import model
+  if bool(args.workdir) == bool(args.hf):
+    raise UserError('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
+  if args.workdir:
+    return model.from_workdir(args.workdir)
+  config = default_config()
+  config.model.path = args.hf
+  config.data.template = args.template
+  config.data.max_seq_len = args.max_seq_len
+  return model.from_hf(config)
+
+
+def evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft.eval import metrics  # pylint: disable=import-outside-toplevel
+  model = load_model(args)
+  data = args.data or (model.config.data.eval_datasets[0]['path']
+                       if model.config.data.eval_datasets else '')
+  if not data:
+    raise UserError('no eval data: pass --data FILE (json/jsonl/parquet).')
+  report = {'data': data, **metrics.likelihood(model, data, args.batch_size)}
+  if args.generate:
+    report.update(metrics.generation_metrics(model, data, args.generate, args.max_new_tokens))
+  text = json.dumps(report, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  return 0
+
+
+def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  """Answers to `--prompt`s and to `--prompts FILE.jsonl`: lines of `{"prompt": ...}`, or
+  MT-Bench questions (`{"question_id", "turns": [...]}`, FastChat's format), whose turns are
+  answered one after another with the conversation so far. `--out` writes the answers as JSONL:
+  FastChat's answer records for questions, `{"prompt", "answer"}` otherwise."""
+  del overrides
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.model import answer
+  items: list[Any] = list(args.prompt)
+  if args.prompts:
+    items += read_prompts(args.prompts)
+  if not items:
+    raise UserError('give --prompt TEXT (repeatable) or --prompts FILE.jsonl ({"prompt": ...} '
+                    'or MT-Bench {"question_id", "turns": [...]} lines).')
+  model = load_model(args)
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  conversations = [[] for _ in items]
+  turns = [[item] if isinstance(item, str) else list(item['turns']) for item in items]
+  replies: list[list[str]] = [[] for _ in items]
+  for turn in range(max(len(t) for t in turns)):
+    active = [i for i, t in enumerate(turns) if turn < len(t)]
+    for i in active:
+      conversations[i].append({'role': 'user', 'content': turns[i][turn]})
+    for i, text in zip(active, answer(model, [conversations[i] for i in active], sampling,
+                                      args.seed)):
+      conversations[i].append({'role': 'assistant', 'content': text})
+      replies[i].append(text)
+  model_id = args.model_id or os.path.basename(os.path.normpath(args.workdir or args.hf))
+  lines = []
+  for item, reply in zip(items, replies):
+    if isinstance(item, str):
+      lines.append({'prompt': item, 'answer': reply[0]})
+    else:
+      lines.append({'question_id': item['question_id'], 'answer_id': uuid.uuid4().hex,
+                    'model_id': model_id, 'choices': [{'index': 0, 'turns': reply}],
+                    'tstamp': time.time()})
+  text = ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
+  print(text, end='')
+  if args.out:
+    with open(args.out, 'w', encoding='utf-8') as f:
+      f.write(text)
+  return 0
+
+
+def read_prompts(path: str) -> list[Any]:
+  """Each line of a JSONL file: its `prompt` (a string), or an MT-Bench question (a dict with
+  `question_id` and a non-empty list of string `turns`); a bad line is a `UserError` naming it."""
+  if not os.path.isfile(path):
+    raise UserError(f'--prompts {path}: no such file; give a .jsonl file with one '
+                    '{"prompt": "..."} per line.')
+  items: list[Any] = []
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if 'turns' in record:
+          turns = record['turns']
+          if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            raise TypeError('"turns" must be a non-empty list of strings')
+          items.append({'question_id': record['question_id'], 'turns': turns})
+        else:
+          items.append(str(record['prompt']))
+      except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f'--prompts {path}, line {number}: expected {{"prompt": "..."}} or '
+                        f'{{"question_id": ..., "turns": [...]}} ({type(error).__name__}: '
+                        f'{error}).') from None
+  return items
+
+
+def chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.model import answer
+  model = load_model(args)
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  history = [{'role': 'system', 'content': args.system}] if args.system else []
+  print('chat: an empty line or Ctrl-D ends; /reset forgets the conversation.')
+  while True:
+    try:
+      line = input('you> ').strip()
+    except EOFError:
+      return 0
+    if not line:
+      return 0
+    if line == '/reset':
+      history = history[:1] if args.system else []
+      continue
+    history.append({'role': 'user', 'content': line})
+    reply = answer(model, [history], sampling, args.seed)[0]
+    history.append({'role': 'assistant', 'content': reply})
+    print(f'model> {reply}')
+
+
+def benchmark(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  try:
+    from jaxsft.eval import benchmark as bench  # pylint: disable=import-outside-toplevel
+  except ImportError as error:  # the eval extra is not installed
+    raise UserError(f'jaxsft benchmark needs the eval extra ({error}); install it with '
+                    "pip install -e '.[eval]'.") from None
+  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  try:
+    ks = [int(k) for k in args.k.split(',') if k.strip()]
+  except ValueError:
+    raise UserError(f'--k {args.k}: give comma-separated integers, e.g. 1,10.') from None
+  only_completions = tasks == ['humaneval'] and args.completions
+  model = None if only_completions and not (args.workdir or args.hf) else load_model(args)
+  results = bench.run(model, tasks, include_path=args.include_path or None,
+                      num_fewshot=args.num_fewshot, limit=args.limit,
+                      batch_size=args.batch_size, apply_chat_template=args.apply_chat_template,
+                      log_samples=args.log_samples, samples_per_problem=args.samples_per_problem,
+                      ks=ks, completions=args.completions or None,
+                      temperature=args.humaneval_temperature,
+                      max_length=args.max_length or None)
+  print(bench.table(results))
+  for path in bench.write(results, args.out, args.workdir or None):
+    print(f'wrote {path}')
+  return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--workdir', default='', help='a jaxsft train work directory')
+  parser.add_argument('--hf', default='', help='or a plain HF checkpoint folder')
+  parser.add_argument('--template', default='jinja',
+                      help='with --hf: chat template (jinja = the tokenizer\'s own)')
+  parser.add_argument('--max-seq-len', type=int, default=2048)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--max-new-tokens', type=int, default=256)
+  parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+  add_model_arguments(parser)
+  parser.add_argument('--tasks', required=True,
+                      help='comma-separated lm-eval tasks (mmlu,gsm8k,...) and/or humaneval')
+  parser.add_argument('--include-path', default='',
+                      help='a folder of lm-eval task YAMLs (local data: runs offline)')
+  parser.add_argument('--num-fewshot', type=int, default=None)
+  parser.add_argument('--limit', type=int, default=None, help='the first N documents per task')
+  parser.add_argument('--batch-size', type=int, default=8, help='rows per compiled call')
+  parser.add_argument('--max-length', type=int, default=0,
+                      help='context tokens per request (default: the model\'s)')
+  parser.add_argument('--apply-chat-template', action='store_true')
+  parser.add_argument('--log-samples', action='store_true',
+                      help='keep every request and response (log-likelihoods) in the JSON')
+  parser.add_argument('--samples-per-problem', type=int, default=1,
+                      help='humaneval: completions per problem (greedy when 1)')
+  parser.add_argument('--k', default='1', help='humaneval: pass@k for these k, e.g. 1,10')
+  parser.add_argument('--humaneval-temperature', type=float, default=0.8,
+                      help='humaneval: sampling temperature when --samples-per-problem > 1')
+  parser.add_argument('--completions', default='',
+                      help='humaneval: score these {"task_id", "completion"} JSONL lines')
+  parser.add_argument('--out', required=True, help='the results JSON')

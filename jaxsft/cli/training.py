@@ -1,0 +1,119 @@
+"""The commands that read a config or a checkpoint and train: `info`, `data inspect`, `train`,
+`plan` and `export`.
+
+Each imports what it needs when it runs, so `jaxsft --help` loads none of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from jaxsft.errors import UserError
+
+
+def info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.interop import hf, hf_config
+  folder = hf_config.resolve_checkpoint_dir(args.path)
+  config = hf_config.config_from_hf(hf_config.read_hf_config(folder))
+  reader = hf.SafetensorsReader(folder)
+  files = sorted(set(reader.weight_map.values()))
+  summary = {
+      'folder': folder, 'model_type': config.model_type,
+      'parameters': config.num_params(), 'safetensors_files': len(files),
+      'vocab_size': config.vocab_size, 'hidden_size': config.hidden_size,
+      'intermediate_size': config.intermediate_size, 'num_layers': config.num_layers,
+      'num_heads': config.num_heads, 'num_kv_heads': config.num_kv_heads,
+      'head_dim': config.head_dim, 'rope_theta': config.rope_theta,
+      'rope_scaling': config.rope_scaling, 'sliding_window': config.sliding_window,
+      'tie_word_embeddings': config.tie_word_embeddings,
+  }
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+def data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.data.inspect import inspect_data
+  from jaxsft.data.tokenizer import load_tokenizer
+  config = load_config(args.config, overrides)
+  tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+  color = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
+  print(inspect_data(config.data, tokenizer, batch_size=config.batch_size,
+                     num_examples=args.examples, color=color))
+  return 0
+
+
+def load_config(config_path: str, overrides: Sequence[str]):
+  """`--config file.py[:arg]` (`jaxsft.config.load_config`, locked) with every
+  `--config.a.b=value` applied by `jaxsft.config.apply_override`, then the values checked
+  (`jaxsft.train.validate.check_config`) before anything is built."""
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.config import load_config
+  from jaxsft.train.validate import check_config
+  bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
+  if bad:
+    raise UserError(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
+  config = load_config(config_path, [o[len('--config.'):] for o in overrides])
+  check_config(config)
+  return config
+
+
+def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.demo import DemoCallback
+  from jaxsft.eval.sampling import SampleCallback
+  from jaxsft.parallel import distributed
+  from jaxsft.train import loop, run
+  config = load_config(args.config, overrides)
+  distributed.initialize(config.distributed)  # before anything touches a JAX backend
+  callbacks = []
+  if config.train.sample_every and config.train.sample_prompts:
+    callbacks.append(SampleCallback())
+  if config.demo.enabled:
+    callbacks.append(DemoCallback())
+  try:
+    result = run.train(config, args.workdir, callbacks)
+  except loop.NonFiniteLoss as error:
+    logging.getLogger('jaxsft').error('%s', error)
+    return loop.EXIT_NON_FINITE
+  except loop.Preempted as preempted:
+    logging.getLogger('jaxsft').warning('%s', preempted)
+    return loop.EXIT_PREEMPTED
+  except run.RunFinished as finished:
+    print(finished)
+    return 0
+  run.write_summary(args.workdir, result)
+  return 0
+
+
+def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from jaxsft.train import plan  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config, overrides)
+  if args.find_max_seq_len:
+    if not args.device_memory_gib:
+      raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
+    length, memory = plan.max_seq_len(config, args.device_memory_gib)
+    if memory is None:
+      print(f'not even 256 tokens per row fit in {args.device_memory_gib:g} GiB per device '
+            f'with batch_size={config.batch_size}.')
+      return 1
+    print(f'longest data.max_seq_len that fits in {args.device_memory_gib:g} GiB per device '
+          f'(batch_size={config.batch_size}): {length}')
+    print(plan.report(memory, args.device_memory_gib))
+    return 0
+  print(plan.report(plan.plan(config), args.device_memory_gib))
+  return 0
+
+
+def export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  del overrides
+  from jaxsft.train import export  # pylint: disable=import-outside-toplevel
+  export.export_run(args.workdir, args.format, args.out, args.dtype)
+  print(f'wrote {args.format} export of {args.workdir} to {args.out}')
+  return 0
