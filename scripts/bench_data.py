@@ -68,8 +68,8 @@ def bench_trl(rows: list[dict], tokenizer, args, cache_dir: str) -> dict:
   import transformers
   from trl import SFTConfig, SFTTrainer
 
-  from jaxsft.data.formats import to_messages
   from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
+  from jaxsft.data.formats import to_messages
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
   tokenizer.chat_template = BUILTIN_TEMPLATES['llama2'].strip()
   if tokenizer.pad_token is None:

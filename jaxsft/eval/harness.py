@@ -81,9 +81,7 @@ class JaxsftLM(TemplateLM):
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any
                             ) -> list[tuple[float, bool]]:
-    window = self.max_length + 1  # inputs are the last max_length tokens, as `hf`
-    prepared = [((context + continuation)[-window:], len(continuation))
-                for _, context, continuation in requests]
+    prepared = [(context, continuation) for _, context, continuation in requests]
     with tqdm(total=len(prepared), disable=disable_tqdm, desc='loglikelihood requests') as bar:
       scored = score_requests(self.model.model_config, self.model.variables, prepared,
                               rows_per_call=self.batch_size, max_length=self.max_length,

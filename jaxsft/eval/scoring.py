@@ -1,11 +1,15 @@
-"""Log-probabilities of continuations, many requests packed per row.
+"""Log-probabilities of continuations: shared contexts read once, the rest packed per row.
 
-A request is `(tokens, continuation_length)`: the model reads `tokens[:-1]` and is scored on
-predicting the last `continuation_length` tokens. Requests are packed into rows the way training
-packs examples (segment ids keep them apart, positions restart), so a multiple-choice task with
-short answers wastes no compute on padding, and every row of a call has one length: XLA compiles
-one program per (row length, scored positions) bucket, a handful per task. The LM head runs only
-at the scored positions (`return_hidden`), never over whole rows of context.
+A request is `(context, continuation)` token lists: the model reads `context + continuation`
+(less its last token) and is scored on predicting the continuation. Two paths, both running the
+LM head only at the scored positions (`return_hidden`), never over whole rows of context:
+- Requests that share their context (the choices of a multiple-choice question) read it once
+  (`eval.shared_scoring`): contexts packed and prefilled into a KV cache, the continuations read
+  against it. A four-choice question costs one context, not four.
+- The rest are packed into rows the way training packs examples (segment ids keep them apart,
+  positions restart), so short requests waste no compute on padding.
+Every call of a path has one shape: XLA compiles a handful of programs per task, not one per
+request.
 
 Rows are split over the `data` x `fsdp` axes of the variables' mesh when they have one; the
 per-token results come back replicated, so every process of a multi-host run holds them all.
@@ -13,7 +17,6 @@ per-token results come back replicated, so every process of a multi-host run hol
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -21,48 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxsft.eval.rows import Scored, bucket, pack_rows, placement, put
+from jaxsft.eval.shared_scoring import score_shared
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
-from jaxsft.parallel.batch import batch_sharding
-
-MIN_BUCKET = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Scored:
-  """One request's result: the summed log-probability of its continuation (nats), whether
-  every continuation token is the model's argmax, and the per-token log-probabilities."""
-
-  logprob: float
-  is_greedy: bool
-  token_logprobs: tuple[float, ...]
-
-
-def bucket(length: int, limit: int) -> int:
-  """The smallest power of two >= `length` (at least `MIN_BUCKET`), at most `limit`."""
-  size = MIN_BUCKET
-  while size < length:
-    size *= 2
-  return max(min(size, limit), length)
-
-
-def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-  """First-fit decreasing: request indices per row, every row's lengths summing to at most
-  `row_length`."""
-  rows: list[list[int]] = []
-  room: list[int] = []
-  for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    for r, free in enumerate(room):
-      if lengths[index] <= free:
-        rows[r].append(index)
-        room[r] -= lengths[index]
-        break
-    else:
-      rows.append([index])
-      room.append(row_length - lengths[index])
-  return rows
 
 
 @functools.partial(jax.jit, static_argnames=('model_config', 'out_sharding'))
@@ -90,40 +56,65 @@ def _score(variables: Any, inputs_bt, positions_bt, segments_bt, index_bk, targe
   return logprob_bk, greedy_bk
 
 
-def _mesh_of(variables: Any):
-  for leaf in jax.tree_util.tree_leaves(variables):
-    sharding = getattr(leaf, 'sharding', None)
-    if isinstance(sharding, NamedSharding):
-      return sharding.mesh
-  return None
-
-
 def score_requests(model_config: LlamaConfig, variables: Any,
-                   requests: Sequence[tuple[Sequence[int], int]], *, rows_per_call: int = 8,
-                   max_length: int | None = None, progress: Any = None) -> list[Scored]:
-  """`Scored` for each `(tokens, continuation_length)`; `tokens` holds at least 2 ids and at
-  most `max_length + 1` (left-truncate before)."""
+                   requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                   rows_per_call: int = 8, max_length: int | None = None,
+                   progress: Any = None) -> list[Scored]:
+  """`Scored` for each `(context, continuation)` (both non-empty); a request longer than
+  `max_length + 1` tokens is left-truncated, as lm-eval's `hf` backend does."""
+  limit = max_length or model_config.max_position_embeddings
+  by_context: dict[tuple[int, ...], list[int]] = {}
+  for i, (context, continuation) in enumerate(requests):
+    if len(context) + len(continuation) <= limit + 1:
+      by_context.setdefault(tuple(context), []).append(i)
+  # A LoRA-adapted LM head has no dense kernel to apply at chosen positions: pack everything.
+  shared = [members for members in by_context.values() if len(members) > 1] \
+      if 'lm_head' not in variables.get('lora', {}) else []
+  if not _sharing_pays(requests, shared):
+    shared = []
+  in_shared = {i for members in shared for i in members}
+  packed = [i for i in range(len(requests)) if i not in in_shared]
+  results: list[Scored | None] = [None] * len(requests)
+  if shared:
+    for i, scored in score_shared(model_config, variables, requests, shared, rows_per_call,
+                                  progress).items():
+      results[i] = scored
+  window = limit + 1
+  flat = [(list(requests[i][0]) + list(requests[i][1]))[-window:] for i in packed]
+  for i, scored in zip(packed, _score_packed(
+      model_config, variables, [(tokens, len(requests[i][1])) for i, tokens in zip(packed, flat)],
+      rows_per_call, limit, progress)):
+    results[i] = scored
+  return results
+
+
+def _sharing_pays(requests, groups: list[list[int]]) -> bool:
+  """Whether reading each shared context once saves more than it costs. A continuation read
+  against a cached context costs about twice a packed token (the cache row is copied for it and
+  attended to whole), so sharing pays when the context tokens saved exceed the continuation
+  tokens (measured on CPU: docs/benchmarks.md)."""
+  saved = sum((len(g) - 1) * len(requests[g[0]][0]) for g in groups)
+  continuations = sum(len(requests[i][1]) for g in groups for i in g)
+  return bool(groups) and saved > continuations
+
+
+def _score_packed(model_config: LlamaConfig, variables: Any,
+                  requests: Sequence[tuple[Sequence[int], int]], rows_per_call: int, limit: int,
+                  progress: Any) -> list[Scored]:
+  """`(tokens, continuation_length)` requests packed into rows."""
   if not requests:
     return []
-  limit = max_length or model_config.max_position_embeddings
   lengths = [len(tokens) - 1 for tokens, _ in requests]
   row_length = bucket(max(lengths), limit)
   rows = pack_rows(lengths, row_length)
   scored_per_row = max(sum(requests[i][1] for i in row) for row in rows)
-  width = bucket(scored_per_row, row_length) if scored_per_row > 8 else 8
-  mesh = _mesh_of(variables)
-  rows_sharding = out_sharding = None
-  if mesh is not None:
-    split = mesh.shape['data'] * mesh.shape['fsdp']
-    rows_per_call = -(-rows_per_call // split) * split
-    rows_sharding = batch_sharding(mesh)
-    out_sharding = NamedSharding(mesh, PartitionSpec())
+  width = bucket(scored_per_row, row_length, smallest=8)
+  rows_per_call, rows_sharding, out_sharding = placement(variables, rows_per_call)
   results: list[Scored | None] = [None] * len(requests)
   for start in range(0, len(rows), rows_per_call):
     chunk = rows[start:start + rows_per_call]
     arrays = _row_arrays(requests, chunk, rows_per_call, row_length, width)
-    placed = [jax.device_put(a, rows_sharding) if rows_sharding is not None else a
-              for a in arrays]
+    placed = put(arrays, rows_sharding)
     logprob_bk, greedy_bk = _score(variables, *placed, model_config=model_config,
                                    out_sharding=out_sharding)
     logprob_bk, greedy_bk = np.asarray(logprob_bk), np.asarray(greedy_bk)
@@ -158,3 +149,5 @@ def _row_arrays(requests, chunk, rows: int, row_length: int, width: int):
       targets[r, k:k + count] = tokens[-count:]
       at, k = at + n, k + count
   return inputs, positions, segments, index, targets
+
+
