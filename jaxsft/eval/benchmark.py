@@ -38,8 +38,8 @@ def run(model: Model | None, tasks: Sequence[str], *, include_path: str | None =
         num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
         apply_chat_template: bool = False, log_samples: bool = False,
         samples_per_problem: int = 1, ks: Sequence[int] = (1,),
-        completions: str | None = None, temperature: float = 0.8,
-        max_length: int | None = None) -> dict[str, Any]:
+        completions: str | None = None, temperature: float = 0.8, max_gen_toks: int = 512,
+        humaneval_timeout: float = 10.0, max_length: int | None = None) -> dict[str, Any]:
   """lm-eval's results dict for `tasks` (`humaneval` included when asked for)."""
   tasks = [t for t in tasks if t]
   if not tasks:
@@ -61,7 +61,8 @@ def run(model: Model | None, tasks: Sequence[str], *, include_path: str | None =
   if humaneval.TASK in tasks:
     _add_humaneval(results, model, limit=limit, samples_per_problem=samples_per_problem, ks=ks,
                    completions=completions, temperature=temperature, batch_size=batch_size,
-                   log_samples=log_samples)
+                   log_samples=log_samples, max_gen_toks=max_gen_toks,
+                   timeout=humaneval_timeout)
   results['jaxsft'] = {'version': jaxsft.__version__, 'commit': _commit(),
                        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
                            timespec='seconds')}
@@ -85,14 +86,17 @@ def _run_harness(model: Model, tasks: list[str], *, include_path, num_fewshot, l
 
 
 def _add_humaneval(results: dict[str, Any], model: Model | None, *, limit, samples_per_problem,
-                   ks, completions, temperature, batch_size, log_samples) -> None:
+                   ks, completions, temperature, batch_size, log_samples, max_gen_toks,
+                   timeout) -> None:
   problems = humaneval.load_problems(limit)
   if completions:
     given = humaneval.read_completions(completions, problems)
   else:
     given = humaneval.generate_completions(model, problems, samples_per_problem,
-                                           temperature=temperature, batch_size=batch_size)
-  isolation, limits = best_isolation(), Limits()
+                                           temperature=temperature, batch_size=batch_size,
+                                           max_new_tokens=max_gen_toks)
+  isolation = best_isolation()
+  limits = Limits(wall_seconds=timeout, cpu_seconds=max(1, int(round(timeout))))
   with tqdm(total=len(given), desc='humaneval: running completions') as bar:
     records = humaneval.execute(problems, given, limits, isolation=isolation, progress=bar)
   per_problem = {}

