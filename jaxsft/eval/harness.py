@@ -19,6 +19,7 @@ Needs the `eval` extra (`pip install -e '.[eval]'`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -36,16 +37,14 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's `hf` backend default
 class JaxsftLM(TemplateLM):
   """An lm-eval model over a `jaxsft.eval.model.Model`."""
 
-  def __init__(self, model: Model, batch_size: int = 8, max_length: int | None = None,
-               log_token_logprobs: bool = False) -> None:
+  def __init__(self, model: Model, batch_size: int = 8, max_length: int | None = None
+               ) -> None:
     super().__init__()
     self.model = model
     self.tokenizer = model.tokenizer
     self.batch_size = int(batch_size)
     self._max_length = int(max_length or model.model_config.max_position_embeddings)
     self._rank, self._world_size = 0, 1
-    # Per-request token log-probabilities, for `--log-samples` (in request order).
-    self.token_logprobs: list[tuple[float, ...]] | None = [] if log_token_logprobs else None
 
   # ---------------------------------------------------------------- tokenization
 
@@ -86,8 +85,6 @@ class JaxsftLM(TemplateLM):
       scored = score_requests(self.model.model_config, self.model.variables, prepared,
                               rows_per_call=self.batch_size, max_length=self.max_length,
                               progress=bar)
-    if self.token_logprobs is not None:
-      self.token_logprobs.extend(s.token_logprobs for s in scored)
     return [(s.logprob, s.is_greedy) for s in scored]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -154,12 +151,17 @@ class JaxsftLM(TemplateLM):
 
   # ---------------------------------------------------------------- chat
 
+  @functools.cached_property
+  def _template(self):
+    """The run's template, loaded when a task asks for it (a model without one is fine until
+    then) and once: lm-eval renders every request through `apply_chat_template`."""
+    return load_template(self.model.config.data.template, self.tokenizer)
+
   def apply_chat_template(self, chat_history: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
     """The conversation rendered with the model's template (`data.template`), as it trained;
     without the generation prompt the last (assistant) message stays open for prefilling."""
-    template = load_template(self.model.config.data.template, self.tokenizer)
-    text, _ = render(chat_history, template, self.tokenizer,
+    text, _ = render(chat_history, self._template, self.tokenizer,
                      add_generation_prompt=add_generation_prompt, spans=False)
     if not add_generation_prompt and chat_history and chat_history[-1]['role'] == 'assistant':
       last = chat_history[-1]['content']
@@ -169,4 +171,4 @@ class JaxsftLM(TemplateLM):
   def chat_template(self, chat_template: bool | str = False) -> str | None:
     if chat_template is False or chat_template is None:
       return None
-    return load_template(self.model.config.data.template, self.tokenizer).source
+    return self._template.source

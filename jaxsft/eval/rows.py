@@ -1,13 +1,13 @@
-"""Shared pieces of the scorers: the result of a request, length buckets, first-fit packing,
-and where a call's rows go on the variables' mesh."""
+"""Shared pieces of the scorers: the result of a request, length buckets, the log-probabilities
+of targets, and where a call's rows go on the variables' mesh."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsft.parallel.batch import batch_sharding
@@ -33,21 +33,19 @@ def bucket(length: int, limit: int = 1 << 30, smallest: int = MIN_BUCKET) -> int
   return max(min(size, limit), length)
 
 
-def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-  """First-fit decreasing: request indices per row, every row's lengths summing to at most
-  `row_length`."""
-  rows: list[list[int]] = []
-  room: list[int] = []
-  for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    for r, free in enumerate(room):
-      if lengths[index] <= free:
-        rows[r].append(index)
-        room[r] -= lengths[index]
-        break
-    else:
-      rows.append([index])
-      room.append(row_length - lengths[index])
-  return rows
+def target_logprobs(logits_nv: jax.Array, targets_nk: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Log-probabilities (float32) of `targets_nk` (k targets per position) under `logits_nv`
+  `[..., V]`, and whether each target is the argmax (the first maximum, as `torch.argmax`)."""
+  logits_nv = logits_nv.astype(jnp.float32)
+  chosen_nk = jnp.take_along_axis(logits_nv, targets_nk, axis=-1)
+  logprob_nk = chosen_nk - jax.nn.logsumexp(logits_nv, axis=-1, keepdims=True)
+  return logprob_nk, jnp.argmax(logits_nv, axis=-1)[..., None] == targets_nk
+
+
+def head_logits(hidden_nd: jax.Array, kernel_dv: jax.Array) -> jax.Array:
+  """The LM head at chosen positions only, accumulated in float32."""
+  return jnp.einsum('...d,dv->...v', hidden_nd, kernel_dv, preferred_element_type=jnp.float32)
 
 
 def mesh_of(variables: Any):

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.eval.rows import Scored, bucket, pack_rows, placement, put
+from jaxsft.data.packing import assign_rows, fill_rows
+from jaxsft.eval.rows import Scored, bucket, head_logits, placement, put, target_logprobs
 from jaxsft.eval.shared_scoring import score_shared
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
@@ -43,13 +44,8 @@ def _score(variables: Any, inputs_bt, positions_bt, segments_bt, index_bk, targe
     logits_bkv = jnp.take_along_axis(logits_btv, index_bk[..., None], axis=1)
   else:
     hidden_btd = model.apply(variables, inputs_bt, positions_bt, segments_bt, return_hidden=True)
-    hidden_bkd = jnp.take_along_axis(hidden_btd, index_bk[..., None], axis=1)
-    logits_bkv = jnp.einsum('bkd,dv->bkv', hidden_bkd, kernel,
-                            preferred_element_type=jnp.float32)
-  logits_bkv = logits_bkv.astype(jnp.float32)
-  target_bk = jnp.take_along_axis(logits_bkv, targets_bk[..., None], axis=-1)[..., 0]
-  logprob_bk = target_bk - jax.nn.logsumexp(logits_bkv, axis=-1)
-  greedy_bk = jnp.argmax(logits_bkv, axis=-1) == targets_bk
+    logits_bkv = head_logits(jnp.take_along_axis(hidden_btd, index_bk[..., None], axis=1), kernel)
+  logprob_bk, greedy_bk = (x[..., 0] for x in target_logprobs(logits_bkv, targets_bk[..., None]))
   if out_sharding is not None:
     logprob_bk = jax.lax.with_sharding_constraint(logprob_bk, out_sharding)
     greedy_bk = jax.lax.with_sharding_constraint(greedy_bk, out_sharding)
@@ -106,14 +102,17 @@ def _score_packed(model_config: LlamaConfig, variables: Any,
     return []
   lengths = [len(tokens) - 1 for tokens, _ in requests]
   row_length = bucket(max(lengths), limit)
-  rows = pack_rows(lengths, row_length)
+  rows = assign_rows(lengths, row_length, 'bfd')
+  # As training lays out examples, with the continuation as the supervised part.
+  examples = [{'input_ids': tokens, 'loss_mask': [0] * (len(tokens) - count) + [1] * count}
+              for tokens, count in requests]
   scored_per_row = max(sum(requests[i][1] for i in row) for row in rows)
   width = bucket(scored_per_row, row_length, smallest=8)
   rows_per_call, rows_sharding, out_sharding = placement(variables, rows_per_call)
   results: list[Scored | None] = [None] * len(requests)
   for start in range(0, len(rows), rows_per_call):
     chunk = rows[start:start + rows_per_call]
-    arrays = _row_arrays(requests, chunk, rows_per_call, row_length, width)
+    arrays = _row_arrays(examples, chunk, rows_per_call, row_length, width)
     placed = put(arrays, rows_sharding)
     logprob_bk, greedy_bk = _score(variables, *placed, model_config=model_config,
                                    out_sharding=out_sharding)
@@ -131,23 +130,14 @@ def _score_packed(model_config: LlamaConfig, variables: Any,
   return results
 
 
-def _row_arrays(requests, chunk, rows: int, row_length: int, width: int):
-  inputs = np.zeros((rows, row_length), np.int32)
-  positions = np.zeros_like(inputs)
-  segments = np.zeros_like(inputs)
+def _row_arrays(examples, chunk, rows: int, row_length: int, width: int):
+  """The packed rows of `chunk` (`data.packing.fill_rows`) and, per row, the positions of its
+  continuation tokens `[rows, width]` (in request order) and the tokens they predict."""
+  laid = fill_rows(examples, list(chunk) + [[]] * (rows - len(chunk)), row_length)
   index = np.zeros((rows, width), np.int32)
   targets = np.zeros((rows, width), np.int32)
-  for r, row in enumerate(chunk):
-    at, k = 0, 0
-    for segment, i in enumerate(row, start=1):
-      tokens, count = requests[i]
-      n = len(tokens) - 1
-      inputs[r, at:at + n] = tokens[:-1]
-      positions[r, at:at + n] = np.arange(n)
-      segments[r, at:at + n] = segment
-      index[r, k:k + count] = np.arange(at + n - count, at + n)
-      targets[r, k:k + count] = tokens[-count:]
-      at, k = at + n, k + count
-  return inputs, positions, segments, index, targets
-
-
+  for r in range(len(chunk)):
+    scored = np.flatnonzero(laid['loss_mask'][r])
+    index[r, :len(scored)] = scored
+    targets[r, :len(scored)] = laid['targets'][r, scored]
+  return laid['inputs'], laid['positions'], laid['segment_ids'], index, targets

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.eval.rows import Scored, bucket, placement, put
+from jaxsft.eval.rows import Scored, bucket, head_logits, placement, put, target_logprobs
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
 
@@ -32,17 +32,6 @@ def _cache_rows(cache: Any, rows: jax.Array, scanned: bool) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, x: x if 'cache_index' in jax.tree_util.keystr(path) else
       jnp.take(x, rows, axis=axis), cache)
-
-
-def _logprobs(hidden_nd, kernel_dv, targets_nk):
-  """Log-probabilities of `targets_nk` (k targets per position) and whether each is the first
-  argmax, from hidden states `[N..., D]`."""
-  logits = jnp.einsum('...d,dv->...v', hidden_nd, kernel_dv,
-                      preferred_element_type=jnp.float32)
-  chosen = jnp.take_along_axis(logits, targets_nk, axis=-1)
-  logprob = chosen - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  greedy = jnp.argmax(logits, axis=-1)[..., None] == targets_nk
-  return logprob, greedy
 
 
 @functools.partial(jax.jit, static_argnames=('model_config', 'out_sharding'))
@@ -64,8 +53,9 @@ def _score(variables: Any, context_bp, context_pos_bp, context_seg_bp, last_bm, 
                               return_hidden=True, mutable=['cache'])
   kernel = head_kernel(model_config, variables)
   last_bmd = jnp.take_along_axis(hidden_bpd, last_bm[..., None], axis=1)
-  first = _logprobs(last_bmd, kernel, first_bmj)
-  following = [x[..., 0] for x in _logprobs(hidden_qcd, kernel, next_qc[..., None])]
+  first = target_logprobs(head_logits(last_bmd, kernel), first_bmj)
+  following = [x[..., 0] for x in target_logprobs(head_logits(hidden_qcd, kernel),
+                                                   next_qc[..., None])]
   outputs = (*first, *following)
   if out_sharding is not None:
     outputs = tuple(jax.lax.with_sharding_constraint(x, out_sharding) for x in outputs)
