@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
       'targets': list(DEFAULT_TARGETS),
       'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
       'init_from': '',       # a PEFT adapter folder to start from (same rank and targets)
+      # Norms trained whole next to the adapters (PEFT's modules_to_save), e.g. Qwen3's
+      # ['q_norm', 'k_norm']; names or regexes over RMSNorm module paths.
+      'modules_to_save': [],
   })
   config.quant = ml_collections.ConfigDict({
       'kind': 'none',        # none | nf4 | int4: 4-bit frozen base weights (QLoRA; needs LoRA)
@@ -113,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
       'eval_datasets': [],   # separate eval sources; else `eval_size` is held out of `datasets`
       'eval_size': 0.0,      # held out of each training source: < 1 a fraction, >= 1 a count
       'tokenizer': '',       # '' = the tokenizer saved with model.path
-      'template': 'llama2',  # llama2 | llama3 | chatml | mistral | alpaca | jinja | a .jinja path
+      'template': 'llama2',  # llama2 | llama3 | chatml | qwen3 | mistral | alpaca | jinja | .jinja path
       'train_on': 'assistant',  # assistant | last | all
       'max_seq_len': 2048,   # tokens per packed row
       'overlong': 'truncate',   # truncate | drop: examples longer than max_seq_len + 1 tokens

@@ -24,6 +24,11 @@ VARIANTS = {
     'mistral_window5': (transformers.MistralConfig, dict(num_key_value_heads=2,
                                                          sliding_window=5)),
     'qwen2_bias': (transformers.Qwen2Config, dict(num_key_value_heads=2)),
+    # Qwen3: per-head q/k RMSNorm; head_dim 32 where hidden / heads says 16.
+    'qwen3': (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=32,
+                                             tie_word_embeddings=False)),
+    'qwen3_tied': (transformers.Qwen3Config, dict(num_key_value_heads=2,
+                                                  tie_word_embeddings=True)),
 }
 
 

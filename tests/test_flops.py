@@ -13,6 +13,8 @@ from jaxsft.train.step import make_train_step
 
 SMALL = dict(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_layers=2,
              num_heads=8, num_kv_heads=4)
+# Qwen3's shape: head_dim 128 where hidden / heads says 64, per-head q/k norms.
+QWEN3_SMALL = dict(SMALL, head_dim=128, qk_norm=True, model_type='qwen3')
 
 
 def test_flops_by_hand():
@@ -47,14 +49,15 @@ def test_peak_flops_table():
   assert flops.mfu(1e9, 100.0, peak_flops=1e12) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize('lora', [False, True])
-def test_flops_match_xla_cost_analysis(lora):
+@pytest.mark.parametrize('architecture,lora', [(SMALL, False), (SMALL, True),
+                                               (QWEN3_SMALL, False)])
+def test_flops_match_xla_cost_analysis(architecture, lora):
   """XLA counts every flop of the step (dense `xla` attention, whole logits); ours counts
   matmuls only. They agree within a few percent: XLA adds norms, softmax and the optimizer, and
   undercounts the GQA attention backward's dot with two contracting dims (2.55x the forward
   where the four backward matmuls make 3x)."""
   config = default_config()
-  config.model.architecture = SMALL
+  config.model.architecture = architecture
   config.model.dtype = 'float32'
   config.model.attention_implementation = 'xla'
   config.model.scan_layers = False  # XLA's cost analysis counts a loop body once

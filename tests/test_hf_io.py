@@ -31,7 +31,7 @@ def assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize('variant', ['llama3_gqa', 'llama_tied', 'llama_mqa_bias', 'mistral',
-                                     'qwen2_bias'])
+                                     'qwen2_bias', 'qwen3', 'qwen3_tied'])
 def test_round_trip_through_transformers(tmp_path, variant):
   original = save_model(variant, tmp_path / 'original')
   config, params = hf.load_checkpoint(tmp_path / 'original')

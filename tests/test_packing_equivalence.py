@@ -27,7 +27,7 @@ def packed_row(tokens_per_segment):
   return tokens, positions, segment_ids
 
 
-@pytest.mark.parametrize('variant', ['llama3_gqa', 'mistral_window5', 'qwen2_bias'])
+@pytest.mark.parametrize('variant', ['llama3_gqa', 'mistral_window5', 'qwen2_bias', 'qwen3'])
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_each_segment_equals_running_it_alone(tmp_path, variant, scan_layers):
   torch_model = save_model(variant, tmp_path)

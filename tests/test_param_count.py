@@ -14,7 +14,9 @@ from jaxsft.interop import hf, presets
                                             ('llama3.1-8b', 8_030_261_248),
                                             ('llama3.2-1b', 1_235_814_400),
                                             ('mistral-7b', 7_241_732_096),
-                                            ('qwen2.5-7b', 7_615_616_512)])
+                                            ('qwen2.5-7b', 7_615_616_512),
+                                            ('qwen3-0.6b', 596_049_920),
+                                            ('qwen3-8b', 8_190_735_360)])
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_eval_shape_parameter_count(name, expected, scan_layers):
   config = presets.preset(name, scan_layers=scan_layers, param_dtype=jnp.bfloat16)

@@ -14,14 +14,19 @@ from hf_reference import random_tokens, save_model
 
 
 @pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-  path = tmp_path_factory.mktemp('llama3_gqa')
-  save_model('llama3_gqa', path)
-  return path
+def folders(tmp_path_factory):
+  paths = {}
+  for variant in ('llama3_gqa', 'qwen3'):
+    paths[variant] = tmp_path_factory.mktemp(variant)
+    save_model(variant, paths[variant])
+  return paths
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-def test_sharded_load_matches_logical_axes_and_values(folder, scan_layers, monkeypatch):
+@pytest.mark.parametrize('variant,scan_layers', [('llama3_gqa', True), ('llama3_gqa', False),
+                                                 ('qwen3', True)])
+def test_sharded_load_matches_logical_axes_and_values(folders, variant, scan_layers,
+                                                      monkeypatch):
+  folder = folders[variant]
   assert jax.device_count() == 8
   mesh = mesh_lib.make_mesh((2, 2, 2))
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}

@@ -2,6 +2,7 @@
 weight-gradient FLOPs, NEFTune, the optimizer, and end-to-end runs on real data."""
 
 import json
+import pathlib
 
 import flax
 import flax.linen as nn
@@ -264,8 +265,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     train(e2e_config(tmp_path, model_dir, False), str(tmp_path / 'run'))
 
 
-@pytest.mark.parametrize('name', ['demo', 'llama2_7b_lora', 'llama3_8b_full',
-                                  'qwen2_5_7b_lora', 'alpaca_llama2_data'])
+@pytest.mark.parametrize('name', sorted(path.stem for path in (
+    pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')))
 def test_every_config_resolves_and_builds_its_abstract_state(name):
   from jaxsft.config import load_config
   config = load_config(f'configs/{name}.py')

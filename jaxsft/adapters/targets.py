@@ -6,7 +6,8 @@ A target is matched against a kernel's module path (`layers/mlp/down_proj` for t
   - a plain name (`q_proj`, PEFT's `target_modules` style) matches that path component;
   - anything else is a regular expression searched in the module path (`self_attn/(q|v)_proj`);
   - `all-linear` is every projection but the LM head (PEFT's meaning).
-Only `kernel` leaves are ever targets (embeddings, norms and biases are not).
+Only `kernel` leaves are ever targets (embeddings, norms and biases are not), except for
+`lora.modules_to_save`, which reads the same way over RMSNorm `scale` leaves.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def module_path(path: Sequence[str]) -> str:
   return '/'.join(path[:-1])
 
 
-def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets'
-                   ) -> Callable[[Sequence[str]], bool]:
-  """A predicate over parameter paths (tuples of keys): True for the targeted kernels.
-  `setting` names the config entry in the error for an empty list."""
+def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets',
+                   leaf: str = 'kernel') -> Callable[[Sequence[str]], bool]:
+  """A predicate over parameter paths (tuples of keys): True for the targeted `leaf`s
+  (kernels, or norm scales). `setting` names the config entry in the error for an empty
+  list."""
   if isinstance(targets, str):
     targets = [targets]
   if not targets:
@@ -52,6 +54,6 @@ def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets'
       patterns.append(lambda path, r=regex: bool(r.search(module_path(path))))
 
   def matches(path: Sequence[str]) -> bool:
-    return path[-1] == 'kernel' and any(p(path) for p in patterns)
+    return path[-1] == leaf and any(p(path) for p in patterns)
 
   return matches

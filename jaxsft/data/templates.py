@@ -2,9 +2,9 @@
 
 Every template is Jinja, rendered by transformers' own chat-template renderer, so token ids equal
 `tokenizer.apply_chat_template(messages, tokenize=True)`. The built-in templates (`llama2`,
-`llama3`, `chatml`, `mistral`, `alpaca`) render the text of the official templates and wrap each
-assistant turn's content and end-of-turn token in `{% generation %}` markers. The loss mask
-comes from the character spans of those markers mapped through the tokenizer's offsets (the
+`llama3`, `chatml`, `qwen3`, `mistral`, `alpaca`) render the text of the official templates and
+wrap each assistant turn's output and end-of-turn token in `{% generation %}` markers. The loss
+mask comes from the character spans of those markers mapped through the tokenizer's offsets (the
 same rule transformers uses for `return_assistant_tokens_mask`), never from tokenizing pieces
 separately.
 

@@ -72,6 +72,9 @@ def _layer_tensors(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, bool
     entries.append((('self_attn', name, 'kernel'), f'self_attn.{name}.weight', True))
     if bias:
       entries.append((('self_attn', name, 'bias'), f'self_attn.{name}.bias', False))
+  if c.qk_norm:
+    entries += [(('self_attn', f'{name}_norm', 'scale'), f'self_attn.{name}_norm.weight', False)
+                for name in ('q', 'k')]
   for name in ('gate_proj', 'up_proj', 'down_proj'):
     entries.append((('mlp', name, 'kernel'), f'mlp.{name}.weight', True))
     if c.mlp_bias:

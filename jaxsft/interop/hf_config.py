@@ -1,7 +1,7 @@
 """HF `config.json` <-> `LlamaConfig`, and finding an HF checkpoint folder.
 
 `config_from_hf` reads the `config.json` of transformers 4 and 5 for the LLaMA family (LLaMA
-1/2/3, Mistral, Qwen2), `config_to_hf` writes one transformers loads; `resolve_checkpoint_dir`
+1/2/3, Mistral, Qwen2, Qwen3), `config_to_hf` writes one transformers loads; `resolve_checkpoint_dir`
 takes a local folder or fetches a hub id into the HF cache.
 """
 
@@ -18,7 +18,11 @@ from jaxsft.errors import UserError
 from jaxsft.models.config import LlamaConfig
 
 SUPPORTED_MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                         'qwen2': 'Qwen2ForCausalLM'}
+                         'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+# Families whose q/k/v/o biases follow one `attention_bias` flag (Qwen2 always has q/k/v biases
+# and no o bias); the Qwen families' sliding window follows `use_sliding_window`.
+_ONE_ATTENTION_BIAS = ('llama', 'qwen3')
+_QWEN = ('qwen2', 'qwen3')
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
   """Maps an HF `config.json` dict (transformers 4 or 5) to a `LlamaConfig`.
@@ -57,8 +61,9 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
       rope_scaling=rope_scaling,
       max_position_embeddings=hf.get('max_position_embeddings', 4096),
       tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      qkv_bias=qkv_bias, o_bias=attention_bias and model_type == 'llama',
-      mlp_bias=bool(hf.get('mlp_bias', False)), sliding_window=sliding_window,
+      qkv_bias=qkv_bias, o_bias=attention_bias and model_type in _ONE_ATTENTION_BIAS,
+      mlp_bias=bool(hf.get('mlp_bias', False)), qk_norm=model_type == 'qwen3',
+      sliding_window=sliding_window,
       model_type=model_type, bos_token_id=hf.get('bos_token_id'),
       eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
   fields.update(overrides)
@@ -71,7 +76,7 @@ def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> 
     return None
   if model_type == 'mistral':
     return int(window)
-  # Qwen2: a window only where `use_sliding_window`, and then only from `max_window_layers` on.
+  # Qwen2/3: a window only where `use_sliding_window`, and then only from `max_window_layers` on.
   layer_types = hf.get('layer_types')
   if layer_types is None:
     if not hf.get('use_sliding_window', False):
@@ -110,14 +115,17 @@ def config_to_hf(config: LlamaConfig, dtype: Any = jnp.bfloat16) -> dict[str, An
       'pad_token_id': c.pad_token_id, 'torch_dtype': dtype_name, 'dtype': dtype_name,
       'use_cache': True, 'initializer_range': 0.02, 'attention_dropout': 0.0,
   }
-  if c.model_type == 'llama':
+  if c.qk_norm != (c.model_type == 'qwen3'):
+    raise UserError(f'model_type={c.model_type!r} with qk_norm={c.qk_norm}: transformers has '
+                    'per-head q/k norms in Qwen3 only.')
+  if c.model_type in _ONE_ATTENTION_BIAS:
     if c.qkv_bias != c.o_bias:
-      raise UserError('LLaMA in transformers has one attention_bias for q/k/v/o; this config '
-                      f'has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
+      raise UserError(f'{c.model_type} in transformers has one attention_bias for q/k/v/o; '
+                      f'this config has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-  elif c.model_type == 'mistral':
+  if c.model_type == 'mistral':
     hf['sliding_window'] = c.sliding_window
-  elif c.model_type == 'qwen2':
+  elif c.model_type in _QWEN:
     hf.update(use_sliding_window=c.sliding_window is not None,
               sliding_window=c.sliding_window, max_window_layers=0 if c.sliding_window else
               c.num_layers,

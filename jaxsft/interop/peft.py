@@ -1,6 +1,7 @@
 """PEFT LoRA adapters in and out: `adapter_config.json` + `adapter_model.safetensors` with
 PEFT's names (`base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`, `[r, in]`;
-`lora_B.weight`, `[out, r]`), which `peft.PeftModel.from_pretrained` loads, and back into a
+`lora_B.weight`, `[out, r]`; norms trained whole under `modules_to_save` as
+`....self_attn.q_norm.weight`), which `peft.PeftModel.from_pretrained` loads, and back into a
 jaxsft LoRA tree (scanned or unrolled layers).
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import flax
@@ -20,34 +20,44 @@ from safetensors.numpy import load_file, save_file
 
 from jaxsft.errors import UserError
 
-_PEFT_KEY = re.compile(r'^base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.'
-                       r'(\w+)\.lora_([AB])\.weight$')
+_PEFT_PREFIX = 'base_model.model.model.'
+_PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight'}
 
 
-def _per_layer(tree: Any, num_layers: int) -> dict[tuple[int, str, str], dict[str, np.ndarray]]:
-  """`{(layer, group, projection): {'a': [in, r], 'b': [r, out]}}` from a scanned or unrolled
-  LoRA tree."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep=None)
-  out: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
-  for path, value in flat.items():
-    top, group, projection, which = path
-    value = np.asarray(value, np.float32)
-    if top == 'layers':
-      for layer in range(num_layers):
-        out.setdefault((layer, group, projection), {})[which] = value[layer]
-    else:
-      out.setdefault((int(top.split('_')[1]), group, projection), {})[which] = value
-  return out
+def _peft_names(path: tuple[str, ...], num_layers: int) -> list[str]:
+  """PEFT's tensor names for one leaf of a LoRA tree, one per layer it holds (a scanned leaf
+  holds every layer): `('layers', 'self_attn', 'q_proj', 'a')` ->
+  `base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`; a saved norm's
+  `('layers', 'self_attn', 'q_norm', 'scale')` -> `....self_attn.q_norm.weight` (how PEFT saves
+  `modules_to_save`); the final `('norm', 'scale')` -> `base_model.model.model.norm.weight`."""
+  top, *inner, leaf = path
+  suffix = '.'.join(inner + [_PEFT_LEAF[leaf]])
+  if top == 'layers':
+    return [f'{_PEFT_PREFIX}layers.{i}.{suffix}' for i in range(num_layers)]
+  if top.startswith('layers_'):
+    return [f'{_PEFT_PREFIX}layers.{top.split("_")[1]}.{suffix}']
+  return [f'{_PEFT_PREFIX}{top}.{suffix}']
+
+
+def _to_peft(leaf: str, value: np.ndarray) -> np.ndarray:
+  """jaxsft `[in, r]` / `[r, out]` -> PEFT's torch layout `[r, in]` / `[out, r]`."""
+  return np.ascontiguousarray(value if leaf == 'scale' else value.T)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
 
 
 def peft_tensors(lora_tree: Any, num_layers: int) -> dict[str, np.ndarray]:
   """PEFT's state dict (float32) of a LoRA tree."""
   tensors = {}
-  for (layer, group, projection), pair in sorted(_per_layer(lora_tree, num_layers).items()):
-    prefix = f'base_model.model.model.layers.{layer}.{group}.{projection}'
-    tensors[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(pair['a'].T)
-    tensors[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(pair['b'].T)
-  return tensors
+  for path, value in _flat(jax.device_get(lora_tree)).items():
+    value = np.asarray(value, np.float32)
+    names = _peft_names(path, num_layers)
+    parts = value if path[0] == 'layers' else [value]
+    for name, part in zip(names, parts):
+      tensors[name] = _to_peft(path[-1], part)
+  return dict(sorted(tensors.items()))
 
 
 def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, *, rank: int, alpha: float,
@@ -57,12 +67,14 @@ def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, *, rank: int, a
   if jax.process_index() != 0:
     return
   os.makedirs(out, exist_ok=True)
-  modules = sorted({key.split('.')[-3] for key in tensors})
+  modules = sorted({key.split('.')[-3] for key in tensors if '.lora_' in key})
+  saved = sorted({key.split('.')[-2] for key in tensors if '.lora_' not in key})
   adapter_config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank, 'lora_alpha': alpha,
       'lora_dropout': dropout, 'use_rslora': rslora, 'target_modules': modules,
       'bias': 'none', 'fan_in_fan_out': False, 'init_lora_weights': True,
-      'modules_to_save': None, 'inference_mode': True, 'base_model_name_or_path': base_model}
+      'modules_to_save': saved or None, 'inference_mode': True,
+      'base_model_name_or_path': base_model}
   with open(os.path.join(out, 'adapter_config.json'), 'w') as f:
     json.dump(adapter_config, f, indent=2)
   save_file(tensors, os.path.join(out, 'adapter_model.safetensors'))
@@ -78,39 +90,30 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
   if not files:
     raise UserError(f'{folder} has no adapter_model.safetensors (PEFT adapters saved '
                     'as .bin need `safe_serialization=True`).')
-  tensors = load_file(os.path.join(folder, files[0]))
-  found: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
-  for key, value in tensors.items():
-    match = _PEFT_KEY.match(key.replace('.default.', '.'))
-    if not match:
-      raise UserError(f'{folder}: unexpected adapter tensor {key!r}; jaxsft imports LoRA on '
-                      'the decoder projections of LLaMA-family models.')
-    layer, group, projection, which = match.groups()
-    found.setdefault((int(layer), group, projection), {})['a' if which == 'A' else 'b'] = (
-        value.T.astype(np.float32))
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.unbox(abstract_lora_tree)),
-                                         sep=None)
+  tensors = {key.replace('.default.', '.').replace('.modules_to_save.', '.'): value
+             for key, value in load_file(os.path.join(folder, files[0])).items()}
   out, used = {}, set()
-  for path, leaf in flat.items():
-    top, group, projection, which = path
-    layers = range(num_layers) if top == 'layers' else [int(top.split('_')[1])]
+  for path, leaf in _flat(nn.unbox(abstract_lora_tree)).items():
     parts = []
-    for layer in layers:
-      pair = found.get((layer, group, projection))
-      if pair is None or which not in pair:
-        raise UserError(f'{folder}: no adapter for layer {layer} {group}.{projection}; set '
-                        'lora.targets to the adapter\'s target_modules '
-                        f'({adapter_config.get("target_modules")}).')
-      used.add((layer, group, projection))
-      parts.append(pair[which])
-    value = np.stack(parts) if top == 'layers' else parts[0]
+    for name in _peft_names(path, num_layers):
+      if name not in tensors:
+        raise UserError(f'{folder}: no tensor {name}; set lora.targets to the adapter\'s '
+                        f'target_modules ({adapter_config.get("target_modules")}) and '
+                        'lora.modules_to_save to its modules_to_save '
+                        f'({adapter_config.get("modules_to_save")}).')
+      used.add(name)
+      value = tensors[name].astype(np.float32)
+      parts.append(value if path[-1] == 'scale' else value.T)
+    value = np.stack(parts) if path[0] == 'layers' else parts[0]
     if value.shape != tuple(leaf.shape):
       raise UserError(f'{folder}: {"/".join(path)} has shape {value.shape}, expected '
                       f'{tuple(leaf.shape)} (lora.rank must equal the adapter\'s r='
                       f'{adapter_config.get("r")}).')
     out[path] = jnp.asarray(value, leaf.dtype)
-  leftover = sorted(set(found) - used)
+  leftover = sorted(set(tensors) - used)
   if leftover:
-    raise UserError(f'{folder}: adapters for {leftover[:4]} are not in lora.targets; add '
-                    f'{sorted({p for _, _, p in leftover})} to lora.targets.')
+    raise UserError(f'{folder}: the adapter has tensors jaxsft\'s lora.targets / '
+                    f'lora.modules_to_save do not ask for, e.g. {leftover[:3]}; set them to '
+                    f'the adapter\'s target_modules ({adapter_config.get("target_modules")}) '
+                    f'and modules_to_save ({adapter_config.get("modules_to_save")}).')
   return flax.traverse_util.unflatten_dict(out), adapter_config

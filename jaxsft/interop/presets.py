@@ -45,6 +45,21 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
                        max_position_embeddings=131072, use_sliding_window=False,
                        sliding_window=131072, max_window_layers=28, bos_token_id=151643,
                        eos_token_id=151643),
+    # Qwen3 dense: per-head q/k norms, head_dim 128 whatever hidden / heads says.
+    'qwen3-0.6b': dict(model_type='qwen3', vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=40960,
+                       tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
+                       sliding_window=None, max_window_layers=28, bos_token_id=151643,
+                       eos_token_id=151645),
+    'qwen3-8b': dict(model_type='qwen3', vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, max_position_embeddings=40960,
+                     tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                     sliding_window=None, max_window_layers=36, bos_token_id=151643,
+                     eos_token_id=151645),
 }
 
 

@@ -72,7 +72,6 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *,
                                       implementation=implementation)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(seq_len: int, heads_per_group: int, sliding_window: int | None,
                    interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk

@@ -1,7 +1,8 @@
 """`LlamaConfig`: the architecture of a LLaMA-family model and how to run it.
 
-One dataclass covers LLaMA 1/2/3, Mistral and Qwen2; they differ only in the fields below (GQA
-head counts, rotary scaling, q/k/v biases, tied embeddings, sliding window). The HF
+One dataclass covers LLaMA 1/2/3, Mistral, Qwen2 and Qwen3; they differ only in the fields below
+(GQA head counts, rotary scaling, q/k/v biases, per-head q/k norms, tied embeddings, sliding
+window). The HF
 `config.json` mapping lives in `jaxsft.interop.hf_config`; this module knows nothing about files.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ROPE_TYPES = ('default', 'linear', 'llama3')
+ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn', 'dynamic')  # see jaxsft.models.rope
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'blocked', 'cudnn', 'splash', 'auto')
 
@@ -41,8 +42,9 @@ class LlamaConfig:
   qkv_bias: bool = False  # Qwen2; LLaMA's `attention_bias` sets this and `o_bias`
   o_bias: bool = False
   mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each head's queries and keys
   sliding_window: int | None = None  # Mistral: a query sees at most this many keys
-  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2'; used when exporting to HF
+  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2' | 'qwen3'; used when exporting
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
   pad_token_id: int | None = None
@@ -72,7 +74,9 @@ class LlamaConfig:
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f'LlamaConfig.attention_implementation={self.attention_implementation!r};'
                        f' choose one of {ATTENTION_IMPLEMENTATIONS}.')
-    rope_type = (self.rope_scaling or {}).get('rope_type', 'default')
+    # `type`: transformers 4's older spelling of `rope_type`, which jaxsft.models.rope reads too.
+    rope = self.rope_scaling or {}
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
     if rope_type not in ROPE_TYPES:
       raise ValueError(f'LlamaConfig.rope_scaling has rope_type={rope_type!r}, which jaxsft does '
                        f'not implement; supported: {ROPE_TYPES}.')
@@ -97,6 +101,6 @@ class LlamaConfig:
     attn = d * q + 2 * d * kv + q * d
     attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
     mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-    layer = attn + mlp + 2 * d
+    layer = attn + mlp + 2 * d + 2 * h * self.qk_norm
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * layer + d + head

@@ -148,7 +148,8 @@ class Projection(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """LLaMA RMSNorm: normalise in float32, cast back, then scale (HF's order of casts)."""
+  """LLaMA RMSNorm: normalise in float32, cast back, then scale (HF's order of casts). A scale
+  in the `lora` collection (`lora.modules_to_save`) replaces the frozen one."""
 
   eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -158,6 +159,8 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                        (x.shape[-1],), self.param_dtype)
+    if self.has_variable('lora', 'scale'):
+      scale = self.get_variable('lora', 'scale')
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)

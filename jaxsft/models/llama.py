@@ -19,7 +19,7 @@ from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.models.attention import attention
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
-from jaxsft.models.rope import apply_rotary, inverse_frequencies, rotary_angles
+from jaxsft.models.rope import apply_rotary, rotary_embedding
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer in the backward pass
@@ -51,6 +51,11 @@ class Attention(nn.Module):
         b, t, k, h)
     v_btkh = proj(k * h, ('embed', 'kv_heads'), c.qkv_bias, name='v_proj')(x_btd).reshape(
         b, t, k, h)
+    if c.qk_norm:  # Qwen3: each head's queries and keys normalised before the rotation
+      norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
+                               param_dtype=c.param_dtype)
+      q_btnh = norm(name='q_norm')(q_btnh)
+      k_btkh = norm(name='k_norm')(k_btkh)
     q_btnh = nn.with_logical_constraint(apply_rotary(q_btnh, cos_bth, sin_bth),
                                         ('act_batch', 'act_length', 'act_heads', None))
     k_btkh = nn.with_logical_constraint(apply_rotary(k_btkh, cos_bth, sin_bth),
@@ -184,8 +189,9 @@ class Llama(nn.Module):
       x_btd = x_btd + neftune_noise(self.make_rng('neftune'), segment_ids, c.hidden_size,
                                     neftune_alpha).astype(x_btd.dtype)
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
-    inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-    cos_bth, sin_bth = rotary_angles(positions, inv_freq, c.dtype)
+    cos_bth, sin_bth = rotary_embedding(
+        positions, head_dim=c.head_dim, theta=c.rope_theta, rope_scaling=c.rope_scaling,
+        max_position_embeddings=c.max_position_embeddings, dtype=c.dtype)
 
     layer_cls = DecoderLayer
     if c.remat_policy != 'none':

@@ -59,7 +59,8 @@ class TrainState:
 def abstract_adapters(config: Any, model_config: LlamaConfig) -> Any:
   """The LoRA tree of a run as boxed `ShapeDtypeStruct`s with logical axes."""
   return lora.abstract_lora(hf.abstract_params(model_config), list(config.lora.targets),
-                            config.lora.rank)
+                            config.lora.rank,
+                            modules_to_save=list(config.lora.modules_to_save))
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -102,7 +103,8 @@ def _state_around(config: Any, model_config: LlamaConfig,
   _, lora_key, train_key = _keys(config.train.seed)
   frozen, params = None, base
   if config.lora.enabled:
-    frozen, params = base, lora.init_lora(lora_key, abstract_adapters(config, model_config))
+    frozen, params = base, lora.init_lora(lora_key, abstract_adapters(config, model_config),
+                                          base)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                     opt_state=optimizer.init(params), rng=train_key)
 
