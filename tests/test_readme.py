@@ -179,6 +179,9 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
   verb = shlex.split(command)[1]
   if verb == 'info':
     assert json.loads(result.stdout)['num_layers'] == 2
+  elif verb == 'plan' and '--platform tpu' in command:  # Qwen3-8B, exported for a TPU here
+    assert 'train step lowered for tpu' in result.stdout, result.stdout
+    assert re.search(r'attention: splash \(\d+ fused-kernel calls', result.stdout), result.stdout
   elif verb == 'plan':  # LLaMA-2-7B QLoRA from its preset: NF4 with double quantization
     frozen = re.search(r'frozen weights\s+([\d.]+) GiB\s+\(([\d.]+) bits', result.stdout)
     trained = re.search(r'trained weights\s+([\d.]+) GiB', result.stdout)

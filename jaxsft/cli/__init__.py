@@ -3,7 +3,7 @@
   jaxsft train --config FILE --workdir DIR [--config.a.b=value ...]   fine-tune
   jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
         text highlighted, length distribution, drop counts, packing efficiency
-  jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len]
+  jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len] [--platform P]
                                                    per-device memory from shapes alone
   jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
   jaxsft eval --workdir DIR | --hf PATH [--data FILE] [--generate N]   NLL, perplexity, ...
@@ -67,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   _add_config_arguments(plan)
   plan.add_argument('--device-memory-gib', type=float, default=None,
                     help='device memory to judge the plan against, e.g. 80 for an H100')
+  plan.add_argument('--platform', choices=('tpu', 'cuda', 'rocm', 'cpu'), default=None,
+                    help='lower the train step for this platform (jax.export, no device '
+                    'needed) and report the attention kernel it gets, instead of compiling '
+                    'it here for a memory plan')
   plan.add_argument('--find-max-seq-len', action='store_true',
                     help='search the longest data.max_seq_len (multiple of 256) that fits in '
                          '--device-memory-gib')

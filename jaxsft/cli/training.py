@@ -95,6 +95,13 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from jaxsft.train import plan  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, overrides)
+  if args.platform:
+    if args.find_max_seq_len:
+      raise UserError('jaxsft plan: --find-max-seq-len compiles on this host; it does not '
+                      'combine with --platform.')
+    lowering = plan.lower_for_platform(config, args.platform)
+    print(plan.platform_report(lowering, config.model.attention_implementation))
+    return 0
   if args.find_max_seq_len:
     if not args.device_memory_gib:
       raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')

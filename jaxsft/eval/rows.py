@@ -3,14 +3,17 @@ of targets, and where a call's rows go on the variables' mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsft.parallel.batch import batch_sharding
+from jaxsft.parallel.mesh import DEFAULT_RULES
 
 MIN_BUCKET = 64
 
@@ -54,6 +57,19 @@ def mesh_of(variables: Any):
     if isinstance(sharding, NamedSharding):
       return sharding.mesh
   return None
+
+
+def mesh_context(variables: Any):
+  """The variables' mesh and the default logical rules as the tracing context (a kernel that
+  runs per device, like TPU splash attention, needs it to find its shards); a no-op without a
+  mesh."""
+  mesh = mesh_of(variables)
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(DEFAULT_RULES))
+  return stack
 
 
 def placement(variables: Any, rows: int):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.data.packing import assign_rows, fill_rows
+from jaxsft.eval import rows as rows_lib
 from jaxsft.eval.rows import Scored, bucket, head_logits, placement, put, target_logprobs
 from jaxsft.eval.shared_scoring import score_shared
 from jaxsft.models.config import LlamaConfig
@@ -114,8 +115,9 @@ def _score_packed(model_config: LlamaConfig, variables: Any,
     chunk = rows[start:start + rows_per_call]
     arrays = _row_arrays(examples, chunk, rows_per_call, row_length, width)
     placed = put(arrays, rows_sharding)
-    logprob_bk, greedy_bk = _score(variables, *placed, model_config=model_config,
-                                   out_sharding=out_sharding)
+    with rows_lib.mesh_context(variables):
+      logprob_bk, greedy_bk = _score(variables, *placed, model_config=model_config,
+                                     out_sharding=out_sharding)
     logprob_bk, greedy_bk = np.asarray(logprob_bk), np.asarray(greedy_bk)
     for r, row in enumerate(chunk):
       k = 0

@@ -14,6 +14,7 @@ padding, so no softmax row is ever empty.
 - `splash`: Pallas splash attention for TPU; on other backends it runs in interpret mode (slow,
   for tests).
 - `auto`: cudnn on GPU, splash on TPU, blocked elsewhere, each where the shapes allow it.
+The choice follows the platform a program is lowered for (`PLATFORMS`), not the host's backend.
 A kernel that cannot serve a case falls back (to `blocked`, else `xla`) with a warning naming
 the reason; `auto` falls back silently.
 """
@@ -24,8 +25,10 @@ import functools
 import logging
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
@@ -110,31 +113,97 @@ def splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window=N
   return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _unsupported_reason(implementation: str, q_btnh, k_bskh, q_offset) -> str | None:
+def _splash_over_mesh(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window, interpret):
+  """`splash_attention` on each device's shard of a multi-device mesh (the context mesh of
+  `jax.set_mesh`): XLA cannot partition a Mosaic kernel, so on a TPU slice the kernel runs inside
+  `shard_map` over the local rows and heads. Heads split over the mesh only where query and KV
+  heads split alike (whole GQA groups per device); else every device holds all heads."""
+  call = functools.partial(splash_attention, sliding_window=sliding_window, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return call(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+  rules = nn.get_logical_axis_rules()
+
+  def mesh_axes(logical: str, size: int):
+    """The mesh axes `logical` maps to, if they split `size` evenly (else None: replicated)."""
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+  rows = mesh_axes('act_batch', q_btnh.shape[0])
+  heads = mesh_axes('act_heads', q_btnh.shape[2])
+  if heads != mesh_axes('act_kv_heads', k_bskh.shape[2]):
+    heads = None
+  spec = PartitionSpec(rows, None, heads, None)  # q, k, v and the output alike
+  return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows, None)),
+                       out_specs=spec, check_vma=False)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+
+
+# The platforms a program can be built for, named as `jax.export` and `lax.platform_dependent`
+# name them. `auto` picks per platform; `blocked` wherever no fused kernel applies.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+_AUTO = {'cuda': 'cudnn', 'tpu': 'splash'}
+_HOME = {'cudnn': 'cuda', 'splash': 'tpu'}  # where a kernel is compiled (splash: else interpreted)
+
+
+def host_platform() -> str:
+  """The platform of this process's default backend (`cuda`, `rocm`, `tpu` or `cpu`)."""
   backend = jax.default_backend()
+  if backend != 'gpu':
+    return backend
+  version = getattr(jax.devices()[0].client, 'platform_version', '')
+  return 'rocm' if 'rocm' in version.lower() else 'cuda'
+
+
+@functools.lru_cache(maxsize=1)
+def cudnn_unavailable() -> str | None:
+  """Why this jax cannot build cuDNN attention into a program (None if it can). jax checks for
+  its CUDA plugin while tracing, so without one no CUDA program with cuDNN attention can be
+  built here, whatever platform it is lowered for."""
+  x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+  try:
+    jax.eval_shape(functools.partial(jax.nn.dot_product_attention, implementation='cudnn'),
+                   x, x, x)
+  except Exception as error:  # pylint: disable=broad-except  # jax raises RuntimeError today
+    return f'this jax cannot build cuDNN attention: {error}'.rstrip('.')
+  return None
+
+
+def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0
+                       ) -> str | None:
+  """Why `implementation` cannot serve this call in a program for `platform` (None if it can)."""
   t, s, h = q_btnh.shape[1], k_bskh.shape[1], q_btnh.shape[3]
   if implementation == 'cudnn':
-    if backend != 'gpu':
-      return f'cuDNN attention needs a GPU, the backend is {backend!r}'
+    if platform != 'cuda':
+      return f'cuDNN attention runs on NVIDIA GPUs, this program is for {platform}'
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
       return f'cuDNN attention needs bf16/fp16 activations, got {q_btnh.dtype}'
     if h > 256 or h % 8:
       return f'cuDNN attention needs head_dim <= 256 and a multiple of 8, got {h}'
+    return cudnn_unavailable()
   if implementation in ('blocked', 'splash'):
     if t != s or not isinstance(q_offset, int) or q_offset:
       return f'{implementation} attention serves self-attention over a whole row only (no KV cache)'
   if implementation == 'blocked' and blocked_lib.block_size(t) is None:
     return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
-  if implementation == 'splash':
-    if t > _SPLASH_BLOCK and t % _SPLASH_BLOCK:
-      return f'splash attention needs the sequence length to be a multiple of {_SPLASH_BLOCK}'
+  if implementation == 'splash' and t % _SPLASH_BLOCK:
+    return f'splash attention needs a sequence length that is a multiple of {_SPLASH_BLOCK}, got {t}'
   return None
 
 
-def _resolve(implementation: str) -> str:
-  if implementation != 'auto':
-    return implementation
-  return {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'blocked')
+def choose(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0
+           ) -> tuple[str, str | None]:
+  """The kernel that serves this call in a program for `platform`, and why the requested one
+  cannot (None when it can). Falls back to `blocked`, else `xla`."""
+  requested = _AUTO.get(platform, 'blocked') if implementation == 'auto' else implementation
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention implementation {implementation!r}; '
+                     f'choose one of {ATTENTION_IMPLEMENTATIONS}.')
+  reason = unsupported_reason(requested, platform, q_btnh, k_bskh, q_offset)
+  if reason is None:
+    return requested, None
+  blocked_serves = unsupported_reason('blocked', platform, q_btnh, k_bskh, q_offset) is None
+  return ('blocked' if requested != 'blocked' and blocked_serves else 'xla'), reason
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,27 +213,41 @@ def _warn_once(message: str) -> None:
 
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implementation='xla',
               q_offset=0, sliding_window: int | None = None) -> jnp.ndarray:
-  """Segment-aware causal attention. q `[B, T, N, H]`, k/v `[B, S, K, H]` -> `[B, T, N, H]`."""
-  chosen = _resolve(implementation)
-  reason = _unsupported_reason(chosen, q_btnh, k_bskh, q_offset)
-  if reason is not None:
-    fallback = 'xla' if chosen == 'blocked' or _unsupported_reason(
-        'blocked', q_btnh, k_bskh, q_offset) else 'blocked'
-    if implementation != 'auto':
-      _warn_once(f'attention implementation {chosen!r} cannot serve this call ({reason}); '
-                 f'falling back to {fallback}.')
-    chosen = fallback
-  if chosen == 'blocked':
-    return blocked_lib.blocked_attention(q_btnh, k_bskh, v_bskh, q_segment_ids,
-                                         blocked_lib.block_size(q_btnh.shape[1]), sliding_window)
-  if chosen == 'splash':
-    return splash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, sliding_window=sliding_window,
-                            interpret=jax.default_backend() != 'tpu')
-  mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset=q_offset,
-                        sliding_window=sliding_window)
-  if chosen == 'cudnn':
-    return dot_product_attention(q_btnh, k_bskh, v_bskh, mask, implementation='cudnn')
-  if chosen == 'xla':
-    return xla_attention(q_btnh, k_bskh, v_bskh, mask)
-  raise ValueError(f'unknown attention implementation {implementation!r}; '
-                   f'choose one of {ATTENTION_IMPLEMENTATIONS}.')
+  """Segment-aware causal attention. q `[B, T, N, H]`, k/v `[B, S, K, H]` -> `[B, T, N, H]`.
+
+  The kernel is chosen per platform the program is built for (`lax.platform_dependent`), not
+  for the host: a step traced on a CPU host and lowered for a TPU gets splash. An explicit
+  request that cannot serve falls back with a warning (for the host's platform and the kernel's
+  own); `auto` falls back silently.
+  """
+  plans = {platform: choose(implementation, platform, q_btnh, k_bskh, q_offset)
+           for platform in PLATFORMS}
+  if implementation != 'auto':
+    for platform, (chosen, reason) in plans.items():
+      if reason and platform in (host_platform(), _HOME.get(implementation)):
+        _warn_once(f'attention implementation {implementation!r} cannot serve this call on '
+                   f'{platform} ({reason}); falling back to {chosen}.')
+
+  def kernel(chosen: str, platform: str):
+    def run(q, k, v, q_segments, kv_segments):
+      if chosen == 'blocked':
+        return blocked_lib.blocked_attention(q, k, v, q_segments,
+                                             blocked_lib.block_size(q.shape[1]), sliding_window)
+      if chosen == 'splash':
+        return _splash_over_mesh(q, k, v, q_segments, sliding_window=sliding_window,
+                                 interpret=platform != 'tpu')
+      mask = attention_mask(q_segments, kv_segments, q_offset=q_offset,
+                            sliding_window=sliding_window)
+      if chosen == 'cudnn':
+        return dot_product_attention(q, k, v, mask, implementation='cudnn')
+      return xla_attention(q, k, v, mask)
+    return run
+
+  # Splash runs compiled on a TPU and interpreted elsewhere: two different programs.
+  variants = {(chosen, chosen == 'splash' and platform != 'tpu')
+              for platform, (chosen, _) in plans.items()}
+  operands = (q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids)
+  if len(variants) == 1:
+    return kernel(plans['cpu'][0], 'cpu')(*operands)
+  branches = {platform: kernel(chosen, platform) for platform, (chosen, _) in plans.items()}
+  return jax.lax.platform_dependent(*operands, **branches, default=branches['cpu'])

@@ -65,9 +65,12 @@ class Attention(nn.Module):
     if self.decode:
       k_btkh, v_btkh, kv_segment_ids, q_offset = self._extend_cache(k_btkh, v_btkh,
                                                                     segment_ids_bt)
+    # `init` only needs the parameters' shapes, and runs on a token or so, which the fused
+    # kernels cannot serve: the reference computes it without a fallback warning.
+    implementation = 'xla' if self.is_initializing() else c.attention_implementation
     out_btnh = attention(q_btnh, k_btkh, v_btkh, q_segment_ids=segment_ids_bt,
-                         kv_segment_ids=kv_segment_ids,
-                         implementation=c.attention_implementation, q_offset=q_offset,
+                         kv_segment_ids=kv_segment_ids, implementation=implementation,
+                         q_offset=q_offset,
                          sliding_window=c.sliding_window)
     out_btnh = checkpoint_name(out_btnh, 'attention_out')
     return proj(c.hidden_size, ('heads', 'embed'), c.o_bias, name='o_proj')(

@@ -166,7 +166,8 @@ def _dynamic_frequencies(positions_bt: jnp.ndarray, head_dim: int, theta: float,
   """
   factor = scaling['factor']
   seq_len = jnp.max(positions_bt).astype(jnp.int32) + 1
-  length = seq_len.astype(jnp.float32)
+  # As transformers' torch.maximum; it also keeps the unused branch's log finite within context.
+  length = jnp.maximum(seq_len, max_position_embeddings).astype(jnp.float32)
   stretch = (np.float32(factor) * length / np.float32(max_position_embeddings)
              - np.float32(factor - 1))
   # torch raises the float32 stretch to the float64 exponent d / (d - 2) in float64. A float32
@@ -192,6 +193,20 @@ def rotary_angles(positions_bt: jnp.ndarray, inv_freq: np.ndarray | jnp.ndarray,
   return cos.astype(dtype), sin.astype(dtype)
 
 
+def rotary_frequencies(positions_bt: jnp.ndarray, *, head_dim: int, theta: float,
+                       rope_scaling: dict[str, Any] | None, max_position_embeddings: int
+                       ) -> tuple[np.ndarray | jnp.ndarray, float]:
+  """(`[head_dim // 2]` float32 inverse frequencies, attention factor) of one forward over the
+  `[B, T]` int positions: numpy constants, except `dynamic`'s (traced: they follow the positions).
+  """
+  scaling = rope_scaling or {}
+  inv_freq, attention_factor = rope_init(head_dim, theta, scaling, max_position_embeddings)
+  if rope_type_of(scaling) == 'dynamic':
+    inv_freq = _dynamic_frequencies(positions_bt, head_dim, theta, scaling,
+                                    max_position_embeddings, inv_freq)
+  return inv_freq, attention_factor
+
+
 def rotary_embedding(positions_bt: jnp.ndarray, *, head_dim: int, theta: float,
                      rope_scaling: dict[str, Any] | None, max_position_embeddings: int,
                      dtype: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -210,11 +225,9 @@ def rotary_embedding(positions_bt: jnp.ndarray, *, head_dim: int, theta: float,
     is not, so a later forward shorter than an earlier one (but beyond the original context)
     matches a fresh transformers model, not one that ran the longer forward first.
   """
-  scaling = rope_scaling or {}
-  inv_freq, attention_factor = rope_init(head_dim, theta, scaling, max_position_embeddings)
-  if rope_type_of(scaling) == 'dynamic':
-    inv_freq = _dynamic_frequencies(positions_bt, head_dim, theta, scaling,
-                                    max_position_embeddings, inv_freq)
+  inv_freq, attention_factor = rotary_frequencies(
+      positions_bt, head_dim=head_dim, theta=theta, rope_scaling=rope_scaling,
+      max_position_embeddings=max_position_embeddings)
   return rotary_angles(positions_bt, inv_freq, dtype, attention_factor)
 
 

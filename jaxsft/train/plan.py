@@ -3,16 +3,19 @@
 The train step is lowered and compiled ahead of time from abstract shapes
 (`jax.ShapeDtypeStruct`s with their shardings), so no weight is read or allocated; the shapes
 come from the checkpoint's `config.json` when `model.path` is on disk, else from
-`model.preset`. The report
-splits the per-device bytes into frozen weights (dense or 4-bit), trained weights, optimizer
+`model.preset`. The report splits the per-device bytes into frozen weights (dense or 4-bit), trained weights, optimizer
 state, and the compiled program's temporaries (activations, gradients, workspace), and gives a
 verdict against a device memory size.
+
+`lower_for_platform` exports the same step for another platform (`jaxsft plan --platform tpu`
+on a CPU host): the program a TPU or GPU would compile, with the attention kernel chosen for it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +25,8 @@ import numpy as np
 
 from jaxsft.adapters.quant import QuantizedKernel
 from jaxsft.data.packing import ROW_KEYS
+from jaxsft.errors import UserError
+from jaxsft.models import attention as attention_lib
 from jaxsft.parallel.batch import batch_sharding
 from jaxsft.parallel.mesh import mesh_and_rules
 from jaxsft.train.model_source import model_config_from
@@ -56,9 +61,10 @@ class MemoryPlan:
     return self.frozen_bytes + self.trained_bytes + self.optimizer_bytes + self.temporary_bytes
 
 
-def plan(config: Any, devices: Any = None) -> MemoryPlan:
-  """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
-  default all)."""
+def _lowered_step(config: Any, devices: Any, platforms: Sequence[str] | None = None) -> Any:
+  """The train step of `config` lowered from abstract shapes (nothing allocated): for this
+  host's devices (a `jax.stages.Lowered`), or exported for `platforms` (a
+  `jax.export.Exported`). Returns `(lowered, abstract state, model config)`."""
   check_config(config)
   mesh, rules = mesh_and_rules(config.mesh, devices)
   check_batch_layout(config, mesh)
@@ -73,8 +79,18 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jit_train_step(config, model_config, optimizer, schedule, shardings,
-                                    rows).lower(state, batch).compile()
+    step = jit_train_step(config, model_config, optimizer, schedule, shardings, rows)
+    if platforms is None:
+      return step.lower(state, batch), state, model_config
+    return jax.export.export(step, platforms=list(platforms))(state, batch), state, model_config
+
+
+def plan(config: Any, devices: Any = None) -> MemoryPlan:
+  """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
+  default all)."""
+  lowered, state, _ = _lowered_step(config, devices)
+  compiled = lowered.compile()
+  shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, state)
   analysis = compiled.memory_analysis()
   temporary = int(getattr(analysis, 'temp_size_in_bytes', 0) or 0)
   frozen_tree = state.frozen if state.frozen is not None else {}
@@ -157,3 +173,51 @@ def report(memory: MemoryPlan, device_memory_gib: float | None) -> str:
                  f'per device ({100 * memory.total_bytes / (device_memory_gib * GIB):.0f} %)')
   return '\n'.join(lines)
 
+
+
+# Custom calls that show which fused attention kernel a lowered program holds.
+_KERNEL_CALLS = {'splash': 'tpu_custom_call', 'cudnn': '__cudnn$fmha'}
+
+
+@dataclasses.dataclass
+class PlatformLowering:
+  """The train step exported for a platform it may not run on here."""
+
+  platform: str
+  attention: str  # the kernel the step uses there (`jaxsft.models.attention.choose`)
+  fallback_reason: str | None  # why the configured implementation does not serve, if it does not
+  kernel_calls: int  # custom calls of a fused attention kernel in the program
+  stablehlo_bytes: int
+
+
+def lower_for_platform(config: Any, platform: str, devices: Any = None) -> PlatformLowering:
+  """Exports the train step of `config` for `platform` (`tpu`, `cuda`, `rocm` or `cpu`) with
+  `jax.export`, from abstract shapes, on this host: the program a device of that kind would
+  compile, with the attention kernel chosen for it. Raises what JAX raises where it cannot build
+  a path without the device's plugin (cuDNN attention needs jax's CUDA plugin)."""
+  if platform not in attention_lib.PLATFORMS:
+    raise UserError(f'--platform {platform!r}; choose one of {attention_lib.PLATFORMS}.')
+  exported, _, model_config = _lowered_step(config, devices, [platform])
+  d, h = model_config.num_heads, model_config.head_dim
+  seq = config.data.max_seq_len
+  q = jax.ShapeDtypeStruct((1, seq, d, h), model_config.dtype)
+  k = jax.ShapeDtypeStruct((1, seq, model_config.num_kv_heads, h), model_config.dtype)
+  chosen, reason = attention_lib.choose(model_config.attention_implementation, platform, q, k)
+  text = exported.mlir_module()
+  return PlatformLowering(platform=platform, attention=chosen, fallback_reason=reason,
+                          kernel_calls=text.count(_KERNEL_CALLS.get(chosen, '\0')),
+                          stablehlo_bytes=len(text.encode()))
+
+
+def platform_report(lowering: PlatformLowering, implementation: str) -> str:
+  lines = [f'train step lowered for {lowering.platform} (jax.export from shapes, '
+           f'{lowering.stablehlo_bytes / 2**20:.1f} MiB of StableHLO)',
+           f'  attention: {lowering.attention}'
+           + (f' ({lowering.kernel_calls} fused-kernel calls in the program)'
+              if lowering.attention in _KERNEL_CALLS else '')]
+  if lowering.fallback_reason:
+    lines.append(f'  model.attention_implementation={implementation!r} does not serve here: '
+                 f'{lowering.fallback_reason}')
+  lines.append('  memory: compiling needs the device; run `jaxsft plan` on one for the '
+               'per-device figures.')
+  return '\n'.join(lines)
