@@ -45,7 +45,7 @@ def main() -> None:
   start = time.perf_counter()
   cached = generate.generate(config, variables, prompts, sampling)
   cached_s = time.perf_counter() - start
-  generate.generate_uncached(config, variables, prompts[0], 2)  # compile
+  generate.generate_uncached(config, variables, prompts[0], args.new)  # compile this length
   start = time.perf_counter()
   uncached = generate.generate_uncached(config, variables, prompts[0], args.new)
   uncached_s = time.perf_counter() - start

@@ -15,7 +15,8 @@ Each (side, method) runs in its own process, so peaks and thread pools never mix
   python scripts/bench_train.py --model llama3.2-1b --methods full,lora,qlora --seq 2048 \
       --batch 8 --dtype bfloat16 --compare-hf
 
-`--model` is a `jaxsft.presets` name, `cpu-512`, or an HF checkpoint folder. Without `--data`
+`--model` is a `jaxsft.presets` name, `cpu-512`, `tiny` (seconds per method on a CPU: the dry
+run of scripts/device_check.sh), or an HF checkpoint folder. Without `--data`
 the rows are synthetic: Alpaca-like example lengths (log-normal, median ~160 tokens) with the
 first 20-60 % of each example unsupervised (the prompt), packed with jaxsft's bfd packing.
 """
@@ -38,6 +39,14 @@ CPU_512 = dict(model_type='llama', vocab_size=32000, hidden_size=512, intermedia
                num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+# A model that compiles and runs in seconds, for dry runs of the scripts that call this one
+# (scripts/device_check.sh --dry-run): LLaMA-3.2-1B's head_dim and GQA, and every kernel input
+# a multiple of QLoRA's 64-input blocks.
+TINY = dict(model_type='llama', vocab_size=512, hidden_size=128, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+            rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_LOCAL_MODELS = {'cpu-512': CPU_512, 'tiny': TINY}
 _ARCH_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
                 'num_kv_heads', 'head_dim', 'rms_norm_eps', 'rope_theta', 'rope_scaling',
                 'max_position_embeddings', 'tie_word_embeddings', 'sliding_window')
@@ -49,8 +58,8 @@ _LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj',
 
 def hf_fields(model: str) -> dict:
   from jaxsft.interop import hf_config, presets
-  if model == 'cpu-512':
-    return dict(CPU_512)
+  if model in _LOCAL_MODELS:
+    return dict(_LOCAL_MODELS[model])
   if model in presets.HF_CONFIGS:
     return dict(presets.HF_CONFIGS[model])
   return hf_config.read_hf_config(model)
@@ -280,13 +289,13 @@ def _run_worker(side: str, spec: dict, workdir: str) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _mfu(result: dict) -> str:
+def _mfu(result: dict) -> float | None:
+  """Model FLOPs utilization, None on a device of unknown peak (a CPU)."""
   from jaxsft.train import flops
   peak = flops.peak_flops_of_kind(result['device'])
   if not peak:
-    return '-'
-  utilization = flops.mfu(result['flops_per_token'], result['tokens_per_s'], peak_flops=peak)
-  return f'{100 * utilization:.1f}%'
+    return None
+  return flops.mfu(result['flops_per_token'], result['tokens_per_s'], peak_flops=peak)
 
 
 def main() -> None:
@@ -348,7 +357,7 @@ def main() -> None:
           f'{args.data or "synthetic"}', flush=True)
     header = ('| method | side | tokens/s | step (s) | MFU | peak memory (GiB) | first loss |'
               '\n| --- | --- | ---: | ---: | ---: | ---: | ---: |')
-    lines, results = [header], []
+    lines = [header]
     for method in args.methods.split(','):
       sides = ('jax', 'hf') if args.compare_hf else ('jax',)
       by_side = {}
@@ -356,15 +365,16 @@ def main() -> None:
         result = {'method': method, 'side': side, 'model': args.model, 'seq': args.seq,
                   'batch': args.batch, 'dtype': args.dtype, 'supervised_fraction': supervised,
                   **_run_worker(side, dict(base, method=method), workdir)}
-        results.append(result)
         by_side[side] = result
         name = 'jaxsft' if side == 'jax' else 'transformers+PEFT'
         if 'error' in result:
           lines.append(f'| {method} | {name} | failed: {result["error"]} | | | | |')
           print(result.get('stderr_tail', ''), file=sys.stderr)
           continue
+        result['mfu'] = _mfu(result)
+        mfu = '-' if result['mfu'] is None else f'{100 * result["mfu"]:.1f}%'
         lines.append(f'| {method} | {name} | {result["tokens_per_s"]:,.0f} | '
-                     f'{result["step_s"]:.3f} | {_mfu(result)} | '
+                     f'{result["step_s"]:.3f} | {mfu} | '
                      f'{result["peak_memory_gib"]:.2f} ({result["memory_kind"]}) | '
                      f'{result["first_loss"]:.4f} |')
         print(lines[-1], flush=True)
@@ -372,11 +382,12 @@ def main() -> None:
         ratio = by_side['jax']['tokens_per_s'] / by_side['hf']['tokens_per_s']
         by_side['jax']['ratio_vs_hf'] = ratio
         print(f'{method}: jaxsft / transformers+PEFT tokens/s = {ratio:.2f}x', flush=True)
+      if args.out:
+        # Method by method: a run stopped at a time limit keeps the methods it finished.
+        with open(args.out, 'a') as f:
+          for result in by_side.values():
+            f.write(json.dumps(result) + '\n')
     print('\n'.join(lines))
-    if args.out:
-      with open(args.out, 'a') as f:
-        for result in results:
-          f.write(json.dumps(result) + '\n')
 
 
 if __name__ == '__main__':

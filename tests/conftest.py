@@ -15,7 +15,8 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'd
 # The longest tests first: two xdist workers then finish together instead of one waiting on a
 # long test that started last.
 LONGEST_FIRST = ('test_readme.py::test_readme_commands', 'test_multiprocess.py',
-                 'test_benchmark.py', 'test_checkpoint.py', 'test_humaneval.py')
+                 'test_benchmark.py', 'test_device_check.py', 'test_checkpoint.py',
+                 'test_humaneval.py')
 
 
 def pytest_collection_modifyitems(items):

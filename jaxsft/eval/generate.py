@@ -123,24 +123,24 @@ def generate(model_config: LlamaConfig, variables: Any, prompts: Sequence[Sequen
   return results
 
 
+@functools.partial(jax.jit, static_argnames=('model_config',))
+def _next_token_uncached(variables: Any, tokens_bt: jnp.ndarray, at: jnp.ndarray, *,
+                         model_config: LlamaConfig) -> jnp.ndarray:
+  logits = Llama(model_config).apply(variables, tokens_bt)
+  return jnp.argmax(logits[0, at - 1])
+
+
 def generate_uncached(model_config: LlamaConfig, variables: Any, prompt: Sequence[int],
                       max_new_tokens: int) -> list[int]:
   """Greedy decoding by a full forward pass per token (the reference the cache is timed
-  against)."""
-  model = Llama(model_config)
+  against). One compiled program per `len(prompt) + max_new_tokens`, reused across calls."""
   length = len(prompt) + max_new_tokens
   tokens = np.zeros((1, length), np.int32)
   tokens[0, :len(prompt)] = prompt
-
-  @jax.jit
-  def next_token(tokens, at):
-    logits = model.apply(variables, tokens)
-    return jnp.argmax(logits[0, at - 1])
-
   out = []
   for i in range(max_new_tokens):
     at = len(prompt) + i
-    token = int(next_token(tokens, at))
+    token = int(_next_token_uncached(variables, tokens, np.int32(at), model_config=model_config))
     tokens[0, at] = token
     out.append(token)
   return out
