@@ -117,7 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
       'eval_size': 0.0,      # held out of each training source: < 1 a fraction, >= 1 a count
       'tokenizer': '',       # '' = the tokenizer saved with model.path
       'template': 'llama2',  # llama2 | llama3 | chatml | qwen3 | mistral | alpaca | jinja | .jinja path
-      'train_on': 'assistant',  # assistant | last | all
+      'train_on': 'assistant',  # assistant | last | all; a message's loss_weight 0 masks its turn
+      'train_on_reasoning': True,  # False: think blocks of trained turns are not supervised
       'max_seq_len': 2048,   # tokens per packed row
       'overlong': 'truncate',   # truncate | drop: examples longer than max_seq_len + 1 tokens
       'packing': 'bfd',      # bfd | greedy | none
@@ -128,6 +129,19 @@ def default_config() -> ml_collections.ConfigDict:
       'num_proc': 1,         # tokenization worker processes (datasets.map)
       'map_batch_size': 1000,   # records per tokenizer call
       'cache_dir': '',       # datasets cache; '' = the HF default
+      # What `jaxsft data clean` removes (jaxsft.data.clean); `enabled` does it on the fly.
+      'clean': ml_collections.ConfigDict({
+          'enabled': False,       # clean data.datasets before tokenizing, in every run
+          'exact_dedup': True,    # equal text, ignoring case, whitespace and punctuation
+          'near_dedup': True,     # MinHash LSH over word shingles (datasketch)
+          'near_threshold': 0.7,  # estimated Jaccard similarity of the shingle sets
+          'shingle_words': 2,     # words per shingle
+          'num_perm': 128,        # MinHash permutations
+          'seed': 1,              # of the MinHash permutations
+          'degenerate': True,     # empty answers, one short unit repeated ('!!!!!!!!')
+          'against': [],          # evaluation files (json/jsonl/parquet) to decontaminate against
+          'ngram': 13,            # words of an overlap that marks contamination (GPT-3)
+      }),
   })
   config.batch_size = 8      # packed rows per global batch
   config.lock()  # get_config functions may change settings, never invent them

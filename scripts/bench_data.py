@@ -13,8 +13,13 @@ times are cold (tokenization included).
 
 Packing efficiency = real tokens / (rows x max_seq_len).
 
+The `clean` row (`--rows clean`): records/s, recall and precision of near-duplicate removal,
+`jaxsft data clean` vs text-dedup's MinHash on the same records (`scripts/bench_clean.py`).
+
   python scripts/bench_data.py --data ../shared/data/instructions/alpaca_en_demo.json \
       --tokenizer ../shared/data/tokenizers/llama2 --records 50000 --max-seq-len 2048
+  python scripts/bench_data.py --rows clean --data ../shared/data/instructions/alpaca_en_demo.json \
+      --records 50000 --text-dedup-path /tmp/text_dedup_pkgs
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import json
 import os
 import tempfile
 import time
+
+import bench_clean  # scripts/ is on sys.path when this file runs
 
 
 def _repeat_records(path: str, records: int, out_path: str) -> list[dict]:
@@ -98,13 +105,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--data', required=True, help='an Alpaca-format JSON file')
-  parser.add_argument('--tokenizer', required=True, help='a fast tokenizer folder')
+  parser.add_argument('--tokenizer', default='', help='a fast tokenizer folder (prepare row)')
   parser.add_argument('--records', type=int, default=50_000)
   parser.add_argument('--max-seq-len', type=int, default=2048)
   parser.add_argument('--num-proc', type=int, default=1)
   parser.add_argument('--batch-size', type=int, default=8)
   parser.add_argument('--skip-trl', action='store_true')
+  parser.add_argument('--rows', default='prepare', help='prepare, clean or prepare,clean')
+  bench_clean.add_arguments(parser)
   args = parser.parse_args()
+  rows = set(args.rows.split(','))
+  if 'clean' in rows:
+    bench_clean.print_rows(bench_clean.run(args, [args.num_proc]), args)
+  if 'prepare' not in rows:
+    return
+  if not args.tokenizer:
+    parser.error('the prepare row needs --tokenizer')
   from jaxsft.data.tokenizer import load_tokenizer
   tokenizer = load_tokenizer(args.tokenizer)
   with tempfile.TemporaryDirectory() as scratch:

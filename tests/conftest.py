@@ -1,11 +1,27 @@
 """Shared test setup: 8 fake CPU devices, tiny HF reference models, the shared data folder."""
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 
 # Must happen before any JAX backend starts: sharding tests need 8 devices on one CPU.
 jax.config.update('jax_num_cpu_devices', 8)
+
+# One on-disk compilation cache for the session, shared by the xdist workers (they inherit the
+# variable from the controller, which removes the folder at exit) and the `jaxsft` processes the
+# user-path tests start: the README's commands compile the demo model's programs in several
+# processes. Speed only: a hit loads the executable the same compile would have produced.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxsft-tests-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 import pytest  # noqa: E402
 

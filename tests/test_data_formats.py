@@ -22,7 +22,7 @@ def test_alpaca_with_input_system_and_history():
 def test_sharegpt_roles_including_tools():
   record = {'conversations': [
       {'from': 'system', 'value': 's'}, {'from': 'human', 'value': 'q'},
-      {'from': 'function_call', 'value': '{"name": "f"}'}, {'from': 'observation', 'value': '3'},
+      {'from': 'function_call', 'value': '{"name": "f", "arguments": {}}'}, {'from': 'observation', 'value': '3'},
       {'from': 'gpt', 'value': 'a'}]}
   assert [m['role'] for m in to_messages(record)] == ['system', 'user', 'assistant', 'tool',
                                                       'assistant']

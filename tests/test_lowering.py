@@ -65,6 +65,20 @@ def test_auto_picks_the_kernel_meant_for_the_platform_it_is_lowered_for(platform
   assert lowering.attention == intended and lowering.kernel_calls > 0
 
 
+def test_a_trace_gets_branches_for_the_platforms_it_may_be_built_for():
+  """The host's, the requested kernel's own, or those `target_platforms` declares; no more (a
+  branch costs its tracing time)."""
+  host = attention_lib.host_platform()
+  assert attention_lib._candidate_platforms('auto') == (host,)
+  assert set(attention_lib._candidate_platforms('cudnn')) == {host, 'cuda'}
+  assert set(attention_lib._candidate_platforms('splash')) == {host, 'tpu'}
+  with attention_lib.target_platforms(['tpu', 'cuda']):
+    assert attention_lib._candidate_platforms('auto') == ('tpu', 'cuda')
+  with pytest.raises(ValueError, match='unknown platforms'):
+    with attention_lib.target_platforms(['gpu']):
+      pass
+
+
 def test_the_kernel_choice_per_platform():
   """What `auto` and explicit requests resolve to on each platform, and the reasons given when
   a request cannot serve (bf16 activations, self-attention over a whole row)."""

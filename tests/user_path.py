@@ -28,8 +28,11 @@ SHAREGPT = [{'conversations': [{'from': 'human', 'value': r['instruction'] + ' '
 
 
 def env() -> dict[str, str]:
-  """The environment of a user's shell: offline, no test-only JAX settings."""
-  out = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_FLAGS'))}
+  """The environment of a user's shell: offline, no test-only JAX settings (but the session's
+  compilation cache, which changes speed only: see conftest.py)."""
+  keep = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
+  out = {k: v for k, v in os.environ.items()
+         if k in keep or not k.startswith(('JAX_', 'XLA_FLAGS'))}
   out.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1')
   return out
 

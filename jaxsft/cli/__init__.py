@@ -1,8 +1,12 @@
 """The `jaxsft` command line.
 
   jaxsft train --config FILE --workdir DIR [--config.a.b=value ...]   fine-tune
-  jaxsft data inspect --config FILE [--config.a.b=value ...]  rendered examples with supervised
-        text highlighted, length distribution, drop counts, packing efficiency
+  jaxsft data inspect --config FILE [--config.a.b=value ...] [--dump FILE.jsonl]  rendered
+        examples with supervised text highlighted, length distribution, drop and per-turn loss
+        counts, packing efficiency; --dump writes every example's input_ids and loss_mask
+  jaxsft data clean --config FILE --out DIR [--against EVAL_FILE ...] [--against-tasks T,...]
+        the training sources without exact / near duplicates, evaluation data (n-gram overlap)
+        and empty or degenerate answers, in their own format; removed.jsonl says why
   jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len] [--platform P]
                                                    per-device memory from shapes alone
   jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
@@ -35,7 +39,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxsft.cli import evaluation, training
+from jaxsft.cli import data_clean, evaluation, training
 from jaxsft.errors import EXIT_USER_ERROR, UserError
 from jaxsft.train.preemption import SigtermFlag
 
@@ -119,7 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   _add_config_arguments(inspect)
   inspect.add_argument('--examples', type=int, default=3, help='rendered examples to show')
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
+  inspect.add_argument('--dump', default='', metavar='FILE.jsonl',
+                       help='also write every example\'s input_ids and loss_mask (before '
+                       'packing, in record order, with its source and record index) here')
   inspect.set_defaults(run=training.data_inspect)
+  clean = data.add_parser('clean', parents=[common],
+                          help='remove duplicates, near duplicates, evaluation data and empty '
+                          'or degenerate records')
+  _add_config_arguments(clean)
+  data_clean.add_arguments(clean)
+  clean.set_defaults(run=data_clean.clean)
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command in ('info', 'export', 'eval', 'generate', 'chat', 'benchmark'):
     parser.error(f'unrecognized arguments: {overrides}')

@@ -45,7 +45,7 @@ def data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
   color = sys.stdout.isatty() if args.color == 'auto' else args.color == 'always'
   print(inspect_data(config.data, tokenizer, batch_size=config.batch_size,
-                     num_examples=args.examples, color=color))
+                     num_examples=args.examples, color=color, dump=args.dump))
   return 0
 
 

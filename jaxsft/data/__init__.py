@@ -1,8 +1,12 @@
 """The data path: records -> messages -> ids + loss mask -> packed rows -> sharded batches.
 
-Owns record formats (`formats`), chat templates and loss masks (`templates`), sources and
-tokenization (`sources`, `tokenizer`), dataset entries (`spec`), packing (`packing`), the
-resumable pipeline of a run (`pipeline`) and `jaxsft data inspect` (`inspect`). It knows no
+Owns record formats (`formats` reads records, `messages` one message with its tool calls and
+reasoning), chat templates and loss masks (`chat_template` renders, `prefixes` locates turns
+without markers, `templates` masks, `samples` splits a conversation into one sample per assistant
+turn where needed), sources and tokenization (`sources`, `tokenizer`), dataset entries (`spec`,
+LLaMA-Factory's `dataset_info`), packing (`packing`), the resumable pipeline of a run
+(`pipeline`), `jaxsft data inspect` (`inspect`) and `jaxsft data clean` (`clean`, `clean_io`,
+`normalize`, `minhash`, `contamination`). It knows no
 model: it imports only `jaxsft.errors`, never models, adapters, interop, train, eval, the CLI or
 the config defaults (a pipeline takes the run's `data` config section).
 
@@ -10,12 +14,14 @@ The names below are the public API the README shows; jaxsft's own modules import
 from its home module.
 """
 
-from jaxsft.data.formats import BadRecord, detect_format, to_messages
+from jaxsft.data.formats import detect_format, to_messages, to_tools
+from jaxsft.data.messages import BadRecord
 from jaxsft.data.packing import apply_length_policy, fit_length, pack, packing_efficiency
 from jaxsft.data.pipeline import Pipeline
+from jaxsft.data.samples import encode_samples
 from jaxsft.data.templates import encode_batch, encode_messages, load_template
 from jaxsft.data.tokenizer import load_tokenizer
 
 __all__ = ['BadRecord', 'Pipeline', 'apply_length_policy', 'detect_format', 'encode_batch',
-           'encode_messages', 'fit_length', 'load_template', 'load_tokenizer', 'pack',
-           'packing_efficiency', 'to_messages']
+           'encode_messages', 'encode_samples', 'fit_length', 'load_template', 'load_tokenizer',
+           'pack', 'packing_efficiency', 'to_messages', 'to_tools']

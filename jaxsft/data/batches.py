@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxsft.data.packing import assign_rows, fill_rows
-from jaxsft.data.sources import TRUNCATED
+from jaxsft.data.sources import STATS_COLUMNS, TRUNCATED
 from jaxsft.errors import UserError
 
 STATE_VERSION = 1
@@ -122,8 +122,8 @@ class StreamingBatches(BatchIterator):
   def _next_example(self, s: int) -> dict[str, Any]:
     for _ in range(2):
       for example in self._iterators[s]:
-        self.pipeline.stats[self.pipeline.stream_labels[s]].add(
-            np.array([example['status']]), np.array([example['num_tokens']]))
+        self.pipeline.stats[self.pipeline.stream_labels[s]].add_rows(
+            {name: [example[name]] for name in STATS_COLUMNS})
         if example['status'] <= TRUNCATED:
           return example
       self.epochs[s] += 1  # this process's part of the source is used up: next epoch

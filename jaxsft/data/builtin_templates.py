@@ -164,3 +164,7 @@ _ALPACA = r"""
 
 BUILTIN_TEMPLATES = {'llama2': _LLAMA2, 'llama3': _LLAMA3, 'chatml': _CHATML, 'qwen3': _QWEN3,
                      'mistral': _MISTRAL, 'alpaca': _ALPACA}
+# The built-ins without a tool format. Records with tools or tool calls are refused before they
+# render: `llama3` and `chatml` would drop the schemas and calls silently, the others raise on
+# the tool role. `qwen3` renders both as Qwen3 does.
+WITHOUT_TOOLS = ('llama2', 'llama3', 'chatml', 'mistral', 'alpaca')

@@ -2,22 +2,27 @@
 
 Prints a few rendered examples with the supervised characters highlighted (exactly the tokens
 whose loss mask is 1, located through the tokenizer's character offsets), the token-length
-distribution of each source, what the length and bad-record policies did, and the packing of
-one training epoch.
+distribution of each source, what the length and bad-record policies and per-turn loss control
+did, and the packing of one training epoch. `--dump FILE.jsonl` writes every example's token ids
+and loss mask, as the trainer reads them before packing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 from typing import Any
 
 import numpy as np
 
-from jaxsft.data.formats import BadRecord, to_messages
+from jaxsft.data.clean_io import clean_report
+from jaxsft.data.formats import to_messages, to_tools
+from jaxsft.data.messages import BadRecord
 from jaxsft.data.pipeline import Pipeline
+from jaxsft.data.samples import render_samples
 from jaxsft.data.sources import load_source, source_format
-from jaxsft.data.templates import render_example, template_kwargs
+from jaxsft.data.templates import template_kwargs
 
 _GREEN, _DIM, _RESET = '\x1b[32m', '\x1b[2m', '\x1b[0m'
 _OPEN, _CLOSE = '⟦', '⟧'  # supervised text markers without color
@@ -56,24 +61,62 @@ def _rendered_examples(pipeline: Pipeline, count: int, color: bool) -> list[str]
   fmt = source_format(raw, spec, spec['path'])
   out = []
   for index, record in enumerate(raw):
-    if len(out) == count:
+    if len(out) >= count:
       break
     try:
-      text, spans = render_example(to_messages(record, fmt, spec['columns']), pipeline.template,
-                                   tokenizer, config.train_on)
+      samples = render_samples(
+          [to_messages(record, fmt, spec['columns'])], pipeline.template, tokenizer,
+          config.train_on, tools=[to_tools(record, fmt, spec['columns'])],
+          train_on_reasoning=config.train_on_reasoning)[0]
+      if isinstance(samples, BadRecord):
+        raise samples
     except BadRecord as error:
       out.append(f'--- record {index}: bad record: {escape_controls(str(error))}')
       continue
-    if spans is None:  # plain text: every token
-      spans = [(0, len(text))]
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
-    mask = np.zeros(len(offsets), bool)
-    for start, end in spans:
-      mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-    out.append(f'--- record {index} of {spec["path"]}: {len(encoding.ids)} tokens, '
-               f'{int(mask.sum())} supervised\n{highlight(text, offsets, mask, color)}')
+    for k, sample in enumerate(samples):
+      text = sample.text
+      spans = [(0, len(text))] if sample.spans is None else sample.spans  # plain text: all
+      encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+      offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+      mask = np.zeros(len(offsets), bool)
+      for start, end in spans:
+        mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+      part = (f', sample {k + 1} of {len(samples)} (one per assistant turn)'
+              if len(samples) > 1 else '')
+      out.append(f'--- record {index}{part} of {spec["path"]}: {len(encoding.ids)} tokens, '
+                 f'{int(mask.sum())} supervised\n{highlight(text, offsets, mask, color)}')
   return out
+
+
+# A row's status by its code (`sources.KEPT` ...).
+_STATUS = ('kept', 'truncated', 'dropped_overlong', 'dropped_unsupervised', 'bad_record')
+
+
+def dump_examples(pipeline: Pipeline, path: str) -> int:
+  """Writes every example of every source as a JSON line, in record order and before packing:
+  `source` (the dataset's path), `index` (the record's index in it), `sample` (0, or k for the
+  k-th extra sample of a record trained once per assistant turn), `split` (train or eval),
+  `status` (kept, truncated, dropped_overlong, dropped_unsupervised, bad_record), `input_ids`
+  and `loss_mask` (empty for a dropped record; truncated as trained). Returns the line count."""
+  written, done = 0, set()
+  with open(path, 'w', encoding='utf-8') as f:
+    for source in [*pipeline.sources, *pipeline.eval_sources]:
+      if id(source.table) in done:  # a training source's held-out rows: the same table
+        continue
+      done.add(id(source.table))
+      held_out = set(source.eval_rows.tolist())
+      eval_source = all(source is not s for s in pipeline.sources)
+      position = 0  # the row's index in the tokenized table
+      for batch in source.table.data.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+          split = 'eval' if eval_source or position in held_out else 'train'
+          position += 1
+          f.write(json.dumps({
+              'source': source.spec['path'], 'index': row['index'], 'sample': row['sample'],
+              'split': split, 'status': _STATUS[row['status']], 'input_ids': row['input_ids'],
+              'loss_mask': row['loss_mask']}) + '\n')
+          written += 1
+  return written
 
 
 def _length_table(pipeline: Pipeline) -> list[str]:
@@ -104,18 +147,22 @@ def _length_table(pipeline: Pipeline) -> list[str]:
 
 
 def inspect_data(data_config: Any, tokenizer: Any, *, batch_size: int, num_examples: int = 3,
-                 color: bool = False) -> str:
-  """The report `jaxsft data inspect` prints (in-memory mode: every source is tokenized)."""
+                 color: bool = False, dump: str = '') -> str:
+  """The report `jaxsft data inspect` prints (in-memory mode: every source is tokenized);
+  `dump`: a .jsonl file for `dump_examples`."""
   if data_config.streaming:
     data_config = data_config.copy_and_resolve_references()
     data_config.streaming = False  # statistics need every example's length
   pipeline = Pipeline(data_config, tokenizer, batch_size=batch_size, process_index=0,
                       process_count=1)
-  lines = [f'template {pipeline.template.name!r}, train_on {data_config.train_on!r}, max_seq_len '
-           f'{data_config.max_seq_len}, special tokens {template_kwargs(tokenizer)}', '']
+  lines = [f'template {pipeline.template.name!r}, train_on {data_config.train_on!r}'
+           f'{"" if data_config.train_on_reasoning else " (think blocks unsupervised)"}, '
+           f'max_seq_len {data_config.max_seq_len}, special tokens {template_kwargs(tokenizer)}',
+           '']
   lines += _rendered_examples(pipeline, num_examples, color)
   lines += ['', 'records:']
   lines += [f'  {label}: {stats.summary()}' for label, stats in pipeline.stats.items()]
+  lines += clean_report(pipeline)  # data.clean, or the summary of `jaxsft data clean`
   lines += [''] + _length_table(pipeline)
   refs, rows = pipeline._plan_window(0)  # pylint: disable=protected-access
   real = sum(int(pipeline.sources[s].num_tokens[r]) - 1 for s, r in refs)
@@ -129,4 +176,7 @@ def inspect_data(data_config: Any, tokenizer: Any, *, batch_size: int, num_examp
   eval_examples = sum(len(s.eval_rows) for s in pipeline.eval_sources)
   if eval_examples:
     lines.append(f'eval: {eval_examples} examples')
+  if dump:
+    lines.append(f'wrote {dump_examples(pipeline, dump)} examples (input_ids and loss_mask of '
+                 f'each record, before packing) to {dump}')
   return '\n'.join(lines)

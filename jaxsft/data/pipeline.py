@@ -35,8 +35,11 @@ import datasets
 import numpy as np
 
 from jaxsft.data.batches import Batch, BatchIterator, InMemoryBatches, StreamingBatches, seeded_rng
+from jaxsft.data.clean import summary_line
+from jaxsft.data.clean_io import SourceCleaner
 from jaxsft.data.packing import STRATEGIES, assign_rows, fill_rows
 from jaxsft.data.sources import (
+  STATS_COLUMNS,
   TRUNCATED,
   SourceStats,
   load_source,
@@ -100,10 +103,19 @@ class Pipeline:
                        for i, entry in enumerate(data_config.eval_datasets)]
     self.stats: dict[str, SourceStats] = {}
     self._permutations: dict[tuple[int, int], np.ndarray] = {}
-    if data_config.streaming:
-      self._init_streaming()
-    else:
-      self._init_in_memory()
+    # data.clean.enabled: one pass over the training sources before tokenizing (clean_io).
+    self._cleaner = SourceCleaner.create(data_config)
+    self.clean_summary: dict[str, Any] | None = None
+    try:
+      if data_config.streaming:
+        self._init_streaming()
+      else:
+        self._init_in_memory()
+    finally:
+      if self._cleaner is not None:
+        self._cleaner.close()
+        self.clean_summary = self._cleaner.summary()
+        _LOG.info('data clean: %s', summary_line(self.clean_summary))
     for label, stats in self.stats.items():
       _LOG.info('data %s: %s', label, stats.summary())
       if stats.truncated or stats.dropped_overlong or stats.bad_records:
@@ -113,17 +125,19 @@ class Pipeline:
 
   # ----------------------------------------------------------------------------- in memory
 
-  def _tokenized(self, spec: dict[str, Any], label: str
+  def _tokenized(self, spec: dict[str, Any], label: str, clean: bool = False
                  ) -> tuple[datasets.Dataset, np.ndarray, np.ndarray]:
     """A source's tokenized table, the table rows it keeps and every row's token count; its
     record counts go into `self.stats`."""
     raw = load_source(spec, cache_dir=self.config.cache_dir)
+    if clean and self._cleaner is not None:
+      raw = self._cleaner(raw, spec, label)
     table = tokenize_source(raw, spec, label, tokenizer=self.tokenizer, template=self.template,
                             data_config=self.config)
-    status = read_column(table, 'status')
-    num_tokens = read_column(table, 'num_tokens')
+    columns = {name: read_column(table, name) for name in STATS_COLUMNS}
+    status, num_tokens = columns['status'], columns['num_tokens']
     self.stats[label] = SourceStats()
-    self.stats[label].add(status, num_tokens)
+    self.stats[label].add_rows(columns)
     return table, np.flatnonzero(status <= TRUNCATED), num_tokens
 
   def _init_in_memory(self) -> None:
@@ -131,7 +145,7 @@ class Pipeline:
     self.eval_sources: list[_Source] = []
     for i, spec in enumerate(self.specs):
       label = f'datasets[{i}] {spec["path"]}'
-      table, kept, num_tokens = self._tokenized(spec, label)
+      table, kept, num_tokens = self._tokenized(spec, label, clean=True)
       held_out = self._eval_count(len(kept), label)
       order = seeded_rng(self.config.seed, 'eval', i).permutation(len(kept))
       eval_rows = np.sort(kept[order[:held_out]])
@@ -224,6 +238,8 @@ class Pipeline:
     for i, spec in enumerate(self.specs):
       label = f'datasets[{i}] {spec["path"]}'
       raw = load_source(spec, streaming=True, cache_dir=self.config.cache_dir)
+      if self._cleaner is not None:
+        raw = self._cleaner(raw, spec, label)
       held_out = int(self.config.eval_size)
       if held_out:
         eval_examples += self._read_all(raw.take(held_out), spec, f'{label} (eval)')
@@ -247,7 +263,7 @@ class Pipeline:
     self.stats[label] = stats = SourceStats()
     examples = []
     for example in tokenized:
-      stats.add(np.array([example['status']]), np.array([example['num_tokens']]))
+      stats.add_rows({name: [example[name]] for name in STATS_COLUMNS})
       if example['status'] <= TRUNCATED:
         examples.append({k: np.asarray(example[k]) for k in ('input_ids', 'loss_mask')})
     return examples
@@ -260,6 +276,8 @@ class Pipeline:
             'packing': self.config.packing, 'streaming': self.config.streaming,
             'pack_window': self.config.pack_window, 'eval_size': self.config.eval_size,
             'specs': self.specs}
+    if self.clean_summary is not None:  # only then: fingerprints of earlier runs stay valid
+      keys['clean'] = self.clean_summary['settings']
     if self.config.streaming:  # each process reads its own shards
       keys['process_count'] = self.process_count
     else:  # one global plan: any number of processes continues it

@@ -8,9 +8,15 @@ for both. Tokenization is one batched `map` whose output columns are:
   loss_mask  [n] int8    1 = supervised token
   num_tokens     int32   len(input_ids)
   status         int8    KEPT | TRUNCATED | DROPPED_OVERLONG | DROPPED_UNSUPERVISED | BAD_RECORD
+  index          int64   the record's index in its source
+  sample         int32   0, or k for the k-th extra sample of a record that trains one sample
+                         per assistant turn (`samples`: Qwen3 reasoning in several turns)
+  turns_trained  int32   assistant turns the row supervises
+  turns_masked   int32   assistant turns a message's loss_weight 0 masks (on a record's first row)
 
 Dropped records stay in the table (with a status) so their counts survive the `datasets` cache,
-and the training plan indexes only kept rows.
+and the training plan indexes only kept rows. A row is an example (a sample); a record is one
+row or, expanded per assistant turn, several adjacent rows.
 """
 
 from __future__ import annotations
@@ -25,14 +31,11 @@ from typing import Any
 import datasets
 import numpy as np
 
-from jaxsft.data.formats import FORMATS, BadRecord, detect_format, to_messages
+from jaxsft.data.formats import FORMATS, detect_format, to_messages, to_tools
+from jaxsft.data.messages import BadRecord
 from jaxsft.data.packing import OVERLONG_POLICIES, fit_length
-from jaxsft.data.templates import (
-  ChatTemplate,
-  check_train_on,
-  render_examples,
-  tokenize_rendered,
-)
+from jaxsft.data.samples import Sample, render_samples
+from jaxsft.data.templates import ChatTemplate, check_train_on, tokenize_rendered
 from jaxsft.errors import UserError
 
 BAD_RECORD_POLICIES = ('error', 'skip')
@@ -40,21 +43,29 @@ BAD_RECORD_POLICIES = ('error', 'skip')
 KEPT, TRUNCATED, DROPPED_OVERLONG, DROPPED_UNSUPERVISED, BAD_RECORD = range(5)
 STATUS_NAMES = ('kept', 'truncated', 'dropped_overlong', 'dropped_unsupervised', 'bad_records')
 # Bump when the tokenized columns change meaning, to invalidate `datasets` caches.
-_CODE_VERSION = 'jaxsft-tokenize-1'
+_CODE_VERSION = 'jaxsft-tokenize-2'
+# `.txt`: one `text` record per line (LLaMA-Factory's pre-training demos).
 _BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet', '.arrow': 'arrow',
-             '.csv': 'csv'}
+             '.csv': 'csv', '.txt': 'text'}
 _EMPTY_IDS, _EMPTY_MASK = np.zeros(0, np.int32), np.zeros(0, np.int8)
 FEATURES = datasets.Features({
     'input_ids': datasets.Sequence(datasets.Value('int32')),
     'loss_mask': datasets.Sequence(datasets.Value('int8')),
     'num_tokens': datasets.Value('int32'),
     'status': datasets.Value('int8'),
+    'index': datasets.Value('int64'),
+    'sample': datasets.Value('int32'),
+    'turns_trained': datasets.Value('int32'),
+    'turns_masked': datasets.Value('int32'),
 })
+# The columns `SourceStats.add` counts.
+STATS_COLUMNS = ('status', 'num_tokens', 'sample', 'turns_trained', 'turns_masked')
 
 
 @dataclasses.dataclass
 class SourceStats:
-  """Record counts by outcome for one source (or a sum of sources)."""
+  """Example counts by outcome for one source (or a sum of sources), and what per-turn loss
+  control and per-turn samples did."""
 
   kept: int = 0
   truncated: int = 0
@@ -62,17 +73,38 @@ class SourceStats:
   dropped_unsupervised: int = 0
   bad_records: int = 0
   tokens: int = 0  # tokens of kept examples (after truncation)
+  extra_samples: int = 0  # examples beyond a record's first (one sample per assistant turn)
+  turns_trained: int = 0  # assistant turns supervised in kept examples
+  turns_masked: int = 0   # assistant turns of kept examples' records masked by loss_weight 0
 
   @property
-  def records(self) -> int:
+  def examples(self) -> int:
     return (self.kept + self.truncated + self.dropped_overlong + self.dropped_unsupervised +
             self.bad_records)
 
-  def add(self, status: np.ndarray, num_tokens: np.ndarray) -> None:
-    counts = np.bincount(np.asarray(status, np.int64), minlength=len(STATUS_NAMES))
+  @property
+  def records(self) -> int:
+    return self.examples - self.extra_samples
+
+  def add(self, status: np.ndarray, num_tokens: np.ndarray, sample: np.ndarray | None = None,
+          turns_trained: np.ndarray | None = None, turns_masked: np.ndarray | None = None
+          ) -> None:
+    """Counts rows of the tokenized columns (`STATS_COLUMNS`)."""
+    status = np.asarray(status, np.int64)
+    counts = np.bincount(status, minlength=len(STATUS_NAMES))
     for name, count in zip(STATUS_NAMES, counts):
       setattr(self, name, getattr(self, name) + int(count))
-    self.tokens += int(np.asarray(num_tokens, np.int64)[np.asarray(status) <= TRUNCATED].sum())
+    kept = status <= TRUNCATED
+    self.tokens += int(np.asarray(num_tokens, np.int64)[kept].sum())
+    if sample is not None:
+      self.extra_samples += int((np.asarray(sample) > 0).sum())
+    for name, values in (('turns_trained', turns_trained), ('turns_masked', turns_masked)):
+      if values is not None:
+        setattr(self, name, getattr(self, name) + int(np.asarray(values, np.int64)[kept].sum()))
+
+  def add_rows(self, rows: Mapping[str, Any]) -> None:
+    """`add` of a tokenized table or a dict of its columns."""
+    self.add(*(np.asarray(rows[name]) for name in STATS_COLUMNS))
 
   def __iadd__(self, other: SourceStats) -> SourceStats:
     for field in dataclasses.fields(self):
@@ -80,10 +112,15 @@ class SourceStats:
     return self
 
   def summary(self) -> str:
-    return (f'{self.records} records: {self.kept + self.truncated} kept ({self.truncated} '
-            f'truncated), {self.dropped_overlong} dropped as too long, '
+    expanded = (f' ({self.examples} examples: {self.extra_samples} more from training each '
+                'assistant turn of conversations whose template renders earlier reasoning '
+                'differently)' if self.extra_samples else '')
+    masked = (f', {self.turns_masked} masked by loss_weight' if self.turns_masked else '')
+    return (f'{self.records} records{expanded}: {self.kept + self.truncated} kept '
+            f'({self.truncated} truncated), {self.dropped_overlong} dropped as too long, '
             f'{self.dropped_unsupervised} dropped with no supervised token, '
-            f'{self.bad_records} bad records skipped; {self.tokens} tokens')
+            f'{self.bad_records} bad records skipped; {self.tokens} tokens; '
+            f'{self.turns_trained} assistant turns trained{masked}')
 
 
 def load_source(spec: Mapping[str, Any], *, streaming: bool = False, cache_dir: str = ''
@@ -182,46 +219,59 @@ def source_format(dataset: datasets.Dataset | datasets.IterableDataset, spec: Ma
 
 def encode_records(batch: dict[str, list[Any]], indices: list[int], *, label: str, format: str,  # pylint: disable=redefined-builtin
                    columns: Mapping[str, str], tokenizer: Any, template: ChatTemplate,
-                   train_on: str, max_tokens: int, overlong: str, on_bad_record: str
-                   ) -> dict[str, list[Any]]:
-  """The `datasets.map` function: a batch of raw records -> the columns in FEATURES."""
-  def bad(index: int, error: BadRecord) -> int:
+                   train_on: str, train_on_reasoning: bool, max_tokens: int, overlong: str,
+                   on_bad_record: str) -> dict[str, list[Any]]:
+  """The `datasets.map` function: a batch of raw records -> the columns in FEATURES, one row per
+  sample, in record order (a bad record is one row)."""
+  def bad(index: int, error: BadRecord) -> None:
     if on_bad_record == 'error':
       raise BadRecord(f'{label}, record {index}: {error} (set data.on_bad_record="skip" to '
                       'skip such records and count them)') from None
-    return BAD_RECORD
 
-  status, conversations, positions = [], [], []
+  conversations, tools, positions = [], [], []
   for position, index in enumerate(indices):
     record = {name: values[position] for name, values in batch.items()}
     try:
-      conversations.append(to_messages(record, format, columns))
-      positions.append(position)
-      status.append(KEPT)
+      conversation, record_tools = to_messages(record, format, columns), to_tools(record, format,
+                                                                                  columns)
     except BadRecord as error:
-      status.append(bad(index, error))
-  texts, spans, rendered_positions = [], [], []
-  for position, result in zip(positions, render_examples(conversations, template, tokenizer,
-                                                           train_on)):
+      bad(index, error)
+      continue
+    conversations.append(conversation)
+    tools.append(record_tools)
+    positions.append(position)
+  samples: list[list[Sample] | None] = [None] * len(indices)
+  for position, result in zip(positions, render_samples(
+      conversations, template, tokenizer, train_on, tools=tools,
+      train_on_reasoning=train_on_reasoning)):
     if isinstance(result, BadRecord):
-      status[position] = bad(indices[position], result)
-      continue
-    texts.append(result[0])
-    spans.append(result[1])
-    rendered_positions.append(position)
-  positions = rendered_positions
-  input_ids = [_EMPTY_IDS] * len(indices)
-  loss_mask = [_EMPTY_MASK] * len(indices)
-  for position, example in zip(positions, tokenize_rendered(texts, spans, tokenizer)):
-    fitted = fit_length(example, max_tokens, overlong)
-    if fitted is None:
-      status[position] = (DROPPED_UNSUPERVISED if not example['loss_mask'][1:].any()
-                          else DROPPED_OVERLONG)
-      continue
-    status[position] = KEPT if fitted is example else TRUNCATED
-    input_ids[position], loss_mask[position] = fitted['input_ids'], fitted['loss_mask']
-  return {'input_ids': input_ids, 'loss_mask': loss_mask,
-          'num_tokens': [len(ids) for ids in input_ids], 'status': status}
+      bad(indices[position], result)
+    else:
+      samples[position] = result
+  flat = [sample for record_samples in samples for sample in record_samples or ()]
+  examples = iter(tokenize_rendered([s.text for s in flat], [s.spans for s in flat], tokenizer))
+  rows: dict[str, list[Any]] = {name: [] for name in FEATURES}
+
+  def add(index: int, k: int, status: int, ids: np.ndarray = _EMPTY_IDS,
+          mask: np.ndarray = _EMPTY_MASK, trained: int = 0, masked: int = 0) -> None:
+    for name, value in (('input_ids', ids), ('loss_mask', mask), ('num_tokens', len(ids)),
+                        ('status', status), ('index', index), ('sample', k),
+                        ('turns_trained', trained), ('turns_masked', masked)):
+      rows[name].append(value)
+
+  for index, record_samples in zip(indices, samples):
+    if record_samples is None:
+      add(index, 0, BAD_RECORD)
+    for k, sample in enumerate(record_samples or ()):
+      example = next(examples)
+      fitted = fit_length(example, max_tokens, overlong)
+      if fitted is None:
+        add(index, k, DROPPED_UNSUPERVISED if not example['loss_mask'][1:].any()
+            else DROPPED_OVERLONG)
+      else:
+        add(index, k, KEPT if fitted is example else TRUNCATED, fitted['input_ids'],
+            fitted['loss_mask'], sample.turns_trained, sample.turns_masked)
+  return rows
 
 
 class TokenizerView:
@@ -261,7 +311,9 @@ def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
                     template: ChatTemplate, data_config: Any
                     ) -> datasets.Dataset | datasets.IterableDataset:
   """Maps a raw source to tokenized columns (cached on disk for non-streaming sources)."""
-  check_train_on(data_config.train_on)
+  # A run saved before `train_on_reasoning` existed (evaluated from its work directory) lacks it.
+  train_on_reasoning = getattr(data_config, 'train_on_reasoning', True)
+  check_train_on(data_config.train_on, train_on_reasoning)
   if data_config.overlong not in OVERLONG_POLICIES:
     raise UserError(f'data.overlong={data_config.overlong!r}; choose one of '
                     f'{OVERLONG_POLICIES}.')
@@ -272,7 +324,8 @@ def tokenize_source(dataset: datasets.Dataset | datasets.IterableDataset,
       'label': label, 'format': source_format(dataset, spec, label),
       'columns': dict(spec['columns']), 'tokenizer': TokenizerView(tokenizer),
       'template': template,
-      'train_on': data_config.train_on, 'max_tokens': data_config.max_seq_len + 1,
+      'train_on': data_config.train_on, 'train_on_reasoning': train_on_reasoning,
+      'max_tokens': data_config.max_seq_len + 1,
       'overlong': data_config.overlong, 'on_bad_record': data_config.on_bad_record}
   kwargs: dict[str, Any] = {
       'batched': True, 'with_indices': True, 'batch_size': data_config.map_batch_size,

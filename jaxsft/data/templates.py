@@ -1,104 +1,222 @@
 """Messages -> token ids + loss mask, through chat templates.
 
-Every template is Jinja, rendered by transformers' own chat-template renderer, so token ids equal
-`tokenizer.apply_chat_template(messages, tokenize=True)`. The built-in templates (`llama2`,
-`llama3`, `chatml`, `qwen3`, `mistral`, `alpaca`) render the text of the official templates and
-wrap each assistant turn's output and end-of-turn token in `{% generation %}` markers. The loss
-mask comes from the character spans of those markers mapped through the tokenizer's offsets (the
-same rule transformers uses for `return_assistant_tokens_mask`), never from tokenizing pieces
-separately.
+Every template is Jinja, rendered by transformers' own chat-template renderer with the record's
+tools (`chat_template`), so token ids equal `tokenizer.apply_chat_template(messages, tools=tools,
+tokenize=True)`. The built-in templates (`llama2`, `llama3`, `chatml`, `qwen3`, `mistral`,
+`alpaca`) render the text of the official templates and wrap each assistant turn's output and
+end-of-turn token in `{% generation %}` markers. The loss mask comes from the character spans of
+those markers mapped through the tokenizer's offsets (the same rule transformers uses for
+`return_assistant_tokens_mask`), never from tokenizing pieces separately. A template without
+markers gets its assistant turns from renderings of the conversation's prefixes (`prefixes`).
 
-A template without markers (a tokenizer's own, say) gets each assistant turn's span from
-renderings of the conversation's prefixes: the turn starts where `messages[:i]` rendered with the
-generation prompt ends, and ends where `messages[:i + 1]` ends, less the whitespace the template
-emits after the turn (ChatML's newline after `<|im_end|>`). Both prefixes must be the start of
-the whole rendered conversation, as text and as token ids; a template that renders earlier turns
-differently once later turns exist (Qwen3 dropping earlier reasoning, say) has no such prefixes,
-and its records are refused with a `BadRecord` that asks for markers. The reply's text is never
-searched for: it may also occur in a user turn or in a system header (a date).
+Which turns are supervised: `train_on` ('assistant' every assistant turn, 'last' the last one,
+'all' every token), less the turns a message's `loss_weight` 0 masks; with
+`train_on_reasoning=False`, less the think block (`<think>...</think>` and the whitespace after
+it) that starts a supervised turn. Records with tools or tool calls need a template that renders
+them: a template that fails on them or drops them is refused, never trained on silently.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from transformers.utils import chat_template_utils
 
-from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
-from jaxsft.data.formats import BadRecord, Message
+from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES, WITHOUT_TOOLS
+from jaxsft.data.chat_template import ChatTemplate as ChatTemplate
+from jaxsft.data.chat_template import TemplateFailed, Tools, render_jinja
+from jaxsft.data.chat_template import load_template as load_template
+from jaxsft.data.chat_template import template_kind as template_kind
+from jaxsft.data.chat_template import template_kwargs as template_kwargs
+from jaxsft.data.messages import BadRecord, Message
+from jaxsft.data.prefixes import locate_turns
 from jaxsft.errors import UserError
 
+# `ChatTemplate`, `load_template`, `template_kind` and `template_kwargs` live in `chat_template`;
+# the `x as x` imports above re-export them to the modules that import them from here.
 TRAIN_ON = ('assistant', 'last', 'all')
-
-_GENERATION_MARKER = re.compile(r'\{%-?\s*generation\s*-?%\}')
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-  name: str
-  source: str  # Jinja text
-
-  @property
-  def has_generation_markers(self) -> bool:
-    return bool(_GENERATION_MARKER.search(self.source))
-
-
-def template_kind(spec: str) -> str:
-  """What `data.template` names: `'builtin'`, `'tokenizer'` (the tokenizer's own
-  `chat_template`) or `'file'` (a `.jinja` path, which must exist). Raises `UserError`
-  otherwise; needs no tokenizer, so a config is checked before anything loads."""
-  if spec in BUILTIN_TEMPLATES:
-    return 'builtin'
-  if spec in ('jinja', 'tokenizer'):
-    return 'tokenizer'
-  if spec.endswith('.jinja') or os.path.isfile(spec):
-    if not os.path.isfile(spec):
-      raise UserError(f'chat template file {spec!r} does not exist; fix data.template.')
-    return 'file'
-  raise UserError(f'unknown chat template {spec!r}; use one of {sorted(BUILTIN_TEMPLATES)}, '
-                  '"jinja" (the tokenizer\'s own) or a path to a .jinja file.')
-
-
-def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
-  """`spec`: a built-in name, `jinja` (the tokenizer's own `chat_template`), or a `.jinja` path."""
-  kind = template_kind(spec)
-  if kind == 'builtin':
-    return ChatTemplate(spec, BUILTIN_TEMPLATES[spec].strip())
-  if kind == 'tokenizer':
-    source = getattr(tokenizer, 'chat_template', None)
-    if not source or not isinstance(source, str):
-      raise UserError('template "jinja" uses the tokenizer\'s chat_template, but this tokenizer '
-                      f'has none; use one of {sorted(BUILTIN_TEMPLATES)} or a .jinja file.')
-    return ChatTemplate('jinja', source)
-  with open(spec) as f:
-    return ChatTemplate(os.path.basename(spec), f.read())
-
-
-def template_kwargs(tokenizer: Any) -> dict[str, Any]:
-  return dict(getattr(tokenizer, 'special_tokens_map', {}) or {})
+Rendered = tuple[str, list[tuple[int, int]] | None]  # (text, supervised spans; None: all + BOS/EOS)
+_THINK, _END_THINK = '<think>', '</think>'
+_TOOL_TEMPLATES = ("data.template='qwen3', a .jinja file of the model's own template (Qwen2.5, "
+                   "LLaMA-3.1) or 'jinja' (the tokenizer's own, if it has a tool format)")
 
 
 def render(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
-           add_generation_prompt: bool = False, *, spans: bool = True
+           add_generation_prompt: bool = False, *, spans: bool = True, tools: Tools = None
            ) -> tuple[str, list[tuple[int, int]]]:
   """Renders one conversation. Returns `(text, assistant character spans)`; raises `BadRecord`
   when the template rejects the conversation or (without generation markers) its assistant turns
   cannot be located. `spans=False` (a generation prompt, say) skips locating them for a template
   without markers, so that any conversation the template renders works; the spans are then []."""
-  if template.has_generation_markers:
-    return _render_many([messages], template, tokenizer, add_generation_prompt)[0]
-  if not spans:
-    return _render_texts([messages], template, tokenizer, add_generation_prompt)[0], []
-  result = _render_by_prefixes([messages], template, tokenizer, 'assistant',
-                               add_generation_prompt)[0]
+  if template.has_generation_markers or not spans:
+    return render_jinja([messages], template, tokenizer, tools=[tools],
+                        add_generation_prompt=add_generation_prompt,
+                        marks=template.has_generation_markers)[0]
+  assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+  result = locate_turns([messages], [assistant], template, tokenizer, tools=[tools],
+                        add_generation_prompt=add_generation_prompt)[0]
   if isinstance(result, BadRecord):
     raise result
   return result
+
+
+def check_train_on(train_on: str, train_on_reasoning: bool = True) -> None:
+  if train_on not in TRAIN_ON:
+    raise UserError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
+  if not train_on_reasoning and train_on == 'all':
+    raise UserError("data.train_on_reasoning=False leaves think blocks of assistant turns "
+                    "unsupervised, but train_on='all' trains every token; use train_on "
+                    "'assistant' or 'last'.")
+
+
+def turn_selection(messages: Sequence[Message], train_on: str) -> tuple[list[int], list[int]]:
+  """(assistant turns trained, assistant turns masked by their `loss_weight` 0) as message
+  indices; under 'last' only the last assistant turn counts."""
+  assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+  if train_on == 'last':
+    assistant = assistant[-1:]
+  trained = [i for i in assistant if messages[i].get('loss_weight', 1)]
+  return trained, [i for i in assistant if i not in trained]
+
+
+def render_example(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
+                   train_on: str = 'assistant', *, tools: Tools = None,
+                   train_on_reasoning: bool = True) -> Rendered:
+  """The text to tokenize and the character spans to train on (None: every token, plain text
+  with BOS/EOS added). Raises `BadRecord` when the template rejects the conversation."""
+  result = render_examples([messages], template, tokenizer, train_on, tools=[tools],
+                           train_on_reasoning=train_on_reasoning)[0]
+  if isinstance(result, BadRecord):
+    raise result
+  return result
+
+
+def render_examples(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
+                    tokenizer: Any, train_on: str = 'assistant', *,
+                    tools: Sequence[Tools] | None = None, train_on_reasoning: bool = True
+                    ) -> list[Rendered | BadRecord]:
+  """`render_example` for many conversations (`tools[i]`: conversation i's tools); a
+  conversation the template rejects gets its `BadRecord` in its place. Chats render in one call
+  per tool list (per-call overhead is a third of the cost); only a batch that fails renders
+  again one by one to find the culprit."""
+  tools = list(tools) if tools is not None else [None] * len(conversations)
+  results: list[Any] = [None] * len(conversations)
+  chats = []
+  builtin_without_tools = (template.name in WITHOUT_TOOLS and
+                           template.source == BUILTIN_TEMPLATES[template.name].strip())
+  for i, messages in enumerate(conversations):
+    if messages and messages[0]['role'] == 'text':
+      results[i] = (messages[0]['content'], None)
+    elif builtin_without_tools and _has_tools(messages, tools[i]):
+      results[i] = BadRecord(f'chat template {template.name!r} has no tool format, and this '
+                             f'record has tools or tool calls; use {_TOOL_TEMPLATES}.')
+    else:
+      chats.append(i)
+  selections = [turn_selection(conversations[i], train_on) for i in chats]
+  # The spans needed: the trained turns, or under 'all' the masked ones (cut out of the whole).
+  needed = [masked if train_on == 'all' else trained for trained, masked in selections]
+  if template.has_generation_markers:
+    rendered = _marked([conversations[i] for i in chats], needed, template, tokenizer,
+                       [tools[i] for i in chats], train_on)
+  else:
+    rendered = locate_turns([conversations[i] for i in chats], needed, template, tokenizer,
+                            tools=[tools[i] for i in chats])
+  for i, result in zip(chats, rendered):
+    if not isinstance(result, BadRecord):
+      text, spans = result
+      if train_on == 'all':
+        spans = _complement(spans, len(text))
+      if not train_on_reasoning:
+        spans = [piece for span in spans for piece in _without_think(text, span)]
+      result = _check_tools(conversations[i], tools[i], template, text) or (text, spans)
+    elif isinstance(result, TemplateFailed) and (_has_tools(conversations[i], tools[i]) or any(
+        m['role'] == 'tool' for m in conversations[i])):
+      result = BadRecord(f'{result}. If the template has no tool format (this record has tools, '
+                         f'tool calls or tool results), use one that has: {_TOOL_TEMPLATES}.')
+    results[i] = result
+  return results
+
+
+def _marked(conversations: Sequence[Sequence[Message]], needed: Sequence[list[int]],
+            template: ChatTemplate, tokenizer: Any, tools: list[Tools], train_on: str
+            ) -> list[tuple[str, list[tuple[int, int]]] | BadRecord]:
+  """Texts and the generation-marker spans of the `needed` assistant turns."""
+  try:
+    rendered: list[Any] = render_jinja(conversations, template, tokenizer, tools=tools,
+                                       marks=True)
+  except BadRecord:
+    rendered = []
+    for messages, conversation_tools in zip(conversations, tools):
+      try:
+        rendered += render_jinja([messages], template, tokenizer, tools=[conversation_tools],
+                                 marks=True)
+      except BadRecord as error:
+        rendered.append(error)
+  results: list[Any] = []
+  for messages, indices, result in zip(conversations, needed, rendered):
+    if isinstance(result, BadRecord):
+      results.append(result)
+      continue
+    text, spans = result
+    assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+    if len(spans) == len(assistant):  # one marked block per assistant turn, in order
+      by_turn = dict(zip(assistant, spans))
+      results.append((text, [by_turn[i] for i in indices]))
+    elif not indices:
+      results.append((text, []))
+    elif train_on == 'assistant' and len(indices) == len(assistant):
+      results.append((text, spans))  # every turn is trained: every marked block is
+    elif train_on == 'last':
+      results.append((text, spans[-1:]))
+    else:
+      results.append(BadRecord(
+          f'chat template {template.name!r} marks {len(spans)} {{% generation %}} blocks for '
+          f'{len(assistant)} assistant turns, so the turns a loss_weight of 0 masks cannot be '
+          'told apart; mark each assistant turn in its own block.'))
+  return results
+
+
+def _complement(spans: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+  """[0, length) less the spans."""
+  out, start = [], 0
+  for begin, end in sorted(spans):
+    if begin > start:
+      out.append((start, begin))
+    start = max(start, end)
+  return out + ([(start, length)] if start < length else [])
+
+
+def _without_think(text: str, span: tuple[int, int]) -> list[tuple[int, int]]:
+  """A supervised span less the think block it starts with (`<think>` through `</think>` and
+  the whitespace after it): the template writes it, the model is not trained to."""
+  start, end = span
+  turn = text[start:end]
+  lead = len(turn) - len(turn.lstrip())
+  close = turn.find(_END_THINK, lead)
+  if not turn.startswith(_THINK, lead) or close < 0:
+    return [span]
+  after = close + len(_END_THINK)
+  after += len(turn[after:]) - len(turn[after:].lstrip())
+  return [(a, b) for a, b in ((start, start + lead), (start + after, end)) if b > a]
+
+
+def _has_tools(messages: Sequence[Message], tools: Tools) -> bool:
+  return bool(tools) or any('tool_calls' in m for m in messages)
+
+
+def _check_tools(messages: Sequence[Message], tools: Tools, template: ChatTemplate,
+                 text: str) -> BadRecord | None:
+  """A `BadRecord` when the rendered text lacks the name of a tool or of a call: the template
+  has no tool format and dropped them (ChatML, LLaMA-3's, Alpaca's)."""
+  names = [('tool', t['function']['name']) for t in tools or ()]
+  names += [('tool call', c['function']['name']) for m in messages for c in m.get('tool_calls', ())]
+  missing = next(((kind, name) for kind, name in names if name not in text), None)
+  if missing is None:
+    return None
+  return BadRecord(f'chat template {template.name!r} has no tool format: it rendered this record '
+                   f'without its {missing[0]} {missing[1]!r}. Use a template with one: '
+                   f'{_TOOL_TEMPLATES}.')
 
 
 def _mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -108,181 +226,6 @@ def _mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> n
     for start, end in spans:
       mask[(offsets[:, 1] > start) & (offsets[:, 0] < end)] = 1
   return mask
-
-
-def render_example(messages: Sequence[Message], template: ChatTemplate, tokenizer: Any,
-                   train_on: str = 'assistant') -> tuple[str, list[tuple[int, int]] | None]:
-  """The text to tokenize and the character spans to train on (None: every token, plain text
-  with BOS/EOS added). Raises `BadRecord` when the template rejects the conversation."""
-  result = render_examples([messages], template, tokenizer, train_on)[0]
-  if isinstance(result, BadRecord):
-    raise result
-  return result
-
-
-def render_examples(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
-                    tokenizer: Any, train_on: str = 'assistant'
-                    ) -> list[tuple[str, list[tuple[int, int]] | None] | BadRecord]:
-  """`render_example` for many conversations; a conversation the template rejects gets its
-  `BadRecord` in its place. Chats render in one call (per-call overhead is a third of the
-  cost); only a batch that fails renders again one by one to find the culprit."""
-  results: list[Any] = [None] * len(conversations)
-  chats = []
-  for i, messages in enumerate(conversations):
-    if messages and messages[0]['role'] == 'text':
-      results[i] = (messages[0]['content'], None)
-    else:
-      chats.append(i)
-  if template.has_generation_markers:
-    try:
-      rendered = _render_many([conversations[i] for i in chats], template, tokenizer)
-    except BadRecord:
-      rendered = []
-      for i in chats:
-        try:
-          rendered.append(_render_many([conversations[i]], template, tokenizer)[0])
-        except BadRecord as error:
-          rendered.append(error)
-  else:
-    rendered = _render_by_prefixes([conversations[i] for i in chats], template, tokenizer,
-                                   train_on)
-  for i, result in zip(chats, rendered):
-    if not isinstance(result, BadRecord):
-      text, spans = result
-      if train_on == 'last':
-        spans = spans[-1:]
-      elif train_on == 'all':
-        spans = [(0, len(text))]
-      result = (text, spans)
-    results[i] = result
-  return results
-
-
-def _render_texts(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
-                  tokenizer: Any, add_generation_prompt: bool, what: str = 'this conversation'
-                  ) -> list[str]:
-  """Rendered texts of a template without generation markers, in one renderer call."""
-  if not conversations:
-    return []
-  try:
-    texts, _ = chat_template_utils.render_jinja_template(
-        conversations=[list(m) for m in conversations], chat_template=template.source,
-        add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
-  except Exception as error:  # jinja's raise_exception and undefined fields
-    raise BadRecord(f'chat template {template.name!r} failed on {what}: {error}') from error
-  return texts
-
-
-def _render_many(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
-                 tokenizer: Any, add_generation_prompt: bool = False
-                 ) -> list[tuple[str, list[tuple[int, int]]]]:
-  """Texts and generation-marker spans of a template with markers, in one renderer call."""
-  if not conversations:
-    return []
-  try:
-    texts, indices = chat_template_utils.render_jinja_template(
-        conversations=[list(m) for m in conversations], chat_template=template.source,
-        return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
-        **template_kwargs(tokenizer))
-  except Exception as error:  # jinja's raise_exception and undefined fields
-    raise BadRecord(f'chat template {template.name!r} failed on this conversation: '
-                    f'{error}') from error
-  return [(text, [tuple(span) for span in spans]) for text, spans in zip(texts, indices)]
-
-
-_ADD_MARKERS = ('add {% generation %} / {% endgeneration %} markers around the assistant output '
-                '(its content and end-of-turn token) in the template, and point data.template '
-                'at that .jinja file.')
-
-
-def _render_by_prefixes(conversations: Sequence[Sequence[Message]], template: ChatTemplate,
-                        tokenizer: Any, train_on: str, add_generation_prompt: bool = False
-                        ) -> list[tuple[str, list[tuple[int, int]]] | BadRecord]:
-  """Texts and assistant spans of a template without generation markers, located by rendering
-  the conversations' prefixes; `train_on='last'` locates the last turn only, `'all'` none. A
-  conversation whose turns cannot be located gets its `BadRecord` in its place. The batch
-  renders in three calls; only a batch that fails renders again one by one."""
-  turns = []
-  for messages in conversations:
-    assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
-    turns.append([] if train_on == 'all' else assistant[-1:] if train_on == 'last' else assistant)
-  try:
-    return _locate_turns(conversations, turns, template, tokenizer, add_generation_prompt)
-  except BadRecord:
-    results: list[Any] = []
-    for messages, indices in zip(conversations, turns):
-      try:
-        results += _locate_turns([messages], [indices], template, tokenizer,
-                                 add_generation_prompt)
-      except BadRecord as error:
-        results.append(error)
-    return results
-
-
-def _locate_turns(conversations: Sequence[Sequence[Message]], turns: Sequence[list[int]],
-                  template: ChatTemplate, tokenizer: Any, add_generation_prompt: bool
-                  ) -> list[tuple[str, list[tuple[int, int]]] | BadRecord]:
-  """`_render_by_prefixes` for one batch; raises `BadRecord` when the template fails on any
-  conversation or prefix of the batch."""
-  texts = _render_texts(conversations, template, tokenizer, add_generation_prompt)
-  where = ('the conversation up to an assistant turn (a template without generation markers is '
-           'rendered at each turn to find it; to avoid that, ' + _ADD_MARKERS + ')')
-  # For turn i: `messages[:i]` with the generation prompt (where the model starts answering) and
-  # `messages[:i + 1]` (through the turn); the latter is the whole text for a final turn.
-  keys = [(c, i) for c, indices in enumerate(turns) for i in indices]
-  prompts = dict(zip(keys, _render_texts([conversations[c][:i] for c, i in keys], template,
-                                         tokenizer, True, where)))
-  partial = [(c, i) for c, i in keys if i + 1 < len(conversations[c]) or add_generation_prompt]
-  withs = dict(zip(partial, _render_texts([conversations[c][:i + 1] for c, i in partial],
-                                          template, tokenizer, False, where)))
-  results: list[Any] = []
-  checks: list[list[tuple[int, str, str]]] = []  # per conversation: (message index, prompt, turn)
-  for c, (messages, indices) in enumerate(zip(conversations, turns)):
-    text, spans, check, error = texts[c], [], [], None
-    for i in indices:
-      prompt, turn = prompts[c, i], withs.get((c, i), text)
-      if not text.startswith(turn):
-        error = _cannot_locate(template, messages, i, 'rendered through this turn is not the '
-                               'start of the whole rendered conversation: the template renders '
-                               'earlier turns differently once later turns exist')
-      elif not turn.startswith(prompt):
-        error = _cannot_locate(template, messages, i, 'rendered up to this turn with the '
-                               'generation prompt is not the start of the turn in the whole '
-                               'rendered conversation: the template renders earlier turns '
-                               'differently once later turns exist, or its generation prompt is '
-                               'not how it starts an assistant turn')
-      if error:
-        break
-      # Whitespace after the turn (ChatML's newline after <|im_end|>) is never generated.
-      spans.append((len(prompt), max(len(prompt), len(turn.rstrip()))))
-      check.append((i, prompt, turn))
-    results.append(error or (text, spans))
-    checks.append([] if error else check)
-  # The boundaries must also fall between tokens: each prefix tokenized alone (as
-  # `tokenize_rendered` tokenizes the whole) must give the first ids of the whole conversation.
-  needed = list(dict.fromkeys(t for c, check in enumerate(checks) if check
-                              for t in (texts[c], *(p for _, *pair in check for p in pair))))
-  if not needed:
-    return results
-  encodings = tokenizer.backend_tokenizer.encode_batch(needed, add_special_tokens=False)
-  ids = {t: encoding.ids for t, encoding in zip(needed, encodings)}
-  for c, check in enumerate(checks):
-    for i, prompt, turn in check:
-      whole = ids[texts[c]]
-      if any(whole[:len(ids[p])] != ids[p] for p in (prompt, turn)):
-        results[c] = _cannot_locate(template, conversations[c], i, 'tokenized up to or through '
-                                    'this turn is not the start of the whole conversation\'s '
-                                    'tokens: a token spans the boundary of the turn')
-        break
-  return results
-
-
-def _cannot_locate(template: ChatTemplate, messages: Sequence[Message], index: int,
-                   why: str) -> BadRecord:
-  number = sum(m['role'] == 'assistant' for m in messages[:index + 1])
-  return BadRecord(f'cannot locate assistant turn {number} (message {index}) to train on: chat '
-                   f'template {template.name!r} has no {{% generation %}} markers, and the '
-                   f'conversation {why}. To fix it, {_ADD_MARKERS}')
 
 
 def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]] | None],
@@ -306,19 +249,23 @@ def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]
   return examples
 
 
-def check_train_on(train_on: str) -> None:
-  if train_on not in TRAIN_ON:
-    raise UserError(f'train_on={train_on!r}; choose one of {TRAIN_ON}.')
+def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
+  bos, eos = getattr(tokenizer, 'bos_token_id', None), getattr(tokenizer, 'eos_token_id', None)
+  prefix = [bos] if bos is not None and getattr(tokenizer, 'add_bos_token', True) else []
+  return prefix + list(ids) + ([eos] if eos is not None else [])
 
 
 def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
-                 template: ChatTemplate | str, train_on: str = 'assistant'
+                 template: ChatTemplate | str, train_on: str = 'assistant', *,
+                 tools: Sequence[Tools] | None = None, train_on_reasoning: bool = True
                  ) -> list[dict[str, list[int]]]:
-  """`encode_messages` for many conversations, tokenized in one batched call."""
-  check_train_on(train_on)
+  """`encode_messages` for many conversations (`tools[i]`: conversation i's), tokenized in one
+  batched call."""
+  check_train_on(train_on, train_on_reasoning)
   if isinstance(template, str):
     template = load_template(template, tokenizer)
-  rendered = render_examples(conversations, template, tokenizer, train_on)
+  rendered = render_examples(conversations, template, tokenizer, train_on, tools=tools,
+                             train_on_reasoning=train_on_reasoning)
   for result in rendered:
     if isinstance(result, BadRecord):
       raise result
@@ -326,13 +273,13 @@ def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
   return [{key: value.tolist() for key, value in example.items()} for example in examples]
 
 
-def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
-  bos, eos = getattr(tokenizer, 'bos_token_id', None), getattr(tokenizer, 'eos_token_id', None)
-  prefix = [bos] if bos is not None and getattr(tokenizer, 'add_bos_token', True) else []
-  return prefix + list(ids) + ([eos] if eos is not None else [])
-
-
 def encode_messages(messages: Sequence[Message], tokenizer: Any, template: ChatTemplate | str,
-                    train_on: str = 'assistant') -> dict[str, list[int]]:
-  """Token ids and loss mask (1 = trained) of one conversation, as lists of int."""
-  return encode_batch([messages], tokenizer, template, train_on)[0]
+                    train_on: str = 'assistant', *, tools: Tools = None,
+                    train_on_reasoning: bool = True) -> dict[str, list[int]]:
+  """Token ids and loss mask (1 = trained) of one conversation rendered once, as lists of int:
+  the ids equal `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)`. `tools`
+  in OpenAI's form, `[{'type': 'function', 'function': {'name', 'description',
+  'parameters'}}]`. Training renders a conversation whose template drops earlier turns'
+  reasoning once per assistant turn instead (`samples.encode_samples`)."""
+  return encode_batch([messages], tokenizer, template, train_on, tools=[tools],
+                      train_on_reasoning=train_on_reasoning)[0]

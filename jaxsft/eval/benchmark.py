@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 import lm_eval
-from lm_eval.tasks import TaskManager
+from lm_eval.tasks import TaskManager, get_task_dict
 from lm_eval.utils import handle_non_serializable, make_table
 from tqdm import tqdm
 
@@ -83,6 +83,66 @@ def _run_harness(model: Model, tasks: list[str], *, include_path, num_fewshot, l
   if results is None:  # lm-eval returns None on processes other than its rank 0
     raise RuntimeError('lm-eval returned no results')
   return results
+
+
+def task_texts(tasks: Sequence[str], include_path: str | None = None
+               ) -> list[tuple[str, int, list[str]]]:
+  """(task, document index, texts) for every evaluation document of `tasks`, for keeping them
+  out of training data (`jaxsft data clean --against-tasks`): a document's string fields, its
+  prompt, choices and target, and lm-eval's decontamination query where the task has one;
+  HumanEval's prompts and canonical solutions."""
+  out = []
+  if humaneval.TASK in tasks:
+    out += [(humaneval.TASK, i, [p['prompt'], p['canonical_solution']])
+            for i, p in enumerate(humaneval.load_problems().values())]
+  harness_tasks = [t for t in tasks if t != humaneval.TASK]
+  if not harness_tasks:
+    return out
+  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  unknown = [t for t in harness_tasks if not manager.match_tasks([t])]
+  if unknown:
+    raise UserError(f'unknown lm-eval tasks {unknown}; list them with `lm-eval ls tasks`, or '
+                    'pass --include-path DIR with their YAML files.')
+  for name, task in sorted(_leaf_tasks(get_task_dict(harness_tasks, manager)).items()):
+    for index, doc in enumerate(task.eval_docs):
+      texts = [*_strings(doc), *_strings(task.doc_to_text(doc)), *_answers(task, doc)]
+      if task.should_decontaminate():
+        texts += _strings(task.doc_to_decontamination_query(doc))
+      out.append((name, index, texts))
+  return out
+
+
+def _leaf_tasks(tree: dict) -> dict[str, Any]:
+  """lm-eval's task dict (a group holds a dict of its tasks) -> task name -> task."""
+  leaves = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      leaves.update(_leaf_tasks(value))
+    elif value is not None:
+      leaves[getattr(value, 'task_name', None) or str(key)] = value
+  return leaves
+
+
+def _strings(value: Any) -> list[str]:
+  if isinstance(value, str):
+    return [value]
+  if isinstance(value, dict):
+    return [s for v in value.values() for s in _strings(v)]
+  if isinstance(value, (list, tuple)):
+    return [s for v in value for s in _strings(v)]
+  return []
+
+
+def _answers(task: Any, doc: Any) -> list[str]:
+  """The answer's text: the target, and for multiple choice every choice (the target is then an
+  index into them)."""
+  out = []
+  if task.OUTPUT_TYPE == 'multiple_choice':
+    out += [str(c) for c in task.doc_to_choice(doc)]
+  target = task.doc_to_target(doc)
+  if isinstance(target, str):
+    out.append(target)
+  return out
 
 
 def _add_humaneval(results: dict[str, Any], model: Model | None, *, limit, samples_per_problem,

@@ -14,16 +14,19 @@ padding, so no softmax row is ever empty.
 - `splash`: Pallas splash attention for TPU; on other backends it runs in interpret mode (slow,
   for tests).
 - `auto`: cudnn on GPU, splash on TPU, blocked elsewhere, each where the shapes allow it.
-The choice follows the platform a program is lowered for (`PLATFORMS`), not the host's backend.
+The choice follows the platform a program is built for (`target_platforms`), not the host's.
 A kernel that cannot serve a case falls back (to `blocked`, else `xla`) with a warning naming
 the reason; `auto` falls back silently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -77,6 +80,9 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *,
 
 def _splash_kernel(seq_len: int, heads_per_group: int, sliding_window: int | None,
                    interpret: bool):
+  """A splash MQA kernel for rows of `seq_len` (a multiple of 128). Built per trace, never
+  cached here: the kernel holds its mask arrays, and one created inside a trace (a jitted
+  `init`) leaked that trace's tracers into the next (splash caches the mask processing)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   shape = (seq_len, seq_len)
@@ -84,7 +90,8 @@ def _splash_kernel(seq_len: int, heads_per_group: int, sliding_window: int | Non
     mask = sm.CausalMask(shape)
   else:
     mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
-  block = min(_SPLASH_BLOCK, seq_len)
+  # The largest of MaxText's usual block sizes that tiles the row (TPU lanes want >= 128).
+  block = next(size for size in (512, 256, _SPLASH_BLOCK) if seq_len % size == 0)
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                         block_kv_dq=block)
@@ -155,6 +162,38 @@ def host_platform() -> str:
   return 'rocm' if 'rocm' in version.lower() else 'cuda'
 
 
+_TARGETS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    'jaxsft_attention_target_platforms', default=None)
+
+
+@contextlib.contextmanager
+def target_platforms(platforms: Sequence[str]):
+  """Attention traced inside this block is built for `platforms` (names of `PLATFORMS`), not
+  for this host: `jax.export(..., platforms=['tpu'])` of a step traced here on a CPU gets
+  splash. A trace cannot see which platforms it will be lowered for, so a program meant for
+  another platform is traced inside this block (`jaxsft.train.plan.lower_for_platform` does)."""
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown:
+    raise ValueError(f'unknown platforms {unknown}; choose from {PLATFORMS}.')
+  token = _TARGETS.set(tuple(platforms))
+  try:
+    yield
+  finally:
+    _TARGETS.reset(token)
+
+
+def _candidate_platforms(implementation: str) -> tuple[str, ...]:
+  """The platforms this trace may be lowered for: those of `target_platforms`, else the host's
+  and the requested kernel's own (a `cudnn` request traced on a CPU host is built for CUDA too).
+  Only these get a branch: tracing one costs time (`blocked` traces a `switch` per query block,
+  40 s for 4,096 tokens), and `lax.platform_dependent` traces every branch it is given."""
+  targets = _TARGETS.get()
+  if targets:
+    return targets
+  home = _HOME.get(implementation)
+  return tuple(dict.fromkeys([host_platform()] + ([home] if home else [])))
+
+
 @functools.lru_cache(maxsize=1)
 def cudnn_unavailable() -> str | None:
   """Why this jax cannot build cuDNN attention into a program (None if it can). jax checks for
@@ -215,16 +254,16 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
               q_offset=0, sliding_window: int | None = None) -> jnp.ndarray:
   """Segment-aware causal attention. q `[B, T, N, H]`, k/v `[B, S, K, H]` -> `[B, T, N, H]`.
 
-  The kernel is chosen per platform the program is built for (`lax.platform_dependent`), not
-  for the host: a step traced on a CPU host and lowered for a TPU gets splash. An explicit
-  request that cannot serve falls back with a warning (for the host's platform and the kernel's
-  own); `auto` falls back silently.
+  The kernel is chosen per platform the program is built for (`lax.platform_dependent` over
+  `_candidate_platforms`), not for the host: a step traced inside `target_platforms(['tpu'])`
+  on a CPU host gets splash. An explicit request that cannot serve falls back with a warning;
+  `auto` falls back silently.
   """
   plans = {platform: choose(implementation, platform, q_btnh, k_bskh, q_offset)
-           for platform in PLATFORMS}
+           for platform in _candidate_platforms(implementation)}
   if implementation != 'auto':
     for platform, (chosen, reason) in plans.items():
-      if reason and platform in (host_platform(), _HOME.get(implementation)):
+      if reason:
         _warn_once(f'attention implementation {implementation!r} cannot serve this call on '
                    f'{platform} ({reason}); falling back to {chosen}.')
 
@@ -247,7 +286,8 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
   variants = {(chosen, chosen == 'splash' and platform != 'tpu')
               for platform, (chosen, _) in plans.items()}
   operands = (q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids)
+  first = next(iter(plans))
   if len(variants) == 1:
-    return kernel(plans['cpu'][0], 'cpu')(*operands)
+    return kernel(plans[first][0], first)(*operands)
   branches = {platform: kernel(chosen, platform) for platform, (chosen, _) in plans.items()}
-  return jax.lax.platform_dependent(*operands, **branches, default=branches['cpu'])
+  return jax.lax.platform_dependent(*operands, **branches, default=branches[first])

@@ -197,7 +197,8 @@ def lower_for_platform(config: Any, platform: str, devices: Any = None) -> Platf
   a path without the device's plugin (cuDNN attention needs jax's CUDA plugin)."""
   if platform not in attention_lib.PLATFORMS:
     raise UserError(f'--platform {platform!r}; choose one of {attention_lib.PLATFORMS}.')
-  exported, _, model_config = _lowered_step(config, devices, [platform])
+  with attention_lib.target_platforms([platform]):
+    exported, _, model_config = _lowered_step(config, devices, [platform])
   d, h = model_config.num_heads, model_config.head_dim
   seq = config.data.max_seq_len
   q = jax.ShapeDtypeStruct((1, seq, d, h), model_config.dtype)

@@ -14,11 +14,12 @@ from typing import Any
 
 from jaxsft.adapters.quant import KINDS as QUANT_KINDS
 from jaxsft.adapters.targets import target_matcher
+from jaxsft.data.clean import CleanSettings
 from jaxsft.data.formats import FORMATS
 from jaxsft.data.packing import OVERLONG_POLICIES, STRATEGIES
 from jaxsft.data.sources import BAD_RECORD_POLICIES
 from jaxsft.data.spec import dataset_spec
-from jaxsft.data.templates import TRAIN_ON, template_kind
+from jaxsft.data.templates import TRAIN_ON, check_train_on, template_kind
 from jaxsft.errors import UserError
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from jaxsft.parallel.mesh import check_mesh_shape
@@ -109,10 +110,12 @@ def check_config(config: Any) -> None:
   _choice('data.packing', d.packing, STRATEGIES)
   _choice('data.on_bad_record', d.on_bad_record, BAD_RECORD_POLICIES)
   _choice('data.train_on', d.train_on, TRAIN_ON)
+  check_train_on(d.train_on, d.train_on_reasoning)  # the combination
   _number('data.eval_size', d.eval_size, low=0)
   _number('data.num_proc', d.num_proc, low=1, integer=True)
   _number('data.map_batch_size', d.map_batch_size, low=1, integer=True)
   _number('data.pack_window', d.pack_window, low=1, integer=True)
+  CleanSettings.from_config(d.clean)  # data.clean.*: thresholds, sizes, the against list
   template_kind(d.template)
   for key in ('datasets', 'eval_datasets'):
     for i, entry in enumerate(d[key]):
