@@ -160,6 +160,8 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
     # `datasets` reads this when imported: no "Generating train split" / map bars.
     os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')
+    # transformers, imported later, advises at import that torch is missing (jaxsft needs none).
+    os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                       format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('jaxsft').setLevel(logging.INFO)
