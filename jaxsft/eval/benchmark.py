@@ -24,6 +24,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 from tqdm import tqdm
 
 import jaxsft
+from jaxsft.data.contamination import strings
 from jaxsft.errors import UserError
 from jaxsft.eval import humaneval
 from jaxsft.eval.harness import JaxsftLM
@@ -105,9 +106,9 @@ def task_texts(tasks: Sequence[str], include_path: str | None = None
                     'pass --include-path DIR with their YAML files.')
   for name, task in sorted(_leaf_tasks(get_task_dict(harness_tasks, manager)).items()):
     for index, doc in enumerate(task.eval_docs):
-      texts = [*_strings(doc), *_strings(task.doc_to_text(doc)), *_answers(task, doc)]
+      texts = [*strings(doc), *strings(task.doc_to_text(doc)), *_answers(task, doc)]
       if task.should_decontaminate():
-        texts += _strings(task.doc_to_decontamination_query(doc))
+        texts += strings(task.doc_to_decontamination_query(doc))
       out.append((name, index, texts))
   return out
 
@@ -121,16 +122,6 @@ def _leaf_tasks(tree: dict) -> dict[str, Any]:
     elif value is not None:
       leaves[getattr(value, 'task_name', None) or str(key)] = value
   return leaves
-
-
-def _strings(value: Any) -> list[str]:
-  if isinstance(value, str):
-    return [value]
-  if isinstance(value, dict):
-    return [s for v in value.values() for s in _strings(v)]
-  if isinstance(value, (list, tuple)):
-    return [s for v in value for s in _strings(v)]
-  return []
 
 
 def _answers(task: Any, doc: Any) -> list[str]:
