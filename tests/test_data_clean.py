@@ -159,6 +159,29 @@ def test_data_clean_user_errors_are_one_line(planted, args, expected):
   assert not (root / 'x').exists()
 
 
+def test_benchmark_task_questions_are_removed(tmp_path):
+  """`--against-tasks` with a task YAML of one's own (`--include-path`), through the executable:
+  the task's documents are the evaluation items, named `benchmark:TASK`."""
+  question = ('Which planet in our solar system is known as the red planet because of the iron '
+              'oxide on its surface')
+  (tmp_path / 'quiz.jsonl').write_text(json.dumps(
+      {'question': question, 'choices': ['Mars', 'Venus'], 'answer': 0}) + '\n')
+  (tmp_path / 'tasks').mkdir()
+  (tmp_path / 'tasks' / 'my_quiz.yaml').write_text(
+      f'task: my_quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
+      f'    test: {tmp_path / "quiz.jsonl"}\ntest_split: test\noutput_type: multiple_choice\n'
+      'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+      'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
+  train = tmp_path / 'train.json'
+  train.write_text(json.dumps([{'instruction': question, 'input': '', 'output': 'Mars.'},
+                               {'instruction': 'Name a fruit.', 'input': '', 'output': 'Apple.'}]))
+  run(['data', 'clean', '--config', f'{CONFIG}:{train}', '--out', str(tmp_path / 'out'),
+       '--against-tasks', 'my_quiz', '--include-path', str(tmp_path / 'tasks')], REPO)
+  removed = list(_removed(tmp_path / 'out').values())
+  assert [(r['index'], r['reason'], r['eval']['file'], r['eval']['index']) for r in removed] == [
+      (0, 'contaminated', 'benchmark:my_quiz', 0)]
+
+
 def test_results_do_not_depend_on_worker_processes(planted, tmp_path):
   _, path, bench, _, _ = planted
   items = contamination.read_eval_file(str(bench))
