@@ -6,14 +6,20 @@ Each imports what it needs when it runs, so `jaxsft --help` loads none of it.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from jaxsft.cli import flags
 from jaxsft.errors import UserError
+
+# With --hf, eval packs records into rows of this many tokens unless --max-seq-len says.
+HF_EVAL_SEQ_LEN = 2048
 
 
 def load_model(args: argparse.Namespace):
@@ -24,12 +30,15 @@ def load_model(args: argparse.Namespace):
   if bool(args.workdir) == bool(args.hf):
     raise UserError('give exactly one of --workdir (a jaxsft run) or --hf (an HF checkpoint).')
   if args.workdir:
-    return model.from_workdir(args.workdir)
-  config = default_config()
-  config.model.path = args.hf
-  config.data.template = args.template
-  config.data.max_seq_len = args.max_seq_len
-  return model.from_hf(config)
+    loaded = model.from_workdir(args.workdir)
+  else:
+    config = default_config()
+    config.model.path = args.hf
+    config.data.template = args.template
+    config.data.max_seq_len = args.max_seq_len or HF_EVAL_SEQ_LEN
+    loaded = model.from_hf(config)
+  loaded.max_context = args.max_seq_len  # None: the model's own positions
+  return loaded
 
 
 def evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -58,7 +67,7 @@ def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   FastChat's answer records for questions, `{"prompt", "answer"}` otherwise."""
   del overrides
   # pylint: disable=import-outside-toplevel
-  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.generate import PromptTooLong, SamplingConfig
   from jaxsft.eval.model import answer
   items: list[Any] = list(args.prompt)
   if args.prompts:
@@ -75,8 +84,11 @@ def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     active = [i for i, t in enumerate(turns) if turn < len(t)]
     for i in active:
       conversations[i].append({'role': 'user', 'content': turns[i][turn]})
-    for i, text in zip(active, answer(model, [conversations[i] for i in active], sampling,
-                                      args.seed)):
+    try:
+      texts = answer(model, [conversations[i] for i in active], sampling, args.seed)
+    except PromptTooLong as error:
+      raise UserError(_too_long(args, active[error.index], turn, error)) from None
+    for i, text in zip(active, texts):
       conversations[i].append({'role': 'assistant', 'content': text})
       replies[i].append(text)
   model_id = args.model_id or os.path.basename(os.path.normpath(args.workdir or args.hf))
@@ -96,6 +108,18 @@ def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def _too_long(args: argparse.Namespace, item: int, turn: int, error: Any) -> str:
+  """The one line for a `generate` prompt with no room for an answer: which prompt, its length,
+  the limit and what sets it."""
+  where = (f'--prompt number {item + 1}' if item < len(args.prompt) else
+           f'{args.prompts}: prompt {item - len(args.prompt) + 1}')
+  if turn:
+    where += f', turn {turn + 1} (with the turns before it)'
+  fix = ' or raise --max-seq-len' if error.limit_source == '--max-seq-len' else ''
+  return (f'{where} has {error.tokens:,} tokens with the chat template, but a prompt and its '
+          f'answer must fit in {error.limit:,} tokens ({error.limit_source}); shorten it{fix}.')
+
+
 def read_prompts(path: str) -> list[Any]:
   """Each line of a JSONL file: its `prompt` (a string), or an MT-Bench question (a dict with
   `question_id` and a non-empty list of string `turns`); a bad line is a `UserError` naming it."""
@@ -113,43 +137,88 @@ def read_prompts(path: str) -> list[Any]:
                     '"turns": [...]}', parse)
 
 
+class _ReplaceUndecodable:
+  """A codec error handler: each undecodable input byte sequence becomes U+FFFD, and `seen`
+  records that one did, so that chat can say so (once) instead of dying in `input()`."""
+
+  NAME = 'jaxsft.chat-replace'
+
+  def __init__(self):
+    self.seen = False
+
+  def __call__(self, error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeDecodeError):
+      raise error
+    self.seen = True
+    return '\ufffd', error.end
+
+
+def _lenient_stdin() -> _ReplaceUndecodable:
+  """Makes `input()` replace bytes that are not in stdin's encoding (a pasted Latin-1 line
+  under UTF-8) instead of raising `UnicodeDecodeError`; returns the handler that notices."""
+  handler = _ReplaceUndecodable()
+  codecs.register_error(handler.NAME, handler)
+  if hasattr(sys.stdin, 'reconfigure'):  # a TextIOWrapper; input() on a tty reads its errors
+    sys.stdin.reconfigure(errors=handler.NAME)
+  return handler
+
+
 def chat(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  """A conversation on stdin. Undecodable input bytes are replaced (one warning line); a turn
+  that leaves no room for an answer in the model's context is not sent (one line), and the
+  conversation goes on."""
   del overrides
   # pylint: disable=import-outside-toplevel
-  from jaxsft.eval.generate import SamplingConfig
+  from jaxsft.eval.generate import PromptTooLong, SamplingConfig
   from jaxsft.eval.model import answer
   model = load_model(args)
   sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   history = [{'role': 'system', 'content': args.system}] if args.system else []
+  undecodable, warned = _lenient_stdin(), False
   print('chat: an empty line or Ctrl-D ends; /reset forgets the conversation.')
   while True:
     try:
       line = input('you> ').strip()
     except EOFError:
       return 0
+    if undecodable.seen and not warned:
+      warned = True
+      print(f'jaxsft: warning: the input had bytes that are not valid '
+            f'{sys.stdin.encoding or "text"}; each was replaced with U+FFFD (\ufffd) and sent '
+            'as that.', file=sys.stderr)
     if not line:
       return 0
     if line == '/reset':
       history = history[:1] if args.system else []
       continue
     history.append({'role': 'user', 'content': line})
-    reply = answer(model, [history], sampling, args.seed)[0]
+    try:
+      reply = answer(model, [history], sampling, args.seed)[0]
+    except PromptTooLong as error:
+      history.pop()
+      print(f'jaxsft: this turn was not sent: with the conversation so far the prompt has '
+            f'{error.tokens:,} tokens, but a prompt and its answer must fit in {error.limit:,} '
+            f'({error.limit_source}); send a shorter turn, or /reset to start over.',
+            file=sys.stderr)
+      continue
     history.append({'role': 'assistant', 'content': reply})
     print(f'model> {reply}')
 
 
 def benchmark(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
+  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  ks = args.k  # flags.positive_int_list
+  # With --completions the samples per problem are the file's; otherwise pass@k needs k of them.
+  if not args.completions and max(ks) > args.samples_per_problem:
+    raise UserError(f'--k {",".join(map(str, ks))}: pass@{max(ks)} needs at least {max(ks)} '
+                    f'completions per problem, but --samples-per-problem is '
+                    f'{args.samples_per_problem}; raise it to {max(ks)} or drop the larger k.')
   try:
     from jaxsft.eval import benchmark as bench  # pylint: disable=import-outside-toplevel
   except ImportError as error:  # the eval extra is not installed
     raise UserError(f'jaxsft benchmark needs the eval extra ({error}); install it with '
                     "pip install -e '.[eval]'.") from None
-  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
-  try:
-    ks = [int(k) for k in args.k.split(',') if k.strip()]
-  except ValueError:
-    raise UserError(f'--k {args.k}: give comma-separated integers, e.g. 1,10.') from None
   only_completions = tasks == ['humaneval'] and args.completions
   model = None if only_completions and not (args.workdir or args.hf) else load_model(args)
   results = bench.run(model, tasks, include_path=args.include_path or None,
@@ -172,15 +241,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--hf', default='', help='or a plain HF checkpoint folder')
   parser.add_argument('--template', default='jinja',
                       help='with --hf: chat template (jinja = the tokenizer\'s own)')
-  parser.add_argument('--max-seq-len', type=int, default=2048)
+  parser.add_argument('--max-seq-len', type=flags.positive_int, default=None,
+                      help='tokens of prompt + answer at most when generating (default: the '
+                      'model\'s max_position_embeddings); with --hf also the rows eval packs '
+                      f'records into (default {HF_EVAL_SEQ_LEN})')
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--max-new-tokens', type=int, default=256)
-  parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
-  parser.add_argument('--top-k', type=int, default=0)
-  parser.add_argument('--top-p', type=float, default=1.0)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--max-new-tokens', type=flags.positive_int, default=256,
+                      help='new tokens per answer at most (fewer when the prompt leaves less '
+                      'room in the model\'s positions: a warning says so)')
+  parser.add_argument('--temperature', type=flags.non_negative_float, default=0.0,
+                      help='0 = greedy')
+  parser.add_argument('--top-k', type=flags.non_negative_int, default=0, help='0 = off')
+  parser.add_argument('--top-p', type=flags.probability, default=1.0, help='in (0, 1]; 1 = off')
+  parser.add_argument('--seed', type=flags.seed, default=0)
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,22 +264,26 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                       help='comma-separated lm-eval tasks (mmlu,gsm8k,...) and/or humaneval')
   parser.add_argument('--include-path', default='',
                       help='a folder of lm-eval task YAMLs (local data: runs offline)')
-  parser.add_argument('--num-fewshot', type=int, default=None)
-  parser.add_argument('--limit', type=int, default=None, help='the first N documents per task')
-  parser.add_argument('--batch-size', type=int, default=8, help='rows per compiled call')
-  parser.add_argument('--max-length', type=int, default=0,
+  parser.add_argument('--num-fewshot', type=flags.non_negative_int, default=None)
+  parser.add_argument('--limit', type=flags.positive_int, default=None,
+                      help='the first N documents per task')
+  parser.add_argument('--batch-size', type=flags.positive_int, default=8,
+                      help='rows per compiled call')
+  parser.add_argument('--max-length', type=flags.non_negative_int, default=0,
                       help='context tokens per request (default: the model\'s)')
   parser.add_argument('--apply-chat-template', action='store_true')
   parser.add_argument('--log-samples', action='store_true',
                       help='keep every request and response (log-likelihoods) in the JSON')
-  parser.add_argument('--samples-per-problem', type=int, default=1,
+  parser.add_argument('--samples-per-problem', type=flags.positive_int, default=1,
                       help='humaneval: completions per problem (greedy when 1)')
-  parser.add_argument('--k', default='1', help='humaneval: pass@k for these k, e.g. 1,10')
-  parser.add_argument('--humaneval-temperature', type=float, default=0.8,
+  parser.add_argument('--k', type=flags.positive_int_list, default='1',
+                      help='humaneval: pass@k for these k, e.g. 1,10 (each <= '
+                      '--samples-per-problem)')
+  parser.add_argument('--humaneval-temperature', type=flags.non_negative_float, default=0.8,
                       help='humaneval: sampling temperature when --samples-per-problem > 1')
-  parser.add_argument('--max-gen-toks', type=int, default=512,
+  parser.add_argument('--max-gen-toks', type=flags.positive_int, default=512,
                       help='humaneval: new tokens per completion at most')
-  parser.add_argument('--humaneval-timeout', type=float, default=10.0,
+  parser.add_argument('--humaneval-timeout', type=flags.positive_float, default=10.0,
                       help='humaneval: wall-clock seconds per program (CPU seconds too)')
   parser.add_argument('--completions', default='',
                       help='humaneval: score these {"task_id", "completion"} JSONL lines')

@@ -150,7 +150,8 @@ def inspect_data(data_config: Any, tokenizer: Any, *, batch_size: int, num_examp
                  color: bool = False, dump: str = '') -> str:
   """The report `jaxsft data inspect` prints (in-memory mode: every source is tokenized);
   `dump`: a .jsonl file for `dump_examples`."""
-  if data_config.streaming:
+  streaming = data_config.streaming
+  if streaming:
     data_config = data_config.copy_and_resolve_references()
     data_config.streaming = False  # statistics need every example's length
   pipeline = Pipeline(data_config, tokenizer, batch_size=batch_size, process_index=0,
@@ -160,7 +161,9 @@ def inspect_data(data_config: Any, tokenizer: Any, *, batch_size: int, num_examp
            f'max_seq_len {data_config.max_seq_len}, special tokens {template_kwargs(tokenizer)}',
            '']
   lines += _rendered_examples(pipeline, num_examples, color)
-  lines += ['', 'records:']
+  # A streaming run cannot count ahead (it logs counts as read); here every record was read.
+  lines += ['', 'records (data.streaming=True: counted here by reading every source once; a '
+            'training run reads its streams as it trains):' if streaming else 'records:']
   lines += [f'  {label}: {stats.summary()}' for label, stats in pipeline.stats.items()]
   lines += clean_report(pipeline)  # data.clean, or the summary of `jaxsft data clean`
   lines += [''] + _length_table(pipeline)

@@ -117,7 +117,7 @@ class Pipeline:
         self.clean_summary = self._cleaner.summary()
         _LOG.info('data clean: %s', summary_line(self.clean_summary))
     for label, stats in self.stats.items():
-      _LOG.info('data %s: %s', label, stats.summary())
+      _LOG.info('data %s: %s', label, stats.summary(streamed=self.is_streamed(label)))
       if stats.truncated or stats.dropped_overlong or stats.bad_records:
         _LOG.warning('data %s: %d truncated, %d dropped as longer than %d tokens, %d bad records '
                      'skipped.', label, stats.truncated, stats.dropped_overlong,
@@ -310,6 +310,11 @@ class Pipeline:
     for start in range(0, len(rows), self.batch_size):
       mine = start + self.process_index * self.local_batch_size
       yield fill_rows(examples, rows[mine:mine + self.local_batch_size], self.seq_len)
+
+  def is_streamed(self, label: str) -> bool:
+    """Whether `self.stats[label]` counts a training stream as it is read (`data.streaming`),
+    rather than a source read whole (in memory, or a stream's held-out and eval records)."""
+    return label in getattr(self, 'stream_labels', ())
 
   def total_stats(self) -> SourceStats:
     total = SourceStats()

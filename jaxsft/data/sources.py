@@ -111,12 +111,18 @@ class SourceStats:
       setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
     return self
 
-  def summary(self) -> str:
+  def summary(self, streamed: bool = False) -> str:
+    """One line of counts. `streamed`: the counts of a stream that is read as training goes
+    (`data.streaming=True`): said to be so far, or not known yet rather than zeros."""
+    if streamed and not self.examples:
+      return ('streamed (data.streaming=True): records and tokens are not known in advance; '
+              'they are counted as the stream is read')
+    prefix = 'streamed, counted as read so far: ' if streamed else ''
     expanded = (f' ({self.examples} examples: {self.extra_samples} more from training each '
                 'assistant turn of conversations whose template renders earlier reasoning '
                 'differently)' if self.extra_samples else '')
     masked = (f', {self.turns_masked} masked by loss_weight' if self.turns_masked else '')
-    return (f'{self.records} records{expanded}: {self.kept + self.truncated} kept '
+    return (f'{prefix}{self.records} records{expanded}: {self.kept + self.truncated} kept '
             f'({self.truncated} truncated), {self.dropped_overlong} dropped as too long, '
             f'{self.dropped_unsupervised} dropped with no supervised token, '
             f'{self.bad_records} bad records skipped; {self.tokens} tokens; '

@@ -7,12 +7,21 @@ a `lax.while_loop` inside one jit that stops when every row has produced a stop 
 `max_new_tokens`. Sampling: greedy (`temperature == 0`), or temperature with optional top-k and
 top-p (nucleus) filtering. Works with any variables `Llama` accepts: plain, LoRA
 (`{'params', 'lora'}`) and 4-bit bases.
+
+The prompt and its new tokens must fit the model's positions (`context_length`: HF's
+`max_position_embeddings`, or a smaller `max_length` a caller sets, e.g. `--max-seq-len`): the
+cache is sized for them, and RoPE positions past the trained context are not answers. A prompt
+that leaves no room for a new token is refused (`PromptTooLong`, a `UserError` naming its
+length and the limit); one that leaves fewer than `max_new_tokens` gets what fits, with a
+warning that says how many new tokens it gets. Prompts are never cut: a silently shortened
+prompt answers a different question.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +32,9 @@ import numpy as np
 from jaxsft.errors import UserError
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama
+from jaxsft.models.rope import rope_type_of
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +43,35 @@ class SamplingConfig:
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0            # 0 = off
   top_p: float = 1.0        # 1 = off
+
+
+class PromptTooLong(UserError):
+  """A prompt that leaves no room for a new token in the model's context; `index` is its
+  position in the prompts given, `tokens` its length, `limit` the context in tokens."""
+
+  def __init__(self, index: int, tokens: int, limit: int, limit_source: str):
+    super().__init__(f'prompt {index + 1} has {tokens:,} tokens, but a prompt and its answer '
+                     f'must fit in {limit:,} tokens ({limit_source}); shorten it to fewer than '
+                     f'{limit:,} tokens.')
+    self.index, self.tokens, self.limit, self.limit_source = index, tokens, limit, limit_source
+
+
+def context_length(model_config: LlamaConfig) -> int:
+  """The positions a model attends over: `max_position_embeddings`, times the factor of
+  dynamic NTK scaling, whose whole point is to stretch RoPE past that (the other scalings
+  already state their extended context there)."""
+  scaling = model_config.rope_scaling or {}
+  if rope_type_of(scaling) == 'dynamic':
+    return int(model_config.max_position_embeddings * scaling['factor'])
+  return int(model_config.max_position_embeddings)
+
+
+def context_limit(model_config: LlamaConfig, max_length: int | None = None) -> tuple[int, str]:
+  """(tokens of prompt + answer at most, what sets that limit in words for a message)."""
+  positions = context_length(model_config)
+  if max_length and max_length < positions:
+    return max_length, '--max-seq-len'
+  return positions, 'the model\'s positions: max_position_embeddings in its config.json'
 
 
 def _filter_logits(logits_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -94,12 +135,24 @@ def _generate(variables, tokens_bp, segments_bp, positions_bp, stop_ids, rng, *,
 
 def generate(model_config: LlamaConfig, variables: Any, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
-             seed: int = 0) -> list[list[int]]:
-  """New token ids for each prompt (stop tokens excluded)."""
+             seed: int = 0, max_length: int | None = None) -> list[list[int]]:
+  """New token ids for each prompt (stop tokens excluded). Prompt + new tokens fit
+  `context_limit(model_config, max_length)`: a prompt with no room left raises `PromptTooLong`,
+  and `sampling.max_new_tokens` shrinks to what the longest prompt leaves (a warning)."""
   sampling = sampling or SamplingConfig()
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError('generate needs at least one prompt, each with at least one token.')
+  limit, limit_source = context_limit(model_config, max_length)
+  for i, prompt in enumerate(prompts):
+    if len(prompt) >= limit:
+      raise PromptTooLong(i, len(prompt), limit, limit_source)
   width = max(len(p) for p in prompts)
+  if width + sampling.max_new_tokens > limit:
+    _LOG.warning('at most %d new tokens (not max_new_tokens %d): the %sprompt has %d tokens, '
+                 'and a prompt and its answer must fit in %d (%s).', limit - width,
+                 sampling.max_new_tokens, 'longest ' if len(prompts) > 1 else '', width, limit,
+                 limit_source)
+    sampling = dataclasses.replace(sampling, max_new_tokens=limit - width)
   tokens = np.zeros((len(prompts), width), np.int32)
   segments = np.zeros_like(tokens)
   positions = np.zeros_like(tokens)

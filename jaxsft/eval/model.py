@@ -25,6 +25,9 @@ class Model:
   model_config: Any
   variables: Any
   tokenizer: Any
+  # Prompt + answer tokens at most (`--max-seq-len`); None: the model's positions. Either way
+  # `generate` refuses a prompt with no room left and shortens answers to what fits.
+  max_context: int | None = None
 
 
 def from_workdir(workdir: str) -> Model:
@@ -63,9 +66,11 @@ def stop_ids(model: Model) -> list[int]:
 
 def answer(model: Model, conversations: list[list[dict[str, str]]],
            sampling: SamplingConfig | None = None, seed: int = 0) -> list[str]:
-  """The model's next assistant turn for each conversation (greedy by default)."""
+  """The model's next assistant turn for each conversation (greedy by default). A rendered
+  conversation with no room for an answer in the model's context raises
+  `eval.generate.PromptTooLong` (its `index` is the conversation's)."""
   sampling = sampling or SamplingConfig()
   prompts = [prompt_ids(model, messages) for messages in conversations]
   outputs = generate(model.model_config, model.variables, prompts, sampling,
-                     stop_ids=stop_ids(model), seed=seed)
+                     stop_ids=stop_ids(model), seed=seed, max_length=model.max_context)
   return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
