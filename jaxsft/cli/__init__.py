@@ -39,7 +39,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxsft.cli import data_clean, evaluation, training
+from jaxsft.cli import data_clean, evaluation, flags, training
 from jaxsft.errors import EXIT_USER_ERROR, UserError
 from jaxsft.train.preemption import SigtermFlag
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   train.set_defaults(run=training.train)
   plan = add_parser('plan', help='per-device memory of a run, from shapes alone')
   _add_config_arguments(plan)
-  plan.add_argument('--device-memory-gib', type=float, default=None,
+  plan.add_argument('--device-memory-gib', type=flags.positive_float, default=None,
                     help='device memory to judge the plan against, e.g. 80 for an H100')
   plan.add_argument('--platform', choices=('tpu', 'cuda', 'rocm', 'cpu'), default=None,
                     help='lower the train step for this platform (jax.export, no device '
@@ -90,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluation.add_model_arguments(eval_parser)
   eval_parser.add_argument('--data', default='', help='json/jsonl/parquet records; default: '
                           "the run's eval data")
-  eval_parser.add_argument('--batch-size', type=int, default=8)
-  eval_parser.add_argument('--generate', type=int, default=0,
+  eval_parser.add_argument('--batch-size', type=flags.positive_int, default=8)
+  eval_parser.add_argument('--generate', type=flags.non_negative_int, default=0,
                           help='also answer the first N records greedily and score them')
-  eval_parser.add_argument('--max-new-tokens', type=int, default=256)
+  eval_parser.add_argument('--max-new-tokens', type=flags.positive_int, default=256)
   eval_parser.add_argument('--out', default='', help='write the JSON report here too')
   eval_parser.set_defaults(run=evaluation.evaluate)
   gen = add_parser('generate', help='answer prompts with a run or HF checkpoint')
@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   inspect = data.add_parser('inspect', parents=[common],
                             help='show what the model will be trained on')
   _add_config_arguments(inspect)
-  inspect.add_argument('--examples', type=int, default=3, help='rendered examples to show')
+  inspect.add_argument('--examples', type=flags.non_negative_int, default=3,
+                       help='rendered examples to show')
   inspect.add_argument('--color', choices=('auto', 'always', 'never'), default='auto')
   inspect.add_argument('--dump', default='', metavar='FILE.jsonl',
                        help='also write every example\'s input_ids and loss_mask (before '
