@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -286,6 +287,15 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mappin
     dtype: dtype of the saved tensors; None keeps `config.param_dtype`.
     tokenizer_dir: folder whose tokenizer files are copied alongside.
     max_shard_bytes: above this total size the weights go to several files plus an index.
+
+  Writes `config.json`, the weights (`model.safetensors`, or HF's
+  `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`) and the
+  tokenizer files. Into a folder that already holds an HF checkpoint it replaces that
+  checkpoint's weights: its `model.safetensors`, its index, the shards the index lists and
+  files named like HF shards are removed (a stale index or single file would make
+  transformers load the old weights), once the new weights are written. Every other file
+  (`adapter_model.safetensors`, `reward_model.safetensors`, notes) is left alone; `jaxsft
+  export` goes further and never writes into a folder it does not own.
   Only process 0 writes; every process must call this (arrays may need gathering).
   """
   dtype = jnp.dtype(dtype or config.param_dtype)
@@ -293,27 +303,60 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mappin
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(path, exist_ok=True)
-    for stale in os.listdir(path):
-      if stale.endswith('.safetensors') or stale == SAFETENSORS_INDEX:
-        os.remove(os.path.join(path, stale))
   # Tensors stream to numbered files as each fills up; they are named once their count is known.
   files: list[tuple[str, list[str], int]] = []
   pending: dict[str, np.ndarray] = {}
+  # Process 0 keeps gathering after a failed write when other processes gather with it (they
+  # would wait for it forever); the error is raised once every tensor went by.
+  failed: list[OSError] = []
 
   def flush():
-    if writer and pending:
+    if writer and pending and not failed:
       temp_name = f'part-{len(files):05d}.safetensors.tmp'
-      _save_safetensors(pending, os.path.join(path, temp_name))
       files.append((temp_name, list(pending), sum(t.nbytes for t in pending.values())))
+      try:
+        _save_safetensors(pending, os.path.join(path, temp_name))
+      except OSError as error:
+        if jax.process_count() == 1:
+          raise
+        failed.append(error)
     pending.clear()
 
-  for name, tensor in hf_tensors(config, params, dtype):
-    if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
-      flush()
-    pending[name] = tensor
-  flush()
+  def stale_weights() -> list[str]:
+    """The weight files of the checkpoint `path` held: `model.safetensors`, the index and the
+    files it lists, and files named like HF shards; no other `*.safetensors` file."""
+    names = {n for n in os.listdir(path)
+             if n == SAFETENSORS_SINGLE or re.fullmatch(r'model-\d{5}-of-\d{5}\.safetensors', n)}
+    index_path = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+      names.add(SAFETENSORS_INDEX)
+      try:
+        with open(index_path) as f:
+          listed = list(json.load(f)['weight_map'].values())
+      except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = []  # unreadable: the files named like shards still go
+      # Plain names in this folder only: an index cannot send a removal elsewhere.
+      names.update(n for n in listed if isinstance(n, str) and n == os.path.basename(n)
+                   and n.endswith('.safetensors') and os.path.isfile(os.path.join(path, n)))
+    return sorted(names)
+
+  try:
+    for name, tensor in hf_tensors(config, params, dtype):
+      if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
+        flush()
+      pending[name] = tensor
+    flush()
+    if failed:
+      raise failed[0]
+  except BaseException:
+    for temp_name, *_ in files:  # no half-written parts left behind
+      if writer and os.path.exists(os.path.join(path, temp_name)):
+        os.remove(os.path.join(path, temp_name))
+    raise
   if not writer:
     return
+  for stale in stale_weights():  # after the new weights are written: a failure keeps the old
+    os.remove(os.path.join(path, stale))
   _name_shards(path, files)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config_to_hf(config, dtype), f, indent=2, sort_keys=True)
