@@ -149,34 +149,172 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Runs `get_config` of a config file (`file.py` or `file.py:arg`), locks the result and
-  applies `key.sub=value` overrides (`apply_override`)."""
+  """Runs `get_config` of a config file (`file.py` or `file.py:arg`), checks that each setting
+  keeps the type of its default (`check_types`), locks the result and applies `key.sub=value`
+  overrides (`apply_override`).
+
+  Whatever goes wrong in the file (a syntax error, an exception in `get_config`, a missing
+  import, a value of the wrong type, a result that is not a `ConfigDict`) is a `UserError` of one
+  line naming the file and the line.
+  """
   path, _, arg = path.partition(':')
   if not os.path.isfile(path):
     raise UserError(f'config file {path!r} does not exist; pass a Python file with '
                     'get_config(), e.g. --config configs/demo.py.')
   spec = importlib.util.spec_from_file_location(f'_jaxsft_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    spec.loader.exec_module(module)
+  except Exception as error:  # the file is the user's code: anything it raises is theirs to fix
+    raise _config_file_error(path, error) from error
+  if not callable(getattr(module, 'get_config', None)):
     raise UserError(f'config file {path} must define get_config(arg=None).')
   try:
     config = module.get_config(arg) if arg else module.get_config()
-  except (AttributeError, KeyError) as error:  # a setting the locked defaults do not have
-    line = next((frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
-                 if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
-    where = f'{path}, line {line}' if line else path
-    text = str(error).strip('\'"')
-    key = re.search(r'Key "([^"]+)" does not exist', text)
-    suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    problem = (f'unknown setting {key.group(1)!r}' if key else text) + (
-        f'. Did you mean {suggestion.group(1)!r}?' if suggestion else '.')
-    raise UserError(f'config file {where}: {problem} Every setting is listed in '
-                    'jaxsft/config.py; a config may change settings, not invent them.') from None
+  except Exception as error:
+    raise _config_file_error(path, error) from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'config file {path}: get_config() returned {_short(config)} (a '
+                    f'{type(config).__name__}), not an ml_collections.ConfigDict; start from '
+                    'config = jaxsft.config.default_config(), change settings and return config.')
+  check_types(config, path)
   config.lock()
   for override in overrides:
     apply_override(config, override)
   return config
+
+
+def _short(value: Any, limit: int = 80) -> str:
+  """`repr(value)` on one line, cut to `limit` characters."""
+  text = ' '.join(repr(value).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+# ml_collections' message for a value whose type is not the field's (a locked config is typed).
+_OVERRIDE_TYPE = re.compile(r"Could not override field '([^']+)' \(reference\)\. (.*) is of "
+                            r"original type <class '([^']+)'> and cannot be casted to type "
+                            r"<class '([^']+)'>", re.DOTALL)
+
+
+def _config_file_error(path: str, error: Exception) -> UserError:
+  """One line for an exception a config file raised: the file, its line, what went wrong."""
+  def same_file(name: str | None) -> bool:
+    return bool(name) and os.path.abspath(name) == os.path.abspath(path)
+
+  line = next((frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__))
+               if same_file(frame.filename)), None)
+  text = ' '.join(str(error).split())
+  if isinstance(error, SyntaxError) and same_file(error.filename):
+    line, text = error.lineno, error.msg  # the line is the error's own, not a frame's
+  where = f'config file {path}, line {line}' if line else f'config file {path}'
+  if isinstance(error, UserError):  # from a jaxsft helper the file called: already one line
+    return UserError(f'{where}: {text}')
+  if isinstance(error, (AttributeError, KeyError)):  # a setting the locked defaults do not have
+    key = re.search(r'Key "([^"]+)" does not exist', text)
+    if key:
+      suggestion = re.search(r'Did you mean "([^"]+)"', text)
+      hint = f' Did you mean {suggestion.group(1)!r}?' if suggestion else ''
+      return UserError(f'{where}: unknown setting {key.group(1)!r}.{hint} Every setting is '
+                       'listed in jaxsft/config.py; a config may change settings, not invent '
+                       'them.')
+  mismatch = _OVERRIDE_TYPE.search(str(error)) if isinstance(error, TypeError) else None
+  if mismatch:
+    field, value, got, want = mismatch.groups()
+    want, got = want.rsplit('.', 1)[-1], got.rsplit('.', 1)[-1]
+    shown = ' '.join(value.split())[:80]  # ml_collections writes the value with str()
+    shown = repr(shown) if got == 'str' else shown
+    return UserError(f'{where}: {field} takes {_TAKES_BY_NAME.get(want, want)}, not {shown} '
+                     f'(a {got}); each setting keeps the type of its default in '
+                     'jaxsft/config.py.')
+  return UserError(f'{where}: {type(error).__name__}: {text}; fix the config file (--debug '
+                   'shows the traceback).')
+
+
+# What a setting takes, by the type of its default.
+_TAKES = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string',
+          list: 'a list', tuple: 'a tuple or list', ml_collections.ConfigDict: 'a dict'}
+_TAKES_BY_NAME = {kind.__name__: takes for kind, takes in _TAKES.items()}
+_ITEMS = {bool: 'True or False values', int: 'integers', float: 'numbers', str: 'strings'}
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+  """What a setting whose default is `default` takes, when `value` is not that; else None.
+  An integer is a number (`learning_rate = 1`); `None` is never a value."""
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(default, str):
+    ok = isinstance(value, str)
+  elif isinstance(default, (list, tuple)):
+    ok = isinstance(value, (list, tuple))
+    if ok and default and any(_type_problem(x, default[0]) for x in value):
+      # A non-empty default gives the type of the items too (lora.targets, mesh.shape).
+      return f'{_TAKES[type(default)]} of {_ITEMS.get(type(default[0]), "values")}'
+  elif isinstance(default, (dict, ml_collections.ConfigDict)):
+    ok = isinstance(value, (dict, ml_collections.ConfigDict))
+  else:
+    return None
+  return None if ok else _TAKES.get(type(default), type(default).__name__)
+
+
+def _assignment_line(path: str, name: str) -> int | None:
+  """The first line of the config file at `path` that assigns setting `name` (`a.b = ...`)."""
+  pattern = re.compile(rf'\b{re.escape(name)}\s*=[^=]')
+  with open(path, encoding='utf-8', errors='replace') as f:
+    return next((i for i, line in enumerate(f, 1) if pattern.search(line)), None)
+
+
+def check_types(config: ml_collections.ConfigDict, path: str | None = None, *,
+                defaults: ml_collections.ConfigDict | None = None, prefix: str = '') -> None:
+  """Raises `UserError` for the first setting of `config` whose value is not of its default's
+  type in `default_config()` (ints, floats, bools, strings, lists), or that the defaults do not
+  have or that `config` lacks; the message names the config file `path` and the line that
+  assigns the setting when it finds one.
+
+  ml_collections refuses most wrong types when they are assigned to the locked defaults, but
+  not `None`, not a section replaced by a dict, and not a `ConfigDict` built from scratch; a
+  value of the wrong type would otherwise fail later, deep in the run.
+  """
+  defaults = default_config() if defaults is None else defaults
+
+  def where(name: str) -> str:
+    """The file, and the line assigning `name` or the section holding it, if any does."""
+    if not path:
+      return 'config'
+    parts = name.split('.')
+    lines = (_assignment_line(path, '.'.join(parts[:n])) for n in range(len(parts), 0, -1))
+    line = next((line for line in lines if line), None)
+    return f'config file {path}, line {line}' if line else f'config file {path}'
+
+  for key in config.keys():
+    if key not in defaults:
+      raise UserError(f'{where(prefix + key)}: unknown setting {prefix + key!r}.'
+                      f'{did_you_mean(prefix + key, _all_keys(default_config()))} Every setting '
+                      'is listed in jaxsft/config.py; a config may change settings, not invent '
+                      'them.')
+  for key, default in defaults.items():
+    name = prefix + key
+    if key not in config:
+      raise UserError(f'{where(name)}: the config lacks the setting {name!r}; start from '
+                      'jaxsft.config.default_config() and set settings one by one (assigning a '
+                      'dict to a section such as data.clean replaces all of it).')
+    value = config[key]
+    if isinstance(default, ml_collections.ConfigDict) and default.keys():  # a section
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise UserError(f'{where(name)}: {name}={_short(value)} replaces a section of '
+                        f'settings; set them one by one, e.g. '
+                        f'{name}.{next(iter(default.keys()))}=...')
+      check_types(value, path, defaults=default, prefix=f'{name}.')
+      continue
+    takes = _type_problem(value, default)
+    if takes:
+      kind = 'None' if value is None else f'a {type(value).__name__} ({_short(value)})'
+      raise UserError(f'{where(name)}: {name} is {kind}, but {name} takes '
+                      f'{takes} (its default is {_short(default)}); each setting keeps the '
+                      'type of its default in jaxsft/config.py.')
 
 
 def _all_keys(node: Any, prefix: str = '') -> list[str]:
@@ -214,6 +352,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     raise UserError(f'--config.{key}: unknown key.{did_you_mean(key, _all_keys(config))} Every '
                     'setting is listed in jaxsft/config.py.')
   current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict) and current.keys():
+    raise UserError(f'--config.{key}: {key} is a section of settings; set them one by one, '
+                    f'e.g. --config.{key}.{next(iter(current.keys()))}=...')
   if isinstance(current, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):
     value = value.lower() == 'true'
   elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -222,10 +363,17 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     value = tuple(value)
   elif isinstance(current, list) and isinstance(value, tuple):
     value = list(value)
-  try:
-    node[leaf] = value
-  except (TypeError, ValueError) as error:
-    example = {list: "a list, e.g. \"['a', 'b']\"", tuple: 'a tuple, e.g. "(1, -1, 1)"',
-               bool: 'True or False'}.get(type(current), type(current).__name__)
-    raise UserError(f'--config.{key}={text}: expected {example}, got '
-                    f'{type(value).__name__} ({error}).') from None
+  if _type_problem(value, current) is None:  # ml_collections takes None, and a bool for a float
+    try:
+      node[leaf] = value
+      return
+    except (TypeError, ValueError):
+      pass
+  example = {list: "a list, e.g. \"['a', 'b']\"", tuple: 'a tuple, e.g. "(1, -1, 1)"',
+             bool: 'True or False'}.get(type(current), type(current).__name__)
+  takes = _type_problem(value, current)
+  if takes and ' of ' in takes:  # the items are wrong (lora.targets=['q_proj', 1])
+    example = takes
+  got = 'None' if value is None else f'{type(value).__name__} {_short(value)}'
+  raise UserError(f'--config.{key}={text}: expected {example}, got {got}; each setting keeps '
+                  'the type of its default in jaxsft/config.py.')

@@ -59,3 +59,49 @@ def test_overrides_take_lists_tuples_and_refuse_unknown_keys():
     load_config('configs/llama2_7b_lora.py', ['optim.learnin_rate=1'])
   with pytest.raises(UserError, match='batch_size=big: expected int'):
     load_config('configs/llama2_7b_lora.py', ['batch_size=big'])
+
+
+def test_what_goes_wrong_in_a_config_file_is_one_line_naming_it(tmp_path):
+  """Any exception of the file's own code, a result that is not a ConfigDict, and values the
+  locked ConfigDict lets through (None, a replaced section, list items, a config built from
+  scratch): `tests/test_broken_inputs.py` drives the rest through the executable."""
+  cases = [
+      ('  config.batch_size = 8 // 0\n',
+       r'run.py, line 5: ZeroDivisionError: integer division or modulo by zero; fix the config '
+       r'file \(--debug shows the traceback\)\.$'),
+      ("  config.data.clean = {'enabled': True}\n",
+       r"run.py, line 5: the config lacks the setting 'data.clean.against'.*replaces all of it"),
+      ("  config.lora.targets = ['q_proj', 3]\n",
+       r"run.py, line 5: lora.targets is a list \(\['q_proj', 3\]\), but lora.targets takes a "
+       r'list of strings'),
+      ('  config.optim.b1 = None\n', r'run.py, line 5: optim.b1 is None, but optim.b1 takes a '
+       r'number \(its default is 0.9\)'),
+      ('  config = None\n', r'run.py: get_config\(\) returned None \(a NoneType\), not an '
+       r'ml_collections.ConfigDict'),
+  ]
+  for body, expected in cases:
+    with pytest.raises(UserError, match=expected):
+      load_config(write_config(tmp_path, body))
+  path = tmp_path / 'run.py'
+  path.write_text('import jaxsft_settings_of_mine\n')
+  with pytest.raises(UserError, match=r"run.py, line 1: ModuleNotFoundError: No module named "
+                     r"'jaxsft_settings_of_mine'"):
+    load_config(str(path))
+  path.write_text('import ml_collections\n\ndef get_config():\n'
+                  '  return ml_collections.ConfigDict({"batch_size": 4})\n')
+  with pytest.raises(UserError, match=r"run.py: the config lacks the setting 'checkpoint'; "
+                     r'start from jaxsft.config.default_config\(\)'):
+    load_config(str(path))
+
+
+def test_integers_are_numbers_and_nothing_else_changes_type(tmp_path):
+  config = load_config(write_config(tmp_path, '  config.optim.learning_rate = 1\n'
+                                    '  config.mesh.shape = [1, -1, 1]\n'),
+                       ['optim.b2=1', 'lora.targets=("q_proj",)'])
+  assert config.optim.learning_rate == 1.0 and config.optim.b2 == 1.0
+  assert tuple(config.mesh.shape) == (1, -1, 1) and list(config.lora.targets) == ['q_proj']
+  with pytest.raises(UserError, match='optim.b1=True: expected float, got bool True'):
+    apply_override(config, 'optim.b1=True')  # ml_collections would make it 1.0
+  with pytest.raises(UserError, match='data.clean is a section of settings; set them one by '
+                     'one'):
+    apply_override(config, "data.clean={'enabled': True}")

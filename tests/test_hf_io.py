@@ -159,3 +159,89 @@ def test_mixed_sliding_window_layers_are_refused():
     config_from_hf(hf_config)
   hf_config['use_sliding_window'] = False
   assert config_from_hf(hf_config).sliding_window is None
+
+
+def test_a_config_json_of_other_weights_is_named_before_any_read(tmp_path, monkeypatch):
+  """The folder's config.json against its safetensors headers: the setting, the tensor, the
+  file, both shapes (tests/test_broken_inputs.py drives the other mismatches through the CLI)."""
+  save_model('qwen3', tmp_path)
+  hf_config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**hf_config, 'num_key_value_heads': 4}))
+  monkeypatch.setattr(hf.SafetensorsReader, 'read', lambda *_: pytest.fail('read a tensor'))
+  with pytest.raises(UserError, match=(
+      r'config.json says num_key_value_heads x head_dim = 4 x 32 but '
+      r'model.layers.0.self_attn.k_proj.weight in \S+/model.safetensors is \[64, 64\] '
+      r'\(expected \[128, 64\]\); \S+/config.json does not belong to these weights')):
+    hf.load_checkpoint(tmp_path)
+
+
+def test_quantized_weights_and_disagreeing_shards_are_refused(tmp_path):
+  import safetensors.numpy
+  save_model('llama3_gqa', tmp_path / 'int8')
+  path = tmp_path / 'int8' / 'model.safetensors'
+  tensors = safetensors.numpy.load_file(path)
+  tensors['model.layers.0.mlp.up_proj.weight'] = np.zeros_like(
+      tensors['model.layers.0.mlp.up_proj.weight'], np.int8)
+  safetensors.numpy.save_file(tensors, path, {'format': 'pt'})
+  with pytest.raises(UserError, match=r'model.layers.0.mlp.up_proj.weight in \S+ is I8; jaxsft '
+                     'reads float weights'):
+    hf.load_checkpoint(tmp_path / 'int8')
+  # An index that puts a tensor in a shard that does not hold it (files of two downloads).
+  save_model('llama3_gqa', tmp_path / 'sharded').save_pretrained(tmp_path / 'sharded',
+                                                                 max_shard_size='40KB')
+  index_path = tmp_path / 'sharded' / hf.SAFETENSORS_INDEX
+  index = json.loads(index_path.read_text())
+  owner = index['weight_map']['model.norm.weight']
+  index['weight_map']['model.norm.weight'] = next(
+      name for name in sorted(set(index['weight_map'].values())) if name != owner)
+  index_path.write_text(json.dumps(index))
+  with pytest.raises(UserError, match=r'puts model.norm.weight in model-\S+, but that file does '
+                     'not hold it'):
+    hf.load_checkpoint(tmp_path / 'sharded')
+
+
+def test_safetensors_headers_are_checked_whole(tmp_path):
+  import safetensors.numpy
+  path = str(tmp_path / 'x.safetensors')
+  safetensors.numpy.save_file({'a': np.zeros((2, 3), np.float32)}, path)
+  assert hf.read_safetensors_header(path) == {
+      'a': hf.TensorInfo('x.safetensors', 'F32', (2, 3))}
+  size = os.path.getsize(path)
+  with open(path, 'ab') as f:
+    f.write(b'\0' * 4)
+  with pytest.raises(UserError, match=rf'x.safetensors is {size + 4} bytes but its header '
+                     rf'describes {size} \(the rest is not safetensors data\)'):
+    hf.read_safetensors_header(path)
+
+  def write(header, data_bytes, length=None):
+    raw = json.dumps(header).encode()
+    with open(path, 'wb') as f:
+      f.write((len(raw) if length is None else length).to_bytes(8, 'little') + raw +
+              b'\0' * data_bytes)
+
+  write({'a': {'dtype': 'F32', 'shape': [2, 3], 'data_offsets': [0, 20]}}, 20)
+  with pytest.raises(UserError, match='the entry of a is .* not a dtype, shape and matching '
+                     'data_offsets'):
+    hf.read_safetensors_header(path)
+  write({'a': {'dtype': 'F32', 'shape': [2, 3], 'data_offsets': [0, 24]}}, 24, length=2**40)
+  with pytest.raises(UserError, match='does not start with a safetensors header'):
+    hf.read_safetensors_header(path)
+
+
+def test_config_json_problems_are_user_errors(tmp_path):
+  """Each names config.json; the sliding-window refusal stays a NotImplementedError too."""
+  from jaxsft.interop import hf_config as hf_config_module
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama', 'vocab_size': 8}))
+  with pytest.raises(UserError, match=r'config.json lacks hidden_size; jaxsft reads'):
+    hf_config_module.read_hf_config(tmp_path)
+  (tmp_path / 'config.json').write_text('[1, 2]')
+  with pytest.raises(UserError, match=r'config.json holds a JSON list'):
+    hf_config_module.read_hf_config(tmp_path)
+  hf_config = dict(model_type='llama', vocab_size=8, hidden_size=8, intermediate_size=8,
+                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=3)
+  with pytest.raises(UserError, match='config.json: .*not a multiple of num_kv_heads=3'):
+    config_from_hf(hf_config)
+  hf_config.update(model_type='qwen2', num_hidden_layers=4, num_key_value_heads=2,
+                   sliding_window=16, use_sliding_window=True, max_window_layers=2)
+  with pytest.raises(UserError, match='mixes sliding-window and full-attention'):
+    config_from_hf(hf_config)

@@ -16,12 +16,15 @@ from jaxsft.errors import UserError
 
 
 def info(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  """Prints the architecture of an HF checkpoint as JSON once `hf.check_checkpoint` has checked
+  its config.json against its safetensors headers, as loading does. A damaged file or a
+  config.json that does not describe the weights is the one-line error (exit 2) that `generate`
+  or `train` would give, without a summary: it would describe a model that is not there."""
   del overrides
   # pylint: disable=import-outside-toplevel
   from jaxsft.interop import hf, hf_config
   folder = hf_config.resolve_checkpoint_dir(args.path)
-  config = hf_config.config_from_hf(hf_config.read_hf_config(folder))
-  reader = hf.SafetensorsReader(folder)
+  config, reader = hf.check_checkpoint(folder)
   files = sorted(set(reader.weight_map.values()))
   summary = {
       'folder': folder, 'model_type': config.model_type,
@@ -55,11 +58,12 @@ def load_config(config_path: str, overrides: Sequence[str]):
   (`jaxsft.train.validate.check_config`) before anything is built."""
   # pylint: disable=import-outside-toplevel
   from jaxsft.config import load_config
-  from jaxsft.train.validate import check_config
   bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
   if bad:
     raise UserError(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
   config = load_config(config_path, [o[len('--config.'):] for o in overrides])
+  # Imported once the file has loaded: a broken config file fails without this import.
+  from jaxsft.train.validate import check_config
   check_config(config)
   return config
 

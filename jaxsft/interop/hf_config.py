@@ -24,6 +24,11 @@ SUPPORTED_MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCaus
 _ONE_ATTENTION_BIAS = ('llama', 'qwen3')
 _QWEN = ('qwen2', 'qwen3')
 
+
+class _UnsupportedConfig(UserError, NotImplementedError):
+  """A config.json jaxsft cannot run as is (a `NotImplementedError` too, as it once was)."""
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
   """Maps an HF `config.json` dict (transformers 4 or 5) to a `LlamaConfig`.
 
@@ -67,7 +72,12 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
       model_type=model_type, bos_token_id=hf.get('bos_token_id'),
       eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
   fields.update(overrides)
-  return LlamaConfig(**fields)
+  try:
+    return LlamaConfig(**fields)
+  except ValueError as error:  # a combination LlamaConfig refuses (heads per KV group, rope)
+    if isinstance(error, UserError):
+      raise
+    raise UserError(f'config.json: {error}') from None
 
 
 def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
@@ -89,7 +99,7 @@ def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> 
     return None
   if kinds == {'sliding_attention'}:
     return int(window)
-  raise NotImplementedError(
+  raise _UnsupportedConfig(
       'config.json mixes sliding-window and full-attention layers (layer_types='
       f'{layer_types}); jaxsft applies one attention pattern to every layer. Set '
       '"use_sliding_window": false (what Qwen2 checkpoints ship with) to train with full '
@@ -153,9 +163,34 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
                     '*.safetensors.') from error
 
 
+# The config.json fields every LLaMA-family checkpoint has: sizes, positive integers.
+_REQUIRED_SIZES = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+                   'num_attention_heads')
+_OPTIONAL_SIZES = ('num_key_value_heads', 'head_dim')
+
+
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+  """The `config.json` of an HF folder as a dict, its size fields checked (`UserError` naming
+  the file and the field for a file that is not JSON or lacks one)."""
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
-    raise UserError(f'{path!r} has no config.json; it is not an HF model folder.')
-  with open(config_path) as f:
-    return json.load(f)
+    raise UserError(f'{path!r} has no config.json; it is not an HF model folder (pass the '
+                    'folder holding config.json and *.safetensors).')
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      hf = json.load(f)
+  except ValueError as error:  # JSONDecodeError names the line and column; or not UTF-8
+    raise UserError(f'{config_path} is not valid JSON ({error}); fix it or download it '
+                    'again.') from None
+  if not isinstance(hf, dict):
+    raise UserError(f'{config_path} holds a JSON {type(hf).__name__}, not an object of '
+                    'settings; fix it or download it again.')
+  for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+    value = hf.get(key)
+    if value is None and key in _OPTIONAL_SIZES:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      have = 'lacks' if key not in hf else f'has {key}={value!r}, not a positive integer, for'
+      raise UserError(f'{config_path} {have} {key}; jaxsft reads the config.json that '
+                      'transformers saves with a LLaMA-family model: use that one.')
+  return hf
