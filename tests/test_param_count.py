@@ -24,3 +24,10 @@ def test_eval_shape_parameter_count(name, expected, scan_layers):
   assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
   assert sum(math.prod(leaf.shape) for leaf in leaves) == expected
   assert config.num_params() == expected
+
+
+def test_an_unknown_preset_is_a_user_error_naming_the_closest():
+  from jaxsft.errors import UserError
+  with pytest.raises(UserError, match=r"unknown model preset 'llama2-7B' \(model.preset\).*"
+                     r"Did you mean 'llama2-7b'\?"):
+    presets.preset('llama2-7B')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxsft.errors import UserError, did_you_mean
 from jaxsft.interop.hf_config import config_from_hf
 from jaxsft.models.config import LlamaConfig
 
@@ -66,6 +67,7 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> LlamaConfig:
   """`LlamaConfig` of a published model, e.g. `preset('llama2-7b', scan_layers=True)`."""
   if name not in HF_CONFIGS:
-    raise KeyError(f'unknown model preset {name!r}; known: {sorted(HF_CONFIGS)}. For other '
-                   'models point jaxsft at the HF folder instead.')
+    raise UserError(f'unknown model preset {name!r} (model.preset); known: {sorted(HF_CONFIGS)}.'
+                    f'{did_you_mean(name, list(HF_CONFIGS))} For other models point '
+                    'model.path at the HF folder instead.')
   return config_from_hf(HF_CONFIGS[name], **overrides)

@@ -4,11 +4,13 @@ folder whose weights it starts from."""
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
 from jaxsft.adapters.lora import lora_scale
 from jaxsft.errors import UserError
+from jaxsft.interop import hf
 from jaxsft.interop.hf_config import config_from_hf, read_hf_config, resolve_checkpoint_dir
 from jaxsft.interop.presets import preset
 from jaxsft.models.config import LlamaConfig
@@ -33,6 +35,11 @@ def model_config_from(config: Any, shapes_only: bool = False
       'lora_dropout': config.lora.dropout if config.lora.enabled else 0.0}
   if m.path and not (shapes_only and m.preset and not os.path.isdir(m.path)):
     folder = resolve_checkpoint_dir(m.path)
+    if not shapes_only or glob.glob(os.path.join(folder, '*.safetensors')):
+      # Headers only (no tensor is read): a config.json that does not describe the weights stops
+      # the run here, before its data is tokenized, not when the weights load.
+      _, reader = hf.check_checkpoint(folder)
+      reader.close()
     return config_from_hf(read_hf_config(folder), **execution), folder
   if m.preset:
     return preset(m.preset, **execution), None
