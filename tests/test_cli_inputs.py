@@ -10,6 +10,7 @@ through the installed executable; the chat runs once through the executable, on 
 whose config.json has 96 positions (written without torch: jaxsft's own HF writer).
 """
 
+import json
 import logging
 import pathlib
 import subprocess
@@ -158,6 +159,20 @@ def test_generate_refuses_a_prompt_longer_than_the_positions(tiny_hf, capsys):
   assert lines[0].startswith('jaxsft: error: --prompt number 2 has ') and (
       f'must fit in {POSITIONS} tokens (the model\'s positions: max_position_embeddings in its '
       'config.json); shorten it.') in lines[0], stderr
+
+
+def test_generate_replaces_undecodable_bytes_of_a_prompt_argument(tiny_hf, capsys):
+  """A `--prompt` whose bytes are not UTF-8 (Python keeps them as lone surrogates, which the
+  tokenizer and the JSON output refuse) is answered with U+FFFD in their place and one
+  warning."""
+  code = cli.main(['generate', '--hf', str(tiny_hf), '--template', 'chatml', '--prompt',
+                   'caf\udce9 ok', '--max-new-tokens', '2'])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  assert json.loads(captured.out)['prompt'] == 'caf\ufffd ok'
+  warnings = [line for line in captured.err.splitlines() if 'not valid UTF-8' in line]
+  assert warnings == ['jaxsft: warning: --prompt had bytes that are not valid UTF-8; each was '
+                      'replaced with U+FFFD.'], captured.err
 
 
 def test_max_seq_len_caps_the_prompt_too():

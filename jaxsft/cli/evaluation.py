@@ -69,7 +69,7 @@ def generate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   # pylint: disable=import-outside-toplevel
   from jaxsft.eval.generate import PromptTooLong, SamplingConfig
   from jaxsft.eval.model import answer
-  items: list[Any] = list(args.prompt)
+  items: list[Any] = [_decoded_argument(prompt, '--prompt') for prompt in args.prompt]
   if args.prompts:
     items += read_prompts(args.prompts)
   if not items:
@@ -118,6 +118,17 @@ def _too_long(args: argparse.Namespace, item: int, turn: int, error: Any) -> str
   fix = ' or raise --max-seq-len' if error.limit_source == '--max-seq-len' else ''
   return (f'{where} has {error.tokens:,} tokens with the chat template, but a prompt and its '
           f'answer must fit in {error.limit:,} tokens ({error.limit_source}); shorten it{fix}.')
+
+
+def _decoded_argument(text: str, flag: str) -> str:
+  """A command-line argument whose bytes were not valid in the locale's encoding (Python keeps
+  them as lone surrogates, which no tokenizer or JSON writer takes): those bytes replaced with
+  U+FFFD, and a warning saying so."""
+  if not any('\udc80' <= char <= '\udcff' for char in text):
+    return text
+  print(f'jaxsft: warning: {flag} had bytes that are not valid UTF-8; each was replaced with '
+        'U+FFFD.', file=sys.stderr)
+  return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
 
 
 def read_prompts(path: str) -> list[Any]:

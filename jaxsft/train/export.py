@@ -51,8 +51,8 @@ EXPORT_FILES = frozenset({
     'chat_template.jinja', 'chat_template.json', 'generation_config.json'})
 _SHARD = re.compile(r'model-\d{5}-of-\d{5}\.safetensors')
 # What a run writes in its work directory; an export goes into none of them.
-RUN_FILES = ('checkpoints', 'config.json', 'metrics.jsonl', 'tensorboard', 'summary.json',
-             'samples.jsonl', 'benchmarks', 'demo', '.jaxsft.lock')
+RUN_FILES = ('checkpoints', 'checkpoints_bad', 'config.json', 'metrics.jsonl', 'tensorboard',
+             'summary.json', 'samples.jsonl', 'benchmarks', 'demo', '.jaxsft.lock')
 
 _T = TypeVar('_T')
 
