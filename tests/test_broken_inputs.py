@@ -197,3 +197,32 @@ def test_an_override_of_the_wrong_type_is_one_line(tmp_path):
   assert one_error_line(result) == (
       'jaxsft: error: --config.data.template=None: expected str, got None; each setting keeps '
       'the type of its default in jaxsft/config.py.')
+
+
+# --------------------------------------------------------------------------------- data files
+
+
+def test_a_data_file_that_is_not_text_is_one_line_and_nothing_else(model, tmp_path):
+  """A .json file of Latin-1 bytes (or no text at all) and a .parquet file that is not one:
+  the one error line names the file (and the line), and `datasets`' own error log lines about
+  the parse do not precede it."""
+  latin1 = tmp_path / 'latin1.json'
+  latin1.write_bytes(b'[{"instruction": "Caf\xe9?",\n"output": "oui"}]')
+  not_parquet = tmp_path / 'data.parquet'
+  not_parquet.write_bytes(os.urandom(2048))
+  path = tmp_path / 'run.py'
+  path.write_text('from jaxsft.config import default_config\n\n\ndef get_config(arg):\n'
+                  '  config = default_config()\n'
+                  f'  config.model.path = {str(model)!r}\n'
+                  "  config.data.template = 'chatml'\n"
+                  "  config.data.datasets = [{'path': arg}]\n"
+                  '  return config\n')
+  for data, expected in [
+      (latin1, f'dataset file {latin1}, line 1: byte {latin1.read_bytes().index(0xe9)} is not '
+       'UTF-8 (invalid continuation byte); JSON data files are UTF-8 text'),
+      (not_parquet, f"could not load dataset '{not_parquet}' (split 'train'): Parquet magic "
+       'bytes not found in footer')]:
+    result = run(['data', 'inspect', '--config', f'{path}:{data}'], REPO, check_rc=None)
+    assert expected in one_error_line(result)
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        one_error_line(result)], result.stderr

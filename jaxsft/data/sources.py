@@ -180,8 +180,15 @@ def find_json_error(path: str) -> None:
   """Raises `UserError` naming the line of a JSON/JSONL file that does not parse (`datasets`
   reports a byte position at best); returns when the file parses. Run only after a failed
   load, so a large file is not read twice."""
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as error:
+    line = data[:error.start].count(b'\n') + 1
+    raise UserError(f'dataset file {path}, line {line}: byte {error.start} is not UTF-8 '
+                    f'({error.reason}); JSON data files are UTF-8 text: convert it (e.g. '
+                    'iconv -f latin1 -t utf-8) or check that it is the file you meant.') from None
   stripped = text.lstrip()
   if stripped.startswith('[') or not path.endswith('.jsonl'):
     try:
