@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 from jaxsft.cli import data_clean, evaluation, flags, training
 from jaxsft.errors import EXIT_USER_ERROR, UserError
-from jaxsft.train.preemption import SigtermFlag
+from jaxsft.train.preemption import EXIT_INTERRUPTED, SigtermFlag
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if overrides and args.command in ('info', 'export', 'eval', 'generate', 'chat', 'benchmark'):
     parser.error(f'unrecognized arguments: {overrides}')
   _quiet_libraries(args.verbose)
-  # Before JAX loads: a SIGTERM while a run starts up stops it with exit code 75, not mid-write.
-  preemption = SigtermFlag() if args.command == 'train' else contextlib.nullcontext()
+  # Before JAX loads: a SIGTERM while a run starts up stops it with exit code 75, not mid-write;
+  # Ctrl-C stops a start-up at once and a running run after saving (130), never by raising
+  # KeyboardInterrupt under Orbax's save threads (`jaxsft.train.preemption`).
+  preemption = (SigtermFlag(hard_exit=True) if args.command == 'train'
+                else contextlib.nullcontext())
   try:
     with preemption:
       return args.run(args, overrides)
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USER_ERROR
   except KeyboardInterrupt:
     print('jaxsft: interrupted', file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
 
 
 def _quiet_libraries(verbose: bool) -> None:

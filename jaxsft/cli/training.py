@@ -73,7 +73,7 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from jaxsft.demo import DemoCallback
   from jaxsft.eval.sampling import SampleCallback
   from jaxsft.parallel import distributed
-  from jaxsft.train import loop, run
+  from jaxsft.train import loop, preemption, run
   config = load_config(args.config, overrides)
   distributed.initialize(config.distributed)  # before anything touches a JAX backend
   callbacks = []
@@ -88,7 +88,7 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return loop.EXIT_NON_FINITE
   except loop.Preempted as preempted:
     logging.getLogger('jaxsft').warning('%s', preempted)
-    return loop.EXIT_PREEMPTED
+    return preemption.EXIT_INTERRUPTED if preempted.interrupted else loop.EXIT_PREEMPTED
   except run.RunFinished as finished:
     print(finished)
     return 0

@@ -6,9 +6,20 @@ A checkpoint at step s holds
   data    the data iterator's position after s batches, one entry per JAX process;
   meta    the resolved config, the identity of the HF base checkpoint, and `checksums`.
 Saves are asynchronous and keep the last `checkpoint.keep`. Orbax writes into a temporary
-directory and renames it when complete, so a checkpoint cut off mid-write is never listed and
-never resumed from. Restoring takes the shardings of the current run's state, so a checkpoint
-written on one mesh (or number of processes) restores onto another.
+directory (`<step>.orbax-checkpoint-tmp`) and renames it when complete, so a checkpoint cut off
+mid-write is never listed and never resumed from; a run removes such leftovers when it starts
+(`prepare`). Orbax deletes the oldest checkpoint only once the next one is complete, so
+`keep + 1` checkpoints take disk space at the peak (`space_needed`). Restoring takes the
+shardings of the current run's state, so a checkpoint written on one mesh (or number of
+processes) restores onto another.
+
+Failed saves. A save that cannot be written (a full disk, a file size limit, any write error)
+surfaces from Orbax's background threads at the next `save`, `wait` or `close`; those raise
+`UserError` naming the step, the folder, the cause and the space a checkpoint needs, after
+removing that step's temporary folder, so the newest complete checkpoint stays the resume point.
+What Orbax logs at ERROR while a save is in flight is held back and dropped when the failure is
+reported that way (it is the same failure, with tracebacks from each of its threads); it is
+logged after all if the save completes.
 
 Integrity. A complete directory can still hold wrong bytes (a disk or bucket fault, a copy cut
 short, a file edited by hand). Orbax compresses array chunks with zstd, which has no checksum
@@ -20,8 +31,10 @@ read once more from device memory, not from disk (see docs/benchmarks.md for the
 Checkpoints written before checksums existed restore unverified (logged at INFO).
 
 API
-  Checkpointer(workdir, *, keep=3, save_every=0, async_save=True)
-    .save(step, state, data_state, meta)      records meta['checksums'] for the saved state
+  Checkpointer(workdir, *, keep=3, save_every=0, async_save=True, create=True)
+        create=False: the folder is made by `prepare` (a start that fails writes nothing)
+    .save(step, state, data_state, meta)      records meta['checksums'] for the saved state;
+        `UserError` when this save or the one before it could not be written
     .restore(step, like_state, *, verify=True) -> (state, data_states, meta)
         raises `CorruptCheckpoint` when the step cannot be read or its checksums differ
     .restore_latest(like_state) -> (step, state, data_states, meta) | None
@@ -31,7 +44,13 @@ API
     .set_aside(step, reason) -> path | None    waits for pending saves, moves that step to
         WORKDIR/checkpoints_bad/<step> with REASON.txt (a diverged state)
     .read_meta(step) -> dict                    only the meta item of a step
-    .latest_step(), .should_save(step), .reached_preemption(step), .wait(), .close()
+    .prepare() -> [path]    creates the folder, removes leftover temporary folders (process 0;
+        only `jaxsft train`, which holds the work directory's lock, calls it, as its run starts)
+    .latest_step(), .should_save(step), .reached_preemption(step)
+    .wait(), .close()                           `UserError` when the pending save failed
+  check_writable(workdir, checkpoint_bytes=0, keep=1, existing=0)   `UserError` at start
+  space_needed(checkpoint_bytes, keep, existing=0) -> bytes;  state_bytes(tree) -> bytes
+  complete_steps(directory) -> [step]         the step folders listed there, sorted
   checksums(tree) -> {leaf path: {'sums': [s1, s2], 'dtype': str, 'shape': [int]}}
   checksum_mismatches(expected, actual) -> [leaf path]
   CorruptCheckpoint(step, directory, reason)   .step, .reason; restore_latest handles it
@@ -48,8 +67,11 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -72,6 +94,9 @@ _LOG = logging.getLogger('jaxsft')
 
 # Names the checksum below; a checkpoint recording another algorithm is restored unverified.
 BAD_DIRECTORY = 'checkpoints_bad'
+# Orbax's suffix for a checkpoint being written (`4.orbax-checkpoint-tmp`, on some file systems
+# followed by `-<timestamp>`): never listed as a step.
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
 def base_identity(folder: str | None) -> dict[str, Any] | None:
@@ -97,8 +122,42 @@ def gather_json(value: Any) -> list[Any]:
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everything, length.ravel())]
 
 
-def check_writable(workdir: str, needed_bytes: int = 0) -> None:
-  """Fails at start, not after an hour, when the work directory cannot take checkpoints."""
+def state_bytes(tree: Any) -> int:
+  """Bytes of the arrays in `tree` (arrays or `ShapeDtypeStruct`s): a checkpoint's size before
+  compression, which is what the space checks count."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def space_needed(checkpoint_bytes: int, keep: int, existing: int = 0) -> int:
+  """Free bytes the checkpoints of a run need: Orbax writes the next checkpoint before it
+  deletes the oldest, so `keep + 1` of them take space at the peak, of which the `existing`
+  complete ones already on disk (a resumed run's) take theirs; at least one more."""
+  return checkpoint_bytes * max(1, keep + 1 - existing)
+
+
+def format_bytes(count: float) -> str:
+  """`1.5 MiB`, `2.00 GiB`: sizes in messages."""
+  if count >= 2**30:
+    return f'{count / 2**30:.2f} GiB'
+  if count >= 2**20:
+    return f'{count / 2**20:.1f} MiB'
+  return f'{count / 2**10:.1f} KiB'
+
+
+def complete_steps(directory: Any) -> list[int]:
+  """The steps of the checkpoint folders in `directory` (`<step>`; temporary ones excluded),
+  sorted; [] when it does not exist."""
+  path = epath.Path(directory)
+  if not path.exists():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def check_writable(workdir: str, checkpoint_bytes: int = 0, keep: int = 1,
+                   existing: int = 0) -> None:
+  """Fails at start, not after an hour, when the work directory cannot take checkpoints:
+  unwritable, or with less free space than `space_needed(checkpoint_bytes, keep, existing)`
+  (`checkpoint_bytes`: one checkpoint; `existing`: complete checkpoints already there)."""
   path = epath.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -108,12 +167,16 @@ def check_writable(workdir: str, needed_bytes: int = 0) -> None:
   except OSError as error:
     raise UserError(f'the work directory {workdir} is not writable ({error}); choose another '
                     '--workdir or fix its permissions.') from error
-  if needed_bytes and not str(workdir).startswith('gs://'):
+  needed = space_needed(checkpoint_bytes, keep, existing)
+  if needed and not str(workdir).startswith('gs://'):
     free = shutil.disk_usage(workdir).free
-    if free < needed_bytes:
-      raise UserError(f'the work directory {workdir} has {free / 2**30:.2f} GiB free but one '
-                      f'checkpoint needs about {needed_bytes / 2**30:.2f} GiB (times '
-                      'checkpoint.keep); free space or choose another --workdir.')
+    if free < needed:
+      held = f', {existing} of which are there already' if existing else ''
+      raise UserError(f'the work directory {workdir} has {format_bytes(free)} free but its '
+                      f'checkpoints need about {format_bytes(needed)} more: '
+                      f'{format_bytes(checkpoint_bytes)} each, checkpoint.keep={keep} of them '
+                      f'plus the next one while it is written{held}; free space, lower '
+                      'checkpoint.keep or choose another --workdir.')
 
 
 class CorruptCheckpoint(Exception):
@@ -130,14 +193,18 @@ class Checkpointer:
   docstring for the API and the integrity checks)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, save_every: int = 0,
-               async_save: bool = True):
+               async_save: bool = True, create: bool = True):
     self.workdir = epath.Path(workdir)
     self.directory = self.workdir / 'checkpoints'
     self.bad_directory = self.workdir / BAD_DIRECTORY
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
         save_interval_steps=max(save_every, 1))
     self.save_every = save_every
+    self.keep = keep
+    self._pending: int | None = None  # the step whose save may still be in flight
+    self._checkpoint_bytes = 0  # one checkpoint's state, for the message of a failed save
+    self._held = _HeldOrbaxErrors()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -160,13 +227,26 @@ class Checkpointer:
     8 bytes per leaf, which waits for the step that produced `state`; Orbax's save waits for
     it anyway to copy the arrays off the device."""
     to_save = saveable(state)
+    self._checkpoint_bytes = state_bytes(to_save)
     data_states = gather_json(data_state)
     meta = {**meta, 'checksums': {'algorithm': CHECKSUM_ALGORITHM,
                                   'leaves': checksums(to_save)}}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_save),
-        data=ocp.args.JsonSave({'processes': data_states}),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    # Orbax would wait for the previous save inside its `save`: waiting here first reports a
+    # failure of that save under its own step.
+    self.wait()
+    self._held.hold()
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(to_save),
+          data=ocp.args.JsonSave({'processes': data_states}),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as error:
+      self._pending = None
+      failure = self._save_failed(step, error)
+      if failure is None:
+        raise
+      raise failure from error
 
   def restore(self, step: int, like_state: Any, *, verify: bool = True
               ) -> tuple[Any, list[Any], dict[str, Any]]:
@@ -253,7 +333,7 @@ class Checkpointer:
     saved state that turned out to diverge. Returns the new path (None when `step` is not
     listed). With `keep=1` no checkpoint is left afterwards: Orbax already dropped the older
     one when `step` was saved."""
-    self.manager.wait_until_finished()
+    self.wait()
     if step not in self.manager.all_steps():
       _LOG.warning('checkpoint step %d is not in %s; nothing to set aside', step, self.directory)
       return None
@@ -266,12 +346,70 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored['meta']
 
+  def prepare(self) -> list[epath.Path]:
+    """Makes the checkpoint folder ready for this run's saves: creates it, and removes the
+    temporary folders of saves that an earlier run did not finish (interrupted, killed, or out
+    of disk space), with a warning naming them: never listed as steps, so never resumed from,
+    but they take space and Orbax would trip on one when it saves that step again. Process 0
+    removes (the others wait for it); call it only with the work directory locked, so that no
+    other run is writing one. Returns the removed paths."""
+    found: list[epath.Path] = []
+    self.directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      found = sorted((p for p in self.directory.iterdir() if TMP_SUFFIX in p.name),
+                     key=lambda p: p.name)
+      if found:
+        _LOG.warning('removing %d unfinished checkpoint folder(s) that an interrupted save '
+                     'left in %s: %s', len(found), self.directory,
+                     ', '.join(p.name for p in found))
+        for path in found:
+          _remove(path)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices('jaxsft_remove_partial_checkpoints')
+    return found
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; `UserError` when it could not be written."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      failure = self._save_failed(step, error)
+      if failure is None:
+        raise
+      raise failure from error
+    self._held.release(failed=False)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  def _save_failed(self, step: int | None, error: Exception) -> UserError | None:
+    """The error to raise for a save of `step` that failed with `error`: a `UserError` naming
+    the folder, the cause and the space a checkpoint needs when the files could not be
+    written; None otherwise (a bug keeps its traceback). Either way the records Orbax
+    logged about it are dropped (they repeat `error`) and the step's temporary folder is removed
+    (process 0), so the newest complete checkpoint stays the resume point."""
+    self._held.release(failed=True)
+    what = f'step {step}' if step is not None else 'a step'
+    if jax.process_index() == 0 and step is not None and self.directory.exists():
+      for path in self.directory.glob(f'{step}{TMP_SUFFIX}*'):
+        _remove(path)
+    cause = _write_failure(error)
+    if cause is None:
+      return None
+    per_checkpoint = self._checkpoint_bytes
+    steps = complete_steps(self.directory)
+    resume = (f'the checkpoint at step {steps[-1]}' if steps else
+              'the first step (no checkpoint was complete)')
+    return UserError(
+        f'saving the checkpoint of {what} to {self.directory} failed: {cause}. A checkpoint '
+        f'of this run needs about {format_bytes(per_checkpoint)} ({per_checkpoint:,} bytes '
+        f'before compression), checkpoint.keep={self.keep} of them plus the next one while it '
+        f'is written about {format_bytes(space_needed(per_checkpoint, self.keep))}; free '
+        'space there (or lower checkpoint.keep, or choose another --workdir), then start the '
+        f'same command again: it resumes from {resume}.')
 
   def _verify(self, step: int, restored: Any, meta: dict[str, Any]) -> None:
     recorded = meta.get('checksums')
@@ -363,6 +501,126 @@ def _orphaned_reads_to_debug_log() -> Iterator[None]:
     yield
   finally:
     sys.unraisablehook = previous
+
+
+class _HeldOrbaxErrors(logging.Filter):
+  """Holds the ERROR records of the absl logger, which Orbax logs through, while a save is in
+  flight (their pathname is absl's own file, so Orbax's are not told apart from others). A
+  save that cannot be written makes each of Orbax's threads log the failure with its traceback
+  before the error reaches `save` or `wait`, which report it in one line: then the held records
+  go to the debug log. Records held while a save completes are logged after all at its end.
+
+  Also, while a save is in flight and for good once one failed, the stragglers of a failed
+  save go to the debug log: when one write fails, Orbax closes the save's event loop with other
+  tensorstore writes pending; each, finishing later, prints 'RuntimeError: Event loop is
+  closed' through `sys.excepthook` (or as an unraisable error), and their asyncio tasks, once
+  collected, log 'Task exception was never retrieved'. Other errors pass through.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._logger = logging.getLogger('absl')
+    self._lock = threading.Lock()
+    self._records: list[logging.LogRecord] = []
+    self._hooks: tuple[Any, Any] | None = None  # the hooks replaced, while ours are installed
+    self._failed = False  # a save failed: its stragglers may come until the process ends
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == 'asyncio':  # installed once a save failed
+      if 'exception was never retrieved' not in record.getMessage():
+        return True
+      _LOG.debug('a checkpoint write finished after its save failed: %s', record.getMessage())
+      return False
+    with self._lock:
+      self._records.append(record)
+    return False
+
+  def hold(self) -> None:
+    if self not in self._logger.filters:
+      self._logger.addFilter(self)
+    if self._hooks is None:
+      self._hooks = (sys.excepthook, sys.unraisablehook)
+      previous_except, previous_unraisable = self._hooks
+
+      def excepthook(kind: Any, value: Any, traceback: Any) -> None:
+        if not _closed_loop(value):
+          previous_except(kind, value, traceback)
+
+      def unraisablehook(unraisable: Any) -> None:
+        if not _closed_loop(unraisable.exc_value):
+          previous_unraisable(unraisable)
+
+      sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+  def release(self, failed: bool) -> None:
+    self._logger.removeFilter(self)
+    with self._lock:
+      records, self._records = self._records, []
+    for record in records:
+      if failed:
+        _LOG.debug('Orbax, about the failed save: %s', record.getMessage())
+      else:
+        logging.getLogger(record.name).callHandlers(record)
+    if failed and not self._failed:
+      self._failed = True
+      logging.getLogger('asyncio').addFilter(self)
+    if not self._failed and self._hooks is not None:
+      sys.excepthook, sys.unraisablehook = self._hooks
+      self._hooks = None
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+  """Whether `error` is the noise of a write that finished after its save's event loop closed
+  (logged at debug level)."""
+  if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
+    _LOG.debug('a checkpoint write finished after its save failed: %s', error)
+    return True
+  return False
+
+
+# How a write failure reads in an error: an OSError's errno, or tensorstore's text, which
+# carries the errno (`[os_error_code='28']`) or at least says it could not write.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_WRITE_FAILURE = re.compile(r'No space left|File too large|Disk quota|Read-only file system|'
+                            r'Permission denied|Failed writing|Failed to write|Error writing',
+                            re.IGNORECASE)
+
+
+def _write_failure(error: BaseException) -> str | None:
+  """Why a save could not be written ('No space left on device (errno 28)'), from `error` or
+  the errors it wraps; None when `error` is no write failure."""
+  seen = 0
+  while error is not None and seen < 5:
+    if isinstance(error, OSError) and error.errno:
+      return f'{os.strerror(error.errno)} (errno {error.errno})'
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+      return f'{os.strerror(int(code.group(1)))} (errno {code.group(1)})'
+    if isinstance(error, OSError) or _WRITE_FAILURE.search(text):
+      return f'{type(error).__name__}: {_first_line(error)}'
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return None
+
+
+def _remove(path: epath.Path, attempts: int = 5) -> None:
+  """Deletes a file or folder tree. Writes that a failed save left running may still add files
+  for a moment, so a folder that is not empty yet is tried again; what stays is not listed as a
+  step and the next start removes it."""
+  for attempt in range(attempts):
+    try:
+      if path.is_dir():
+        path.rmtree()
+      elif path.exists():
+        path.unlink()
+      return
+    except OSError as error:
+      if attempt == attempts - 1:
+        _LOG.info('could not remove %s yet (%s); the next start removes it', path, error)
+      else:
+        time.sleep(0.2)
 
 
 def _first_line(error: BaseException) -> str:

@@ -31,19 +31,22 @@ _LOG = logging.getLogger('jaxsft')
 
 EXIT_NON_FINITE = 3    # the CLI's exit code when the loss became NaN or infinite
 EXIT_PREEMPTED = 75    # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; start it again
+# Ctrl-C: `preemption.EXIT_INTERRUPTED` (130), defined where the CLI finds it before JAX loads.
 
 
 class Preempted(Exception):
-  """SIGTERM or a TPU preemption notice: the state at `step` is checkpointed (`saved`), or the
-  run had not taken its first step yet (nothing new to save)."""
+  """SIGTERM, Ctrl-C (`interrupted`) or a TPU preemption notice: the state at `step` is
+  checkpointed (`saved`), or the run had not taken its first step yet (nothing new to save)."""
 
-  def __init__(self, step: int, saved: bool = True):
+  def __init__(self, step: int, saved: bool = True, interrupted: bool = False):
     what = ('the checkpoint is saved and the run resumes from it' if saved else
             'it stopped before its first step, so nothing new was saved; it starts (or resumes)')
-    super().__init__(f'preempted at step {step}; {what} when started again on the same work '
+    how = 'interrupted (Ctrl-C)' if interrupted else 'preempted'
+    super().__init__(f'{how} at step {step}; {what} when started again on the same work '
                      'directory.')
     self.step = step
     self.saved = saved
+    self.interrupted = interrupted
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ class StepLoop:
     position = self.batches.state()  # the data position after this step's batch
     if sigterm.raised:
       progress.close()
-      raise Preempted(int(state.step), saved=False)
+      raise Preempted(int(state.step), saved=False, interrupted=sigterm.interrupted)
     try:
       return self._steps(state, local, batch, position, sigterm, progress, say)
     except NonFiniteLoss as error:
@@ -127,7 +130,7 @@ class StepLoop:
       if preempted:
         self.checkpointer.wait()
         progress.close()
-        raise Preempted(done)
+        raise Preempted(done, interrupted=sigterm.interrupted)
       for callback in self.callbacks:
         for line in callback.step(self.run_context, done, state):
           say(line)

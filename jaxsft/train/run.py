@@ -3,7 +3,9 @@
 `train(config, workdir, callbacks)` checks the config, locks the work directory, builds the
 model, data, optimizer and state (restoring the newest good checkpoint), jits the step and
 hands over to the step loop (`jaxsft.train.loop`), then evaluates. Nothing in the work
-directory is written until the run has started.
+directory is written until the run has started (after the compile); until then Ctrl-C stops it
+at once, afterwards it saves first (`jaxsft.train.preemption`). A start removes what saves cut
+off by an earlier run left (`Checkpointer.prepare`).
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def train(config: Any, workdir: str, callbacks: Sequence[Callback] = ()) -> dict
   fails leaves an existing run's files as they were. A finished run is reported, not redone.
   `callbacks` (`jaxsft.train.callbacks`) run at its start, after each step and at its end;
   the demo (`config.demo`) and sampling (`config.train.sample_prompts`) are callbacks.
-  Raises `NonFiniteLoss` (the newest checkpoint is then the last good one) and `Preempted`
-  (after saving; SIGTERM before the first step saves nothing new).
+  Raises `NonFiniteLoss` (the newest checkpoint is then the last good one), `Preempted`
+  (SIGTERM or Ctrl-C, after saving; before the first step nothing new is saved) and `UserError`
+  (also when a checkpoint cannot be written: a full disk).
   """
   check_config(config)
   _check_callbacks(config, callbacks)
@@ -83,9 +86,12 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
   model_config, folder = model_config_from(config)
   mesh, rules = mesh_and_rules(config.mesh)
   check_batch_layout(config, mesh)
-  checkpoint.check_writable(workdir, needed_bytes=config.checkpoint.keep * sum(
-      x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(checkpoint.saveable(
-          abstract_train_state(config, model_config)))) // max(jax.process_count(), 1))
+  # One checkpoint's size, counted once; `check_writable` asks for room for `keep` + 1 of them.
+  checkpoint_bytes = checkpoint.state_bytes(checkpoint.saveable(
+      abstract_train_state(config, model_config))) // max(jax.process_count(), 1)
+  checkpoint.check_writable(
+      workdir, checkpoint_bytes, config.checkpoint.keep,
+      existing=len(checkpoint.complete_steps(epath.Path(workdir) / 'checkpoints')))
   tokenizer_path = config.data.tokenizer or folder or ''
   tokenizer = load_tokenizer(tokenizer_path)
   check_tokenizer_fits(tokenizer, model_config.vocab_size, tokenizer_path)
@@ -94,7 +100,8 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
   optimizer, schedule = make_optimizer(config.optim, total_steps)
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                          save_every=config.checkpoint.save_every,
-                                         async_save=config.checkpoint.async_save)
+                                         async_save=config.checkpoint.async_save,
+                                         create=False)  # by `prepare`, once the run starts
   # As JSON gives it back on resume (tuples become lists), so the comparison below is exact.
   # The chat template's text goes with every checkpoint: exports carry what training rendered.
   meta = json.loads(json.dumps({
@@ -125,12 +132,7 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
                         '--workdir.')
   if sigterm.raised:
     checkpointer.close()
-    raise Preempted(int(state.step), saved=False)
-  # The run has started: from here on the work directory is this run's.
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
-  writer = MetricWriter(workdir, config.train.tensorboard, resume_step=int(state.step))
+    raise Preempted(int(state.step), saved=False, interrupted=sigterm.interrupted)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     trained = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     _LOG.info('model %s: %s parameters, training %s (%s) on mesh %s, %d steps of %d rows x %d '
@@ -143,19 +145,33 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
     eval_fn = jax.jit(make_eval_step(model_config, config.train.loss_chunk_size),
                       in_shardings=(shardings.variables(), {key: rows for key in ROW_KEYS}),
                       compiler_options=compiler_options(mesh.devices.flat[0].platform))
-    run = RunContext(config, model_config, tokenizer, workdir)
-    for callback in callbacks:
-      callback.start(run, state)
-
     batches = data.train_batches(data_state)
     first_local = next(batches)
     compiled = step_fn.lower(state, global_batch(first_local, rows)).compile()
+    if sigterm.raised:  # during the compile
+      checkpointer.close()
+      raise Preempted(int(state.step), saved=False, interrupted=sigterm.interrupted)
+
+    # The run has started: from here on the work directory is this run's, and a first Ctrl-C
+    # saves before stopping (until here it stops at once: nothing was written).
+    sigterm.started()
+    checkpointer.prepare()
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / 'config.json').write_text(
+          config.to_json_best_effort(indent=2, sort_keys=True))
+    writer = MetricWriter(workdir, config.train.tensorboard, resume_step=int(state.step))
+    run = RunContext(config, model_config, tokenizer, workdir)
+    for callback in callbacks:
+      callback.start(run, state)
     loop = StepLoop(config, compiled, batches, rows, total_steps, writer,
                     _step_flops(config, model_config), _total_peak_flops(), eval_fn, data,
                     checkpointer, meta, callbacks, run,
                     last_saved=int(state.step) if restored is not None else None)
     try:
       state, train_metrics = loop.run(state, first_local, sigterm)
+      if sigterm.raised:  # after the last step, before the final eval: its checkpoint is saved
+        checkpointer.wait()
+        raise Preempted(int(state.step), interrupted=sigterm.interrupted)
     except BaseException:
       checkpointer.wait()
       writer.close()
