@@ -18,7 +18,8 @@
         lm-evaluation-harness tasks (--include-path DIR: local task YAMLs) and HumanEval pass@k
         (executed in a sandbox; --completions FILE scores given completions); needs the eval
         extra: pip install -e '.[eval]'
-  jaxsft info PATH      an HF checkpoint's architecture and parameter count
+  jaxsft info PATH      an HF checkpoint's architecture and parameter count, its config.json
+        checked against its safetensors headers
 
 `--config` takes a Python file with `get_config()` (optionally `file.py:arg`);
 `--config.a.b=value` overrides one setting (a Python literal: numbers, booleans, lists, tuples,
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   add_parser = lambda *a, **k: commands.add_parser(*a, parents=[common], **k)  # noqa: E731
-  info = add_parser('info', help='describe an HF checkpoint folder (or hub id)')
+  info = add_parser('info', help='describe an HF checkpoint folder (or hub id); a folder '
+                    'whose config.json and weights disagree is an error (exit 2)')
   info.add_argument('path')
   info.set_defaults(run=training.info)
   train = add_parser('train', help='fine-tune a model (full or LoRA)')
@@ -164,6 +166,9 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
     # `datasets` reads this when imported: no "Generating train split" / map bars.
     os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')
+    # ... nor its own error lines about a file it cannot parse: jaxsft names the file (and the
+    # line) in its one error line instead.
+    os.environ.setdefault('DATASETS_VERBOSITY', 'critical')
     # transformers, imported later, advises at import that torch is missing (jaxsft needs none).
     os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
