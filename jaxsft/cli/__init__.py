@@ -27,8 +27,9 @@ dicts; anything else is a string), and unknown keys are errors that name the clo
 
 Every command takes `--verbose` (library INFO logs: JAX, Orbax, absl) and `--debug` (the
 traceback of a user error). A user error (a config value, a path, a data record, a work
-directory in use) prints one line `jaxsft: error: ...` and exits with 2; training exits 3 when
-the loss or gradients become non-finite and 75 when preempted (SIGTERM).
+directory in use, a checkpoint the disk cannot take) prints one line `jaxsft: error: ...` and
+exits with 2; training exits 3 when the loss or gradients become non-finite, 75 when preempted
+(SIGTERM) and 130 on Ctrl-C (after saving the current step; a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
