@@ -218,7 +218,7 @@ def test_start_up_space_check_counts_each_checkpoint_once(tmp_path, monkeypatch)
   assert checkpoint.space_needed(size, keep=40) == 41 * size
   assert checkpoint.space_needed(size, keep=3, existing=3) == size
   assert checkpoint.space_needed(size, keep=3, existing=5) == size
-  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda _: shutil._ntuple_diskusage(
+  monkeypatch.setattr(shutil, 'disk_usage', lambda _: shutil._ntuple_diskusage(
       2**30, 2**30 - 2**20, 2**20))
   with pytest.raises(UserError) as error:
     checkpoint.check_writable(str(tmp_path), size, keep=40)
