@@ -260,6 +260,17 @@ def _type_problem(value: Any, default: Any) -> str | None:
   return None if ok else _TAKES.get(type(default), type(default).__name__)
 
 
+def _default_value(key: str, fallback: Any) -> Any:
+  """The value of setting `key` (`a.b`) in `default_config()`, or `fallback` when the defaults
+  have no such setting."""
+  node: Any = default_config()
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return fallback
+    node = node[part]
+  return node
+
+
 def _assignment_line(path: str, name: str) -> int | None:
   """The first line of the config file at `path` that assigns setting `name` (`a.b = ...`)."""
   pattern = re.compile(rf'\b{re.escape(name)}\s*=[^=]')
@@ -363,7 +374,10 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     value = tuple(value)
   elif isinstance(current, list) and isinstance(value, tuple):
     value = list(value)
-  if _type_problem(value, current) is None:  # ml_collections takes None, and a bool for a float
+  # The type is the default's (a config file may have filled a list the default leaves empty:
+  # data.datasets of dicts still takes a list of paths).
+  reference = _default_value(key, current)
+  if _type_problem(value, reference) is None:  # ml_collections takes None, a bool for a float
     try:
       node[leaf] = value
       return
@@ -371,7 +385,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
       pass
   example = {list: "a list, e.g. \"['a', 'b']\"", tuple: 'a tuple, e.g. "(1, -1, 1)"',
              bool: 'True or False'}.get(type(current), type(current).__name__)
-  takes = _type_problem(value, current)
+  takes = _type_problem(value, reference)
   if takes and ' of ' in takes:  # the items are wrong (lora.targets=['q_proj', 1])
     example = takes
   got = 'None' if value is None else f'{type(value).__name__} {_short(value)}'

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from user_path import ALPACA, REPO, run, tiny_model, write_json
+from user_path import ALPACA, REPO, run, tiny_model, write_config, write_json
 
 from jaxsft.errors import UserError
 from jaxsft.interop import hf
@@ -24,29 +24,11 @@ from jaxsft.train import export
 
 MARKER = 'jaxsft_export.json'
 
-CONFIG = '''
-from jaxsft.config import default_config
-
-
-def get_config(arg=None):
-  config = default_config()
-  config.model.path = {model!r}
-  config.model.dtype = 'float32'
-  config.model.attention_implementation = 'xla'
-  config.lora.enabled = True
-  config.lora.rank = 4
-  config.lora.alpha = 8.0
-  config.data.datasets = [{{'path': {data!r}}}]
-  config.data.tokenizer = {tokenizer!r}
-  config.data.template = 'chatml'
-  config.data.max_seq_len = 64
-  config.data.cache_dir = {cache!r}
-  config.batch_size = 2
-  config.train.num_steps = 2
-  config.train.tensorboard = False
-  config.checkpoint.save_every = 0
-  return config
-'''
+SETTINGS = {
+    'model.dtype': 'float32', 'model.attention_implementation': 'xla', 'lora.enabled': True,
+    'lora.rank': 4, 'lora.alpha': 8.0, 'data.template': 'chatml', 'data.max_seq_len': 64,
+    'batch_size': 2, 'train.num_steps': 2, 'train.tensorboard': False,
+    'checkpoint.save_every': 0}
 
 
 @pytest.fixture(scope='module')
@@ -60,9 +42,10 @@ def trained(tmp_path_factory):
   for name in hf.TOKENIZER_FILES:
     if (model / name).exists():
       shutil.copy(model / name, tokenizer / name)
-  config = root / 'lora.py'
-  config.write_text(CONFIG.format(model=str(model), data=str(write_json(root / 'a.json', ALPACA)),
-                                  tokenizer=str(tokenizer), cache=str(root / 'cache')))
+  config = write_config(root / 'lora.py', {
+      **SETTINGS, 'model.path': str(model), 'data.tokenizer': str(tokenizer),
+      'data.datasets': [{'path': str(write_json(root / 'a.json', ALPACA))}],
+      'data.cache_dir': str(root / 'cache')})
   workdir = root / 'run'
   run(['train', '--config', str(config), '--workdir', str(workdir)], REPO)
   return model, tokenizer, workdir

@@ -19,34 +19,16 @@ import threading
 import time
 
 import pytest
-from user_path import ALPACA, JAXSFT, REPO, env, write_json
+from user_path import ALPACA, JAXSFT, REPO, env, write_config, write_json
 
 from jaxsft.errors import UserError
 from jaxsft.train import checkpoint
 
-CONFIG = '''
-from jaxsft.config import default_config
-
-
-def get_config(arg=None):
-  config = default_config()
-  config.model.architecture = {{
-      'vocab_size': {vocab}, 'hidden_size': 32, 'intermediate_size': 64, 'num_layers': 1,
-      'num_heads': 2, 'num_kv_heads': 2, 'max_position_embeddings': 128}}
-  config.model.dtype = 'float32'
-  config.model.attention_implementation = 'xla'
-  config.data.tokenizer = {tokenizer!r}
-  config.data.datasets = [{{'path': {data!r}}}]
-  config.data.template = 'chatml'
-  config.data.max_seq_len = 64
-  config.data.cache_dir = {cache!r}
-  config.batch_size = 2
-  config.optim.warmup_steps = 0
-  config.train.num_steps = 10
-  config.train.log_every = 1
-  config.checkpoint.save_every = 2
-  return config
-'''
+SETTINGS = {
+    'model.dtype': 'float32', 'model.attention_implementation': 'xla',
+    'data.template': 'chatml', 'data.max_seq_len': 64, 'batch_size': 2,
+    'optim.warmup_steps': 0, 'train.num_steps': 10, 'train.log_every': 1,
+    'checkpoint.save_every': 2}
 
 
 @pytest.fixture(scope='module')
@@ -55,11 +37,13 @@ def config(tmp_path_factory):
   from jaxsft import demo
   root = tmp_path_factory.mktemp('interrupts')
   tokenizer = demo.build_tokenizer(str(root / 'tokenizer'))
-  path = root / 'tiny.py'
-  path.write_text(CONFIG.format(vocab=len(tokenizer), tokenizer=str(root / 'tokenizer'),
-                                data=str(write_json(root / 'alpaca.json', ALPACA)),
-                                cache=str(root / 'cache')))
-  return str(path)
+  return write_config(root / 'tiny.py', {
+      **SETTINGS, 'model.architecture': {
+          'vocab_size': len(tokenizer), 'hidden_size': 32, 'intermediate_size': 64,
+          'num_layers': 1, 'num_heads': 2, 'num_kv_heads': 2, 'max_position_embeddings': 128},
+      'data.tokenizer': str(root / 'tokenizer'),
+      'data.datasets': [{'path': str(write_json(root / 'alpaca.json', ALPACA))}],
+      'data.cache_dir': str(root / 'cache')})
 
 
 class Run:

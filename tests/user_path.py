@@ -78,3 +78,13 @@ def tiny_model(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
   torch.manual_seed(seed)
   transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
   return folder
+
+
+def write_config(path: pathlib.Path, settings: dict) -> str:
+  """A config file as a user writes one: `get_config()` starting from `default_config()` and
+  setting each `'section.key': value` of `settings` (values written with `repr`)."""
+  lines = ['from jaxsft.config import default_config', '', '',
+           'def get_config(arg=None):', '  config = default_config()']
+  lines += [f'  config.{key} = {value!r}' for key, value in settings.items()]
+  path.write_text('\n'.join(lines + ['  return config', '']))
+  return str(path)

@@ -124,7 +124,12 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
-  from jaxsft.train import export  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.train import export_target
+  if args.format in export_target.FORMATS:  # before JAX loads: a refusal is immediate
+    export_target.check_target(args.out, args.format, args.workdir,
+                               export_target.recorded_folders(args.workdir))
+  from jaxsft.train import export
   export.export_run(args.workdir, args.format, args.out, args.dtype)
   print(f'wrote {args.format} export of {args.workdir} to {args.out}')
   return 0
