@@ -376,8 +376,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     value = list(value)
   # The type is the default's (a config file may have filled a list the default leaves empty:
   # data.datasets of dicts still takes a list of paths).
-  reference = _default_value(key, current)
-  if _type_problem(value, reference) is None:  # ml_collections takes None, a bool for a float
+  takes = _type_problem(value, _default_value(key, current))
+  if takes is None:  # checked first: ml_collections takes None, and a bool for a float
     try:
       node[leaf] = value
       return
@@ -385,7 +385,6 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
       pass
   example = {list: "a list, e.g. \"['a', 'b']\"", tuple: 'a tuple, e.g. "(1, -1, 1)"',
              bool: 'True or False'}.get(type(current), type(current).__name__)
-  takes = _type_problem(value, reference)
   if takes and ' of ' in takes:  # the items are wrong (lora.targets=['q_proj', 1])
     example = takes
   got = 'None' if value is None else f'{type(value).__name__} {_short(value)}'

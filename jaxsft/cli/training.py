@@ -126,9 +126,9 @@ def export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
   # pylint: disable=import-outside-toplevel
   from jaxsft.train import export_target
-  if args.format in export_target.FORMATS:  # before JAX loads: a refusal is immediate
-    export_target.check_target(args.out, args.format, args.workdir,
-                               export_target.recorded_folders(args.workdir))
+  # Before JAX loads, so a refusal is immediate (argparse has checked --format).
+  export_target.check_target(args.out, args.format, args.workdir,
+                             export_target.recorded_folders(args.workdir))
   from jaxsft.train import export
   export.export_run(args.workdir, args.format, args.out, args.dtype)
   print(f'wrote {args.format} export of {args.workdir} to {args.out}')

@@ -102,6 +102,7 @@ class Pipeline:
     self.eval_specs = [dataset_spec(entry, f'data.eval_datasets[{i}]')
                        for i, entry in enumerate(data_config.eval_datasets)]
     self.stats: dict[str, SourceStats] = {}
+    self.stream_labels: list[str] = []  # the training streams' labels (data.streaming)
     self._permutations: dict[tuple[int, int], np.ndarray] = {}
     # data.clean.enabled: one pass over the training sources before tokenizing (clean_io).
     self._cleaner = SourceCleaner.create(data_config)
@@ -233,7 +234,6 @@ class Pipeline:
       raise UserError('data.streaming=True: data.eval_size must be a count of records (>= 1) '
                       'or 0; a fraction needs the source length, which a stream does not have.')
     self.streams: list[datasets.IterableDataset] = []
-    self.stream_labels: list[str] = []
     eval_examples: list[dict[str, np.ndarray]] = []
     for i, spec in enumerate(self.specs):
       label = f'datasets[{i}] {spec["path"]}'
@@ -314,7 +314,7 @@ class Pipeline:
   def is_streamed(self, label: str) -> bool:
     """Whether `self.stats[label]` counts a training stream as it is read (`data.streaming`),
     rather than a source read whole (in memory, or a stream's held-out and eval records)."""
-    return label in getattr(self, 'stream_labels', ())
+    return label in self.stream_labels
 
   def total_stats(self) -> SourceStats:
     total = SourceStats()
