@@ -109,7 +109,7 @@ def report(config: Any, state: Any, model_config: Any, tokenizer: Any, workdir: 
   on the held-out prompts, printed and returned."""
   with open(os.path.join(workdir, 'demo', 'eval.jsonl')) as f:
     records = [json.loads(line) for line in f]
-  model = Model(config, model_config, jax.device_get(state.variables()), tokenizer)
+  model = Model(model_config, jax.device_get(state.variables()), tokenizer, config.data.template)
   generated = answer(model, [r['messages'][:-1] for r in records],
                      SamplingConfig(max_new_tokens=16))
   answers = [r['messages'][-1]['content'] for r in records]

@@ -1,6 +1,7 @@
 """The data pipeline: sources through `datasets`, mixtures, eval split, determinism, exact
 resume, per-process sharding, streaming, and bad input that is reported, never lost."""
 
+import collections
 import json
 import logging
 
@@ -142,9 +143,16 @@ def test_mixture_weights_and_eval_split(tmp_path, tokenizer):
   refs, _ = data._plan_window(0)
   counts = np.bincount([s for s, _ in refs])
   assert list(counts) == [129, 43]
-  # Up-weighted: every example of source 0 appears before any repeats (one full cycle first).
-  rows_a = [row for s, row in refs if s == 0]
-  assert set(rows_a[:0] + rows_a) == set(data.sources[0].train_rows)
+  # Up-weighted: source 0's 129 draws walk its shuffled stream, so every one of its 90 examples
+  # appears before any repeats (one full cycle first): all 90 once, then 39 of them a second
+  # time. The window shuffles refs, so count them; sampling with replacement would miss some
+  # examples and draw others three times or more.
+  counts_a = collections.Counter(row for s, row in refs if s == 0)
+  assert set(counts_a) == set(data.sources[0].train_rows.tolist())
+  assert sorted(counts_a.values()) == [1] * (2 * train_a - 129) + [2] * (129 - train_a)
+  # Down-weighted: 43 draws of 82 examples, none repeated.
+  rows_b = [row for s, row in refs if s == 1]
+  assert len(set(rows_b)) == 43 and set(rows_b) <= set(data.sources[1].train_rows.tolist())
   eval_batches = list(data.eval_batches())
   eval_examples = [s for batch in eval_batches for s in segments(batch)]
   assert len(eval_examples) == 10 + 9

@@ -89,6 +89,56 @@ def test_bf16_checkpoint_dtypes(tmp_path):
   assert load_hf(tmp_path / 'out').config.vocab_size == 256
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_4bit_kernels_are_saved_dequantized(tmp_path, dtype):
+  """A QLoRA base (NF4 kernels, double quantization) saves as `quant.dequantize_params` cast to
+  the save dtype (the layout of dense kernels is `test_round_trip_through_transformers`'s)."""
+  from jaxsft.adapters import quant
+  save_model('llama3_gqa', tmp_path / 'original')
+  config, params = hf.load_checkpoint(tmp_path / 'original')
+  quantized = quant.quantize(params)  # the defaults: NF4, double quantization
+  nodes = [x for x in jax.tree_util.tree_leaves(
+      quantized, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
+      if isinstance(x, quant.QuantizedKernel)]
+  assert len(nodes) == 7 and nodes[0].kind == 'nf4' and nodes[0].double_quant  # 7 projections
+  hf.save_checkpoint(tmp_path / 'out', config, quantized, dtype=dtype)
+  _, reloaded = hf.load_checkpoint(tmp_path / 'out')
+  want = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
+                                quant.dequantize_params(quantized, jnp.float32))
+  assert_trees_equal(reloaded, want)
+  # The saved kernels are the 4-bit ones, not the originals.
+  assert not np.array_equal(want['layers']['mlp']['up_proj']['kernel'],
+                            np.asarray(params['layers']['mlp']['up_proj']['kernel']).astype(dtype))
+
+
+def test_loading_inside_a_mesh_context_equals_loading_outside(tmp_path):
+  """`jax.set_mesh` + `nn.logical_axis_rules` (the context a train step is traced in) change
+  nothing: same values, same shardings, with and without a mesh and a jitted `transform` (the
+  trainer's QLoRA path jits one with `out_shardings`)."""
+  import flax.linen as nn
+  from jaxsft.parallel import mesh as mesh_lib
+  save_model('llama3_gqa', tmp_path)
+  mesh, rules = mesh_lib.make_mesh((2, 2, 2)), mesh_lib.DEFAULT_RULES
+
+  def transform(path, array):
+    return jax.jit(lambda x: 2 * x, out_shardings=array.sharding)(array)
+
+  def load():
+    return [hf.load_checkpoint(tmp_path, mesh=mesh, rules=rules)[1],
+            hf.load_checkpoint(tmp_path, mesh=mesh, rules=rules, transform=transform)[1],
+            hf.load_checkpoint(tmp_path)[1]]
+
+  outside = load()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    inside = load()
+  for want, got in zip(outside, inside):
+    assert_trees_equal(got, want)
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      assert x.sharding == y.sharding, (x.sharding, y.sharding)
+  assert any(x.sharding.spec != jax.sharding.PartitionSpec()
+             for x in jax.tree_util.tree_leaves(inside[0]))  # the mesh really shards some
+
+
 def test_transformers4_config_format(tmp_path):
   """`rope_theta`/`rope_scaling`/`torch_dtype` (transformers 4) read like `rope_parameters`."""
   save_model('llama3_gqa', tmp_path)

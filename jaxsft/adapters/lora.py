@@ -15,6 +15,7 @@ whole: a copy of their `scale` lives in the `lora` tree at the same path
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.adapters import quant
-from jaxsft.adapters.targets import module_path, target_matcher
-from jaxsft.errors import UserError
+from jaxsft.adapters.targets import DEFAULT_TARGETS, module_path, target_matcher
+from jaxsft.errors import UserError, check_number
 
 LORA_RANK_AXIS = 'lora_rank'
 
@@ -36,16 +37,56 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  """What a LoRA adapter is: `rank` r, `alpha`, rsLoRA scaling, dropout on the adapter's input
+  (training only), the kernels it adapts (`targets`: names, regexes over module paths, or
+  `all-linear`) and the norms trained whole next to it (`modules_to_save`).
+
+  Invalid values raise `UserError` when the settings are made. `scale` is the factor of the
+  update `x @ W + scale * (x @ A) @ B`; a model applying adapters takes it from here
+  (`LlamaConfig.with_lora(settings)`), never from a default.
+  """
+
+  rank: int = 16
+  alpha: float = 32.0
+  rslora: bool = False
+  dropout: float = 0.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+  modules_to_save: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for name in ('targets', 'modules_to_save'):
+      value = getattr(self, name)
+      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+    check_number('lora.rank', self.rank, low=1, integer=True)
+    check_number('lora.alpha', self.alpha, low=0, low_open=True)
+    check_number('lora.dropout', self.dropout, low=0)
+    if self.dropout >= 1:
+      raise UserError(f'lora.dropout={self.dropout!r}: must be below 1 (1 drops every input).')
+    target_matcher(self.targets, 'lora.targets')  # empty lists, bad regexes
+    if self.modules_to_save:
+      target_matcher(self.modules_to_save, 'lora.modules_to_save', leaf='scale')
+
+  @property
+  def scale(self) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_scale(self.rank, self.alpha, self.rslora)
+
+
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
 
 
-def abstract_lora(abstract_params: Any, targets: Sequence[str] | str, rank: int,
-                  param_dtype: Any = jnp.float32, modules_to_save: Sequence[str] = ()) -> Any:
+def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any = jnp.float32
+                  ) -> Any:
   """The LoRA tree's shapes as `nn.LogicallyPartitioned` ShapeDtypeStructs, from the boxed
-  abstract params (`jax.eval_shape` of `init`): `a` takes the kernel's input axis and `b` its
-  output axis, so adapters shard like the kernels they adapt. Norm scales matched by
-  `modules_to_save` are copied whole, with their own axes."""
+  abstract params (`jax.eval_shape` of `init`, or `jaxsft.interop.hf.abstract_params`): for a
+  kernel `[..., in, out]`, `a [..., in, r]` takes the kernel's input axis and `b [..., r, out]`
+  its output axis, so adapters shard like the kernels they adapt. Norm scales matched by
+  `settings.modules_to_save` are copied whole, with their own axes. Targets that match no
+  kernel raise `UserError` naming the kernels there are."""
+  targets, rank, modules_to_save = settings.targets, settings.rank, settings.modules_to_save
   matches = target_matcher(targets)
   saved = (target_matcher(modules_to_save, 'lora.modules_to_save', leaf='scale')
            if modules_to_save else lambda path: False)
@@ -81,7 +122,7 @@ def abstract_lora(abstract_params: Any, targets: Sequence[str] | str, rank: int,
 def init_lora(rng: jax.Array, abstract: Any, base_params: Any = None) -> Any:
   """PEFT's initialisation: A Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B zeros, so
   the adapted model starts as the base model; a saved norm's scale starts as `base_params`'s.
-  `abstract` is from `abstract_lora`."""
+  `abstract` is from `abstract_lora`; the result has its shapes, unboxed."""
   flat = _flat(nn.unbox(abstract))
   base = _flat(base_params) if base_params is not None else {}
   out = {}
@@ -97,11 +138,13 @@ def init_lora(rng: jax.Array, abstract: Any, base_params: Any = None) -> Any:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.bfloat16
+def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.float32
                ) -> Any:
-  """Params with `W + scale * A @ B` folded into each adapted kernel (for export). A 4-bit
-  base kernel is dequantized first and the merged kernel written in `quantized_dtype`; every
-  other quantized kernel is dequantized too, so the result is a plain dense tree."""
+  """Params with `W + scale * A @ B` folded into each adapted kernel (for export), computed in
+  float32. A 4-bit base kernel is dequantized first (float32) and every quantized kernel comes
+  out in `quantized_dtype` (float32 by default: no rounding on top of the 4-bit codes; pass
+  `jnp.bfloat16` for half the bytes); dense kernels keep their dtype. The result is a plain
+  dense tree, e.g. for `jaxsft.interop.hf.save_checkpoint`."""
   flat_params = _flat(params)
   flat_lora = _flat(lora)
   merged = {}

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxsft.adapters.targets import DEFAULT_TARGETS, target_matcher
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, check_choice, check_number
 from jaxsft.parallel.mesh import logical_to_mesh_spec
 
 KINDS = ('nf4', 'int4')
@@ -247,14 +247,44 @@ def dequantize(node: QuantizedKernel, dtype: Any = jnp.float32) -> jax.Array:
   return values.reshape(*lead, 2 * half_in, d_out).astype(dtype)
 
 
-def quantize(params: Any, kind: str = 'nf4', targets: Sequence[str] = DEFAULT_TARGETS,
-             block_size: int = 64, double_quant: bool = True,
-             double_quant_rounding: str = 'min_error') -> Any:
-  """`params` with the targeted kernels replaced by `QuantizedKernel` nodes."""
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+  """How frozen base kernels are stored in 4 bits (QLoRA): `kind` (`nf4`, bitsandbytes-exact,
+  or symmetric `int4`), `block_size` inputs per absmax scale, double quantization of those
+  scales (8-bit, blocks of 256) and its rounding, and the kernels it applies to (`targets`, read
+  like `LoraSettings.targets`). Invalid values raise `UserError` when the settings are made."""
+
+  kind: str = 'nf4'
+  block_size: int = 64
+  double_quant: bool = True
+  double_quant_rounding: str = 'min_error'
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+
+  def __post_init__(self):
+    object.__setattr__(self, 'targets', (self.targets,) if isinstance(self.targets, str)
+                       else tuple(self.targets))
+    check_choice('quant.kind', self.kind, KINDS)
+    check_number('quant.block_size', self.block_size, low=1, integer=True)
+    check_choice('quant.double_quant_rounding', self.double_quant_rounding,
+                 DOUBLE_QUANT_ROUNDING)
+    target_matcher(self.targets, 'quant.targets')
+
+  def quantize_kernel(self, kernel: jax.Array) -> QuantizedKernel:
+    """`quantize_kernel` of a dense kernel `[..., in, out]` with these settings."""
+    return quantize_kernel(kernel, self.kind, self.block_size, self.double_quant,
+                           self.double_quant_rounding)
+
+  def targeted(self, path: Sequence[str]) -> bool:
+    """Whether the parameter at `path` (a tuple of keys) is a kernel these settings quantize."""
+    return target_matcher(self.targets, 'quant.targets')(path)
+
+
+def quantize(params: Any, settings: QuantSettings = QuantSettings()) -> Any:
+  """`params` with the kernels `settings.targets` match replaced by `QuantizedKernel` nodes
+  (the rest as they are)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep=None)
-  matches = target_matcher(targets, 'quant.targets')
-  out = {path: quantize_kernel(leaf, kind, block_size, double_quant, double_quant_rounding)
-         if matches(path) else leaf for path, leaf in flat.items()}
+  out = {path: settings.quantize_kernel(leaf) if settings.targeted(path) else leaf
+         for path, leaf in flat.items()}
   return flax.traverse_util.unflatten_dict(out)
 
 

@@ -36,7 +36,7 @@ def load_model(args: argparse.Namespace):
     config.model.path = args.hf
     config.data.template = args.template
     config.data.max_seq_len = args.max_seq_len or HF_EVAL_SEQ_LEN
-    loaded = model.from_hf(config)
+    loaded = model.from_hf(args.hf, config.data)
   loaded.max_context = args.max_seq_len  # None: the model's own positions
   return loaded
 
@@ -45,8 +45,8 @@ def evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
   from jaxsft.eval import metrics  # pylint: disable=import-outside-toplevel
   model = load_model(args)
-  data = args.data or (model.config.data.eval_datasets[0]['path']
-                       if model.config.data.eval_datasets else '')
+  data = args.data or (model.data.eval_datasets[0]['path']
+                       if model.data.eval_datasets else '')
   if not data:
     raise UserError('no eval data: pass --data FILE (json/jsonl/parquet).')
   report = {'data': data, **metrics.likelihood(model, data, args.batch_size)}

@@ -55,7 +55,7 @@ def data_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def load_config(config_path: str, overrides: Sequence[str]):
   """`--config file.py[:arg]` (`jaxsft.config.load_config`, locked) with every
   `--config.a.b=value` applied by `jaxsft.config.apply_override`, then the values checked
-  (`jaxsft.train.validate.check_config`) before anything is built."""
+  (`jaxsft.train.run.run_settings` makes every part's settings) before anything is built."""
   # pylint: disable=import-outside-toplevel
   from jaxsft.config import load_config
   bad = [o for o in overrides if not o.startswith('--config.') or '=' not in o]
@@ -63,8 +63,8 @@ def load_config(config_path: str, overrides: Sequence[str]):
     raise UserError(f'unknown arguments {bad}; config overrides look like --config.a.b=value.')
   config = load_config(config_path, [o[len('--config.'):] for o in overrides])
   # Imported once the file has loaded: a broken config file fails without this import.
-  from jaxsft.train.validate import check_config
-  check_config(config)
+  from jaxsft.train.run import run_settings
+  run_settings(config)
   return config
 
 
@@ -75,10 +75,11 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from jaxsft.parallel import distributed
   from jaxsft.train import loop, preemption, run
   config = load_config(args.config, overrides)
-  distributed.initialize(config.distributed)  # before anything touches a JAX backend
+  distributed.initialize(**config.distributed.to_dict())  # before anything touches a JAX backend
   callbacks = []
   if config.train.sample_every and config.train.sample_prompts:
-    callbacks.append(SampleCallback())
+    callbacks.append(SampleCallback(tuple(config.train.sample_prompts), config.train.sample_every,
+                                    config.train.sample_max_new_tokens))
   if config.demo.enabled:
     callbacks.append(DemoCallback())
   try:
@@ -97,19 +98,22 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-  from jaxsft.train import plan  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxsft.train import plan
+  from jaxsft.train.run import run_settings
   config = load_config(args.config, overrides)
+  settings = run_settings(config)
   if args.platform:
     if args.find_max_seq_len:
       raise UserError('jaxsft plan: --find-max-seq-len compiles on this host; it does not '
                       'combine with --platform.')
-    lowering = plan.lower_for_platform(config, args.platform)
+    lowering = plan.lower_for_platform(settings, args.platform)
     print(plan.platform_report(lowering, config.model.attention_implementation))
     return 0
   if args.find_max_seq_len:
     if not args.device_memory_gib:
       raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
-    length, memory = plan.max_seq_len(config, args.device_memory_gib)
+    length, memory = plan.max_seq_len(settings, args.device_memory_gib)
     if memory is None:
       print(f'not even 256 tokens per row fit in {args.device_memory_gib:g} GiB per device '
             f'with batch_size={config.batch_size}.')
@@ -118,7 +122,7 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
           f'(batch_size={config.batch_size}): {length}')
     print(plan.report(memory, args.device_memory_gib))
     return 0
-  print(plan.report(plan.plan(config), args.device_memory_gib))
+  print(plan.report(plan.plan(settings), args.device_memory_gib))
   return 0
 
 

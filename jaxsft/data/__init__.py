@@ -11,17 +11,45 @@ model: it imports only `jaxsft.errors`, never models, adapters, interop, train, 
 the config defaults (a pipeline takes the run's `data` config section).
 
 The names below are the public API the README shows; jaxsft's own modules import each name
-from its home module.
+from its home module. All but `Pipeline` are light (numpy, jinja): `pack` or `encode_messages`
+must not pay for `datasets`, which brings pyarrow and pandas (about 1 s), so `Pipeline` is
+imported on first access (PEP 562 `__getattr__`), as is transformers in the one function that
+renders a template and in `load_tokenizer`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from jaxsft.data.formats import detect_format, to_messages, to_tools
 from jaxsft.data.messages import BadRecord
-from jaxsft.data.packing import apply_length_policy, fit_length, pack, packing_efficiency
-from jaxsft.data.pipeline import Pipeline
+from jaxsft.data.packing import apply_length_policy, fit_length, pack, packing_efficiency, pad_rows
 from jaxsft.data.samples import encode_samples
 from jaxsft.data.templates import encode_batch, encode_messages, load_template
 from jaxsft.data.tokenizer import load_tokenizer
 
+if TYPE_CHECKING:  # for type checkers and the import graph; at run time see `__getattr__`
+  from jaxsft.data.pipeline import Pipeline
+
 __all__ = ['BadRecord', 'Pipeline', 'apply_length_policy', 'detect_format', 'encode_batch',
            'encode_messages', 'encode_samples', 'fit_length', 'load_template', 'load_tokenizer',
-           'pack', 'packing_efficiency', 'to_messages', 'to_tools']
+           'pack', 'packing_efficiency', 'pad_rows', 'to_messages', 'to_tools']
+
+# Public name -> home module of the names imported on first access.
+_LAZY = {'Pipeline': 'jaxsft.data.pipeline'}
+
+
+def __getattr__(name: str) -> Any:
+  """`jaxsft.data.Pipeline` (and `from jaxsft.data import Pipeline`), imported when first asked
+  for. Any other unknown name raises AttributeError, so `from jaxsft.data import clean` still
+  falls back to importing the submodule."""
+  if name not in _LAZY:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(_LAZY[name]), name)
+  globals()[name] = value  # later accesses skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))

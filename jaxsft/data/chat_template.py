@@ -15,8 +15,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from transformers.utils import chat_template_utils
-
 from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
 from jaxsft.data.messages import BadRecord, Message
 from jaxsft.errors import UserError
@@ -60,7 +58,10 @@ def template_kind(spec: str) -> str:
 
 
 def load_template(spec: str, tokenizer: Any = None) -> ChatTemplate:
-  """`spec`: a built-in name, `jinja` (the tokenizer's own `chat_template`), or a `.jinja` path."""
+  """The chat template `spec` names (its name and Jinja text): a built-in name (`llama2`,
+  `llama3`, `chatml`, `qwen3`, `mistral`, `alpaca`), `jinja` or `tokenizer` (the tokenizer's
+  own `chat_template`, so `tokenizer` is needed only then) or a `.jinja` path. Raises
+  `UserError` for anything else."""
   kind = template_kind(spec)
   if kind == 'builtin':
     return ChatTemplate(spec, BUILTIN_TEMPLATES[spec].strip())
@@ -88,6 +89,9 @@ def render_jinja(conversations: Sequence[Sequence[Message]], template: ChatTempl
   (most) share one. Raises `TemplateFailed` when the template raises on any of them."""
   if not conversations:
     return []
+  # transformers costs about 0.5 s to import; `from jaxsft.data import pack` and a config check
+  # must not pay for it (a cached import here costs well under a microsecond per call).
+  from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel
   tools = list(tools) if tools is not None else [None] * len(conversations)
   groups: dict[str, list[int]] = {}
   for i, conversation_tools in enumerate(tools):

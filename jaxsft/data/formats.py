@@ -311,7 +311,11 @@ def validate_conversation(messages: list[Message]) -> None:
 
 def to_messages(record: Mapping[str, Any], format: str = 'auto',  # pylint: disable=redefined-builtin
                 columns: Mapping[str, str] | None = None) -> list[Message]:
-  """Converts one record to messages with roles system/user/assistant/tool (or one `text`)."""
+  """Converts one record to messages (dicts with `role` system/user/assistant/tool and
+  `content`, plus `tool_calls` or `reasoning_content` where the record has them), or one `text`
+  message for plain text. `format`: 'auto' (`detect_format`) or one of `FORMATS`; `columns`
+  renames the fields it reads. Raises `BadRecord` for a record that is not a trainable
+  conversation."""
   if not isinstance(record, Mapping):
     raise BadRecord(f'a record must be a JSON object, got {type(record).__name__}.')
   if format not in FORMATS:

@@ -36,6 +36,10 @@ def fit_length(example: dict[str, list[int]], max_tokens: int, policy: str = 'tr
                ) -> dict[str, list[int]] | None:
   """Applies the length policy to one example; None means drop it.
 
+  `example`: `{'input_ids', 'loss_mask'}`, equal-length sequences of n tokens (as
+  `encode_messages` returns). Returns an example of at most `max_tokens` tokens (a row of
+  `seq_len` positions holds `seq_len + 1` tokens), or None when `policy` is `drop` and it is
+  longer, or when no token after the first is supervised (nothing to train on, at any length).
   `truncate` cuts the response side first (the tail); when the prompt alone fills the budget it
   cuts the prompt's start instead, so the example keeps supervised tokens (up to half the
   budget). An example whose tokens fit is returned unchanged.
@@ -61,6 +65,9 @@ def fit_length(example: dict[str, list[int]], max_tokens: int, policy: str = 'tr
 
 def apply_length_policy(examples: Sequence[dict[str, list[int]]], max_tokens: int,
                         policy: str = 'truncate') -> tuple[list[dict[str, list[int]]], LengthStats]:
+  """`fit_length` over examples (`{'input_ids', 'loss_mask'}` of n_i tokens each): the kept
+  examples in order, each at most `max_tokens` tokens, and counts of what was kept, truncated,
+  dropped for length and dropped for having no supervised token."""
   stats = LengthStats()
   kept = []
   for example in examples:
@@ -149,7 +156,16 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, strategy: str = 'bfd'
          ) -> dict[str, np.ndarray]:
-  """Packs examples (each at most `seq_len + 1` tokens) into int32 rows `[rows, seq_len]`."""
+  """Packs examples into rows that never let one example see another.
+
+  `examples`: `{'input_ids', 'loss_mask'}` of n_i tokens each, 2 <= n_i <= `seq_len + 1` (apply
+  the length policy first); an example takes n_i - 1 positions of a row. `strategy`: `bfd`
+  (best-fit decreasing), `greedy` (first fit in order) or `none` (one example per row).
+  Returns int32 arrays `[R, seq_len]` under the keys of `ROW_KEYS`: `inputs` (ids[:-1]),
+  `targets` (ids[1:]), `loss_mask` (loss_mask[1:], 1 = trained), `segment_ids` (1, 2, ... per
+  example in its row, 0 for padding) and `positions` (0.. per example, 0 in padding). Every row
+  holds at least one example; R is the number of rows the strategy needs.
+  """
   lengths = [len(e['input_ids']) - 1 for e in examples]
   return fill_rows(examples, assign_rows(lengths, seq_len, strategy), seq_len)
 
@@ -177,5 +193,32 @@ def fill_rows(examples: Sequence[dict[str, Sequence[int]]], rows: Sequence[Seque
 
 
 def packing_efficiency(rows: dict[str, np.ndarray]) -> float:
-  """Real (non-padding) positions / row capacity."""
+  """Real (non-padding, `segment_ids` > 0) positions / capacity (R x T) of packed rows
+  (`[R, T]` arrays, as `pack` returns); a fraction in [0, 1], 0.0 for no rows."""
   return float((rows['segment_ids'] > 0).mean()) if rows['segment_ids'].size else 0.0
+
+
+def pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Packed rows with empty rows appended so that their count is a multiple of `multiple`.
+
+  `rows`: arrays `[R, T]` (as `pack` returns; any key, any trailing shape, equal R).
+  `multiple`: rows a global batch must divide into, e.g. the mesh's data x fsdp devices.
+  Returns arrays `[R + p, T]`, p = -R mod `multiple`, of the same keys and dtypes: rows 0..R-1
+  are `rows` (not modified; the same dict when p = 0), rows R.. are all zeros, i.e. padding
+  exactly as the padding inside a row: `segment_ids` 0 and `loss_mask` 0, so they add nothing to
+  the loss and no real token attends to them. The real rows are the first R (`pack` never makes
+  an empty row, so a row is padding iff its `segment_ids` are all 0), as in the last batch of
+  `Pipeline.eval_batches`.
+  """
+  if multiple < 1:
+    raise ValueError(f'multiple={multiple}; rows can only be padded to a multiple >= 1.')
+  counts = {key: value.shape[0] for key, value in rows.items()}
+  if len(set(counts.values())) > 1:
+    raise ValueError(f'rows disagree on their number of rows: {counts}.')
+  count = next(iter(counts.values()), 0)
+  missing = -count % multiple
+  if not missing:
+    return rows
+  # Zeros are the padding of every key: `fill_rows` writes the same into a row's empty tail.
+  return {key: np.concatenate([value, np.zeros((missing,) + value.shape[1:], value.dtype)])
+          for key, value in rows.items()}

@@ -77,7 +77,12 @@ class _Source:
 
 
 class Pipeline:
-  """Training and eval batches of one run, built from the `data` section of the config."""
+  """Training and eval batches of one run, built from the `data` section of the config.
+
+  A batch is this process's slice of a global batch of packed rows (`packing.pack`): int32
+  arrays `[batch_size / process_count, data.max_seq_len]` under the keys of `packing.ROW_KEYS`.
+  `train_batches()` is endless and resumable from its `state()`; `eval_batches()` is one pass.
+  """
 
   def __init__(self, data_config: Any, tokenizer: Any, *, batch_size: int,
                process_index: int | None = None, process_count: int | None = None):

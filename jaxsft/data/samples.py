@@ -130,10 +130,11 @@ def encode_samples(conversations: Sequence[Sequence[Message]], tokenizer: Any,
                    template: ChatTemplate | str, train_on: str = 'assistant', *,
                    tools: Sequence[Tools] | None = None, train_on_reasoning: bool = True
                    ) -> list[list[dict[str, list[int]]]]:
-  """Each conversation's training samples as token ids and loss masks (lists of int), as the
-  pipeline trains them: one per conversation, or one per trained assistant turn where the
-  template renders a turn with reasoning differently once later turns exist (Qwen3). Raises
-  the `BadRecord` of the first conversation that cannot be trained on."""
+  """Each conversation's training samples, as the pipeline trains them: per conversation a list
+  of `{'input_ids', 'loss_mask'}`, each two lists of n ints (as `encode_messages` returns). One
+  sample per conversation, or one per trained assistant turn where the template renders a turn
+  with reasoning differently once later turns exist (Qwen3). Raises the `BadRecord` of the first
+  conversation that cannot be trained on."""
   check_train_on(train_on, train_on_reasoning)
   if isinstance(template, str):
     template = load_template(template, tokenizer)

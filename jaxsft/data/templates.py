@@ -259,8 +259,10 @@ def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
                  template: ChatTemplate | str, train_on: str = 'assistant', *,
                  tools: Sequence[Tools] | None = None, train_on_reasoning: bool = True
                  ) -> list[dict[str, list[int]]]:
-  """`encode_messages` for many conversations (`tools[i]`: conversation i's), tokenized in one
-  batched call."""
+  """`encode_messages` for many conversations (`tools[i]`: conversation i's tools), tokenized in
+  one batched call: one `{'input_ids', 'loss_mask'}` per conversation, in order, each two lists
+  of n_i ints (token ids; 1 = trained, 0 = not). Raises the `BadRecord` of the first
+  conversation that cannot be trained on."""
   check_train_on(train_on, train_on_reasoning)
   if isinstance(template, str):
     template = load_template(template, tokenizer)
@@ -276,10 +278,11 @@ def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,
 def encode_messages(messages: Sequence[Message], tokenizer: Any, template: ChatTemplate | str,
                     train_on: str = 'assistant', *, tools: Tools = None,
                     train_on_reasoning: bool = True) -> dict[str, list[int]]:
-  """Token ids and loss mask (1 = trained) of one conversation rendered once, as lists of int:
-  the ids equal `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)`. `tools`
-  in OpenAI's form, `[{'type': 'function', 'function': {'name', 'description',
-  'parameters'}}]`. Training renders a conversation whose template drops earlier turns'
-  reasoning once per assistant turn instead (`samples.encode_samples`)."""
+  """`{'input_ids', 'loss_mask'}` of one conversation rendered once: two lists of n ints (n
+  tokens; the mask is 1 where the token is trained, 0 elsewhere). The ids equal
+  `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)`. `tools` in OpenAI's
+  form, `[{'type': 'function', 'function': {'name', 'description', 'parameters'}}]`. Training
+  renders a conversation whose template drops earlier turns' reasoning once per assistant turn
+  instead (`samples.encode_samples`)."""
   return encode_batch([messages], tokenizer, template, train_on, tools=[tools],
                       train_on_reasoning=train_on_reasoning)[0]

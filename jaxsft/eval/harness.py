@@ -155,7 +155,7 @@ class JaxsftLM(TemplateLM):
   def _template(self):
     """The run's template, loaded when a task asks for it (a model without one is fine until
     then) and once: lm-eval renders every request through `apply_chat_template`."""
-    return load_template(self.model.config.data.template, self.tokenizer)
+    return load_template(self.model.template, self.tokenizer)
 
   def apply_chat_template(self, chat_history: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:

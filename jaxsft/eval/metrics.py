@@ -31,14 +31,14 @@ from jaxsft.train.step import compiler_options, evaluate_loss, make_eval_step
 def likelihood(model: Model, data_file: str, batch_size: int = 8) -> dict[str, float]:
   """nll, perplexity and accuracy over the supervised tokens of every record of `data_file`,
   rendered with the model's template and packed as in training."""
-  data_config = ml_collections.ConfigDict(model.config.data.to_dict())
+  data_config = ml_collections.ConfigDict(model.data.to_dict())
   data_config.datasets = []  # eval only: the file is read and tokenized once
   data_config.eval_datasets = [{'path': data_file}]
   data_config.eval_size = 0.0
   data_config.streaming = False
   pipeline = Pipeline(data_config, model.tokenizer, batch_size=batch_size * jax.process_count(),
                       process_index=jax.process_index(), process_count=jax.process_count())
-  eval_step = jax.jit(make_eval_step(model.model_config, model.config.train.loss_chunk_size),
+  eval_step = jax.jit(make_eval_step(model.model_config, model.loss_chunk_size),
                       compiler_options=compiler_options(jax.default_backend()))
   metrics = evaluate_loss(eval_step, model.variables, pipeline, None)
   if not metrics:

@@ -12,19 +12,25 @@ from jaxsft.data.templates import load_template, render
 from jaxsft.data.tokenizer import load_tokenizer
 from jaxsft.eval.generate import SamplingConfig, generate
 from jaxsft.interop import hf
-from jaxsft.train.workdir import load_run
+from jaxsft.train.loss import DEFAULT_CHUNK_SIZE
+from jaxsft.train.run import load_run
 
 STOP_TOKENS = ('<|im_end|>', '<|eot_id|>', '<|end|>', '</s>')
 
 
 @dataclasses.dataclass
 class Model:
-  """What evaluation and generation need: architecture, variables, tokenizer, template."""
+  """What evaluation and generation need: the architecture (applying any adapters in
+  `variables`), the variables, the tokenizer and the chat template's name (`data.template`);
+  `data` is the run's data section (how `eval.metrics.likelihood` renders and packs records,
+  None: the defaults of `template`), `loss_chunk_size` the fused loss's chunk."""
 
-  config: Any            # the run's config (data section: template, max_seq_len, ...)
   model_config: Any
   variables: Any
   tokenizer: Any
+  template: str
+  data: Any = None
+  loss_chunk_size: int = DEFAULT_CHUNK_SIZE
   # Prompt + answer tokens at most (`--max-seq-len`); None: the model's positions. Either way
   # `generate` refuses a prompt with no room left and shortens answers to what fits.
   max_context: int | None = None
@@ -32,23 +38,24 @@ class Model:
 
 def from_workdir(workdir: str) -> Model:
   """The newest good checkpoint of a `jaxsft train` work directory."""
-  config, model_config, folder, state, _ = load_run(workdir)
-  tokenizer = load_tokenizer(config.data.tokenizer or folder or '')
-  return Model(config, model_config, state.variables(), tokenizer)
+  settings, model_config, folder, state, _ = load_run(workdir)
+  data = settings.data
+  tokenizer = load_tokenizer(data.tokenizer or folder or '')
+  return Model(model_config, state.variables(), tokenizer, data.template, data,
+               settings.step.loss_chunk_size)
 
 
-def from_hf(config: Any, dtype: str = 'float32') -> Model:
-  """The plain HF checkpoint at `config.model.path` (no work directory), read in `dtype`;
-  `config` is a run config whose `data` section (template, max_seq_len) applies."""
-  path = config.model.path
+def from_hf(path: str, data: Any, dtype: str = 'float32') -> Model:
+  """The plain HF checkpoint at `path` (no work directory), read in `dtype`; `data` is a data
+  section (template, max_seq_len) that applies."""
   model_config, params = hf.load_checkpoint(path, dtype=dtype, config_overrides={
       'dtype': dtype, 'attention_implementation': 'xla'})
-  return Model(config, model_config, {'params': params}, load_tokenizer(path))
+  return Model(model_config, {'params': params}, load_tokenizer(path), data.template, data)
 
 
 def prompt_ids(model: Model, messages: list[dict[str, str]]) -> list[int]:
   """The rendered prompt (with the assistant header) as token ids."""
-  template = load_template(model.config.data.template, model.tokenizer)
+  template = load_template(model.template, model.tokenizer)
   text, _ = render(messages, template, model.tokenizer, add_generation_prompt=True, spans=False)
   return model.tokenizer(text, add_special_tokens=False)['input_ids']
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.errors import UserError
 from jaxsft.interop.hf_config import (
   config_from_hf,
@@ -98,6 +99,15 @@ def _read_shard(reader: SafetensorsReader, entry: ParamEntry, index: tuple[slice
   return np.stack([one(name) for name in entry.hf_names[layer_index]])
 
 
+def _unboxed(tree: Any) -> Any:
+  """`tree` without its logical-axis boxes. Not `nn.unbox`: under a set mesh (`jax.set_mesh`,
+  the context a train step is traced in) it also constrains each value to its sharding, which
+  on the sharding-less `ShapeDtypeStruct`s of `eval_shape` raises "The sharding on the input
+  must be a `NamedSharding`"; shapes need no constraint."""
+  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def abstract_params(config: LlamaConfig) -> Any:
   """Shapes, dtypes and logical axes of `Llama(config)`'s params, without allocating them."""
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -146,8 +156,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
     shardings = logical_shardings(abstract, mesh, rules)
   else:
     device = jax.local_devices()[0]
-    shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), nn.unbox(abstract))
-  abstract = nn.unbox(abstract)
+    shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), _unboxed(abstract))
+  abstract = _unboxed(abstract)
 
   params: dict[str, Any] = {}
   for entry in entries:
@@ -173,11 +183,20 @@ def _to_host(array: Any) -> np.ndarray:
   return np.asarray(array)
 
 
+def _dense(value: Any) -> Any:
+  """A 4-bit `QuantizedKernel` as its dense float32 kernel (`quant.dequantize`, jitted so a
+  sharded node stays sharded); any other value as it is."""
+  if isinstance(value, QuantizedKernel):
+    return jax.jit(dequantize)(value)
+  return value
+
+
 def hf_tensors(config: LlamaConfig, params: Mapping[str, Any], dtype: Any
                ) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields `(HF name, [out, in]-layout numpy tensor)` for every parameter, one at a time."""
+  """Yields `(HF name, [out, in]-layout numpy tensor)` for every parameter, one at a time; a
+  4-bit kernel is dequantized to float32 first, then cast to `dtype` like every tensor."""
   for entry in parameter_entries(config):
-    value = _to_host(_get_path(params, entry.path))
+    value = _to_host(_dense(_get_path(params, entry.path)))
     for i, name in enumerate(entry.hf_names):
       tensor = value[i] if entry.stacked else value
       tensor = tensor.T if entry.transpose else tensor
@@ -190,6 +209,9 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mappin
   """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads.
 
   Args:
+    params: the model's parameters; 4-bit `QuantizedKernel`s (QLoRA's frozen base) are saved
+      dequantized, as `quant.dequantize_params(params)` cast to `dtype` (a LoRA tree must be
+      merged first: `jaxsft.adapters.lora.dense_params`).
     dtype: dtype of the saved tensors; None keeps `config.param_dtype`.
     tokenizer_dir: folder whose tokenizer files are copied alongside.
     max_shard_bytes: above this total size the weights go to several files plus an index.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jaxsft.adapters.lora import LoraSettings
 from jaxsft.errors import UserError
 
 _PEFT_PREFIX = 'base_model.model.model.'
@@ -60,9 +61,13 @@ def peft_tensors(lora_tree: Any, num_layers: int) -> dict[str, np.ndarray]:
   return dict(sorted(tensors.items()))
 
 
-def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, *, rank: int, alpha: float,
-                      dropout: float, rslora: bool, base_model: str) -> None:
-  """Writes `adapter_config.json` and `adapter_model.safetensors` (process 0 only)."""
+def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraSettings,
+                      base_model: str = '') -> None:
+  """Writes the LoRA tree as a PEFT adapter folder, `adapter_config.json` (rank, alpha, rsLoRA,
+  dropout of `settings`; the target modules the tree holds) and `adapter_model.safetensors`
+  (process 0 only), that `peft.PeftModel.from_pretrained` loads over `base_model`."""
+  rank, alpha, dropout, rslora = (settings.rank, settings.alpha, settings.dropout,
+                                  settings.rslora)
   tensors = peft_tensors(lora_tree, num_layers)
   if jax.process_index() != 0:
     return
@@ -82,7 +87,9 @@ def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, *, rank: int, a
 
 def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
                       ) -> tuple[Any, dict[str, Any]]:
-  """A PEFT adapter folder -> (LoRA tree shaped like `abstract_lora_tree`, adapter config)."""
+  """A PEFT adapter folder -> (LoRA tree shaped like `abstract_lora_tree`, from
+  `jaxsft.adapters.lora.abstract_lora`, and the adapter's config as a dict). Tensors the tree
+  does not ask for, or missing ones, are a `UserError` naming the adapter's target modules."""
   with open(os.path.join(folder, 'adapter_config.json')) as f:
     adapter_config = json.load(f)
   files = [name for name in ('adapter_model.safetensors',) if

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxsft.adapters.lora import LoraSettings
+
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn', 'dynamic')  # see jaxsft.models.rope
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'blocked', 'cudnn', 'splash', 'auto')
@@ -56,8 +58,10 @@ class LlamaConfig:
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention_implementation: str = 'xla'
-  # LoRA execution (the adapters themselves live in the `lora` variable collection).
-  lora_scale: float = 1.0  # alpha / r, or alpha / sqrt(r) with rsLoRA
+  # LoRA execution (the adapters themselves live in the `lora` variable collection), set from
+  # the adapter's settings by `with_lora`. No default scale: a model given adapters without one
+  # raises instead of computing a silently wrong update.
+  lora_scale: float | None = None  # alpha / r, or alpha / sqrt(r) with rsLoRA
   lora_dropout: float = 0.0  # on the adapter's input, training only
 
   def __post_init__(self):
@@ -92,7 +96,14 @@ class LlamaConfig:
     return self.num_heads // self.num_kv_heads
 
   def replace(self, **changes: Any) -> 'LlamaConfig':
+    """A copy with `changes` (field names and values) applied."""
     return dataclasses.replace(self, **changes)
+
+  def with_lora(self, lora: LoraSettings | None) -> 'LlamaConfig':
+    """This config applying adapters of `lora` (its scale and dropout); None: no adapters."""
+    if lora is None:
+      return self.replace(lora_scale=None, lora_dropout=0.0)
+    return self.replace(lora_scale=lora.scale, lora_dropout=lora.dropout)
 
   def num_params(self) -> int:
     """Parameter count from the shapes alone (embeddings and LM head included)."""

@@ -115,7 +115,7 @@ class Projection(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  lora_scale: float = 1.0
+  lora_scale: float | None = None
   lora_dropout: float = 0.0
   deterministic: bool = True
 
@@ -135,6 +135,10 @@ class Projection(nn.Module):
       y = dense(x, jnp.asarray(kernel))
     if self.has_variable('lora', 'a'):
       # x @ W + scale * (dropout(x) @ A) @ B: the frozen W never enters a weight gradient.
+      if self.lora_scale is None:
+        raise ValueError('the variables hold LoRA adapters (a "lora" collection) but the model '
+                         'has no LoRA scale; build it with LlamaConfig.with_lora(LoraSettings('
+                         '...)) so the scale is the adapters\' alpha / r.')
       a_ir = jnp.asarray(self.get_variable('lora', 'a'))
       b_ro = jnp.asarray(self.get_variable('lora', 'b'))
       x_lora = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)

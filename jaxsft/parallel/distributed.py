@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import jax
 
@@ -21,17 +20,19 @@ _ENVIRONMENT_HINTS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORL
                       'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
 
 
-def initialize(distributed_config: Any) -> None:
-  """Joins the processes of a multi-process run (no-op for a single process)."""
-  address = distributed_config.coordinator_address
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+               ) -> None:
+  """Joins the processes of a multi-process run (no-op for a single process): at
+  `coordinator_address` (`host:port` of process 0) with the given count and id, or, without an
+  address, as the environment says (TPU pods, SLURM, Open MPI, `JAX_COORDINATOR_ADDRESS`)."""
+  address = coordinator_address
   if address:
-    if distributed_config.num_processes < 1 or distributed_config.process_id < 0:
+    if num_processes < 1 or process_id < 0:
       raise UserError('distributed.coordinator_address is set, so distributed.num_processes '
                       'and distributed.process_id must be too.')
     _cpu_collectives()
     jax.distributed.initialize(coordinator_address=address,
-                               num_processes=distributed_config.num_processes,
-                               process_id=distributed_config.process_id)
+                               num_processes=num_processes, process_id=process_id)
   elif any(os.environ.get(name) for name in _ENVIRONMENT_HINTS) and _multi_host_tpu_or_cluster():
     _cpu_collectives()
     jax.distributed.initialize()

@@ -7,6 +7,7 @@ table, never the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -116,11 +117,33 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
                                 is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def mesh_and_rules(mesh_config: Any, devices: Sequence[jax.Device] | None = None
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """A device mesh: its `shape` over `MESH_AXES` (`('data', 'fsdp', 'tensor')`; one size may be
+  -1 for the remaining devices) and `rules`, `(logical name, mesh axes)` pairs that override
+  `DEFAULT_RULES`. A shape that is not three sizes raises `UserError` when made."""
+
+  shape: tuple[int, ...] = (-1, 1, 1)
+  rules: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, 'shape', tuple(self.shape))
+    rules = []
+    for rule in self.rules:
+      name, axes = rule
+      rules.append((name, tuple(axes) if isinstance(axes, list) else axes))
+    object.__setattr__(self, 'rules', tuple(rules))
+    check_mesh_shape(self.shape)
+
+  def rules_table(self) -> tuple[tuple[str, Any], ...]:
+    """`rules` first, then every `DEFAULT_RULES` entry they do not override."""
+    overridden = {name for name, _ in self.rules}
+    return self.rules + tuple(rule for rule in DEFAULT_RULES if rule[0] not in overridden)
+
+
+def mesh_and_rules(settings: MeshSettings = MeshSettings(),
+                   devices: Sequence[jax.Device] | None = None
                    ) -> tuple[Mesh, tuple[tuple[str, Any], ...]]:
-  """The mesh of a run's `mesh` config section (`shape`, `rules`) and its rules table: the
-  section's rules first, then every `DEFAULT_RULES` entry they do not override."""
-  rules = tuple(tuple(rule) for rule in mesh_config.rules)
-  overridden = {name for name, _ in rules}
-  rules += tuple(rule for rule in DEFAULT_RULES if rule[0] not in overridden)
-  return make_mesh(tuple(mesh_config.shape), devices), rules
+  """The mesh of `settings` over `devices` (default: all) and its rules table
+  (`MeshSettings.rules_table`), for `flax.linen.logical_axis_rules` and the sharding builders."""
+  return make_mesh(settings.shape, devices), settings.rules_table()

@@ -14,12 +14,15 @@ from jaxsft.models.config import LlamaConfig
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-  """What a callback may read about the run it is in."""
+  """What a callback may read about the run it is in: the config it was started with (for the
+  callbacks the CLI made from it), the model (applying the run's adapters), its tokenizer, the
+  work directory and the chat template's name (`data.template`)."""
 
   config: Any
   model_config: LlamaConfig
   tokenizer: Any
   workdir: str
+  template: str = ''
 
 
 class Callback:

@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from jaxsft.adapters.lora import dense_params, lora_scale
+from jaxsft.adapters.lora import dense_params
 from jaxsft.data.templates import load_template
 from jaxsft.data.tokenizer import load_tokenizer
 from jaxsft.errors import UserError
@@ -46,7 +46,8 @@ from jaxsft.train.export_target import (
   staging_path,
   write_errors,
 )
-from jaxsft.train.workdir import absolute_workdir, load_run
+from jaxsft.train.run import load_run
+from jaxsft.train.workdir import absolute_workdir
 
 __all__ = ['EXPORT_FILES', 'FORMATS', 'MARKER', 'check_target', 'export_run']
 
@@ -72,31 +73,30 @@ def export_run(workdir: str, fmt: str, out: str, dtype: Any = 'bfloat16') -> Non
 
 
 def _export(workdir: str, fmt: str, out: str, dtype: Any, staging: Staging | None) -> None:
-  config, model_config, folder, state, meta = load_run(workdir)
-  if fmt == 'peft' and not config.lora.enabled:
+  settings, model_config, folder, state, meta = load_run(workdir)
+  data = settings.data
+  if fmt == 'peft' and settings.lora is None:
     raise UserError('--format peft needs a LoRA run; this one fine-tuned every weight '
                     '(use --format merged).')
-  tokenizer_dir = config.data.tokenizer or folder
+  tokenizer_dir = data.tokenizer or folder
   protected = [(folder, "the run's base model folder"),
-               (config.data.tokenizer, "the run's tokenizer folder")]
+               (data.tokenizer, "the run's tokenizer folder")]
   previous = on_writer(lambda: check_target(out, fmt, workdir, protected))
   chat_template = meta.get('chat_template')
   if chat_template is None and tokenizer_dir:  # a checkpoint from before templates were saved
-    chat_template = load_template(config.data.template, load_tokenizer(tokenizer_dir)).source
+    chat_template = load_template(data.template, load_tokenizer(tokenizer_dir)).source
   # Every process computes (merged weights may need gathering); the writers write on process 0.
   temp = staging_path(out)
   with write_errors(out):
     if fmt == 'merged':
-      scale = lora_scale(config.lora.rank, config.lora.alpha, config.lora.rslora)
-      if config.lora.enabled:
-        params = dense_params(state.frozen, state.params, scale)
+      if settings.lora is not None:
+        params = dense_params(state.frozen, state.params, settings.lora.scale)
       else:
-        params = dense_params(state.params, None, scale)
+        params = dense_params(state.params, None, 1.0)
       hf.save_checkpoint(temp, model_config, params, dtype=dtype, tokenizer_dir=tokenizer_dir)
     else:
-      peft.save_peft_adapter(temp, state.params, model_config.num_layers, rank=config.lora.rank,
-                             alpha=config.lora.alpha, dropout=config.lora.dropout,
-                             rslora=config.lora.rslora, base_model=config.model.path)
+      peft.save_peft_adapter(temp, state.params, model_config.num_layers, settings.lora,
+                             base_model=settings.model.path)
       if tokenizer_dir and jax.process_index() == 0:
         hf.copy_tokenizer_files(tokenizer_dir, temp)
     if chat_template is not None:

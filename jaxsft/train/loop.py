@@ -19,6 +19,7 @@ import jax
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from jaxsft.errors import check_number
 from jaxsft.parallel.batch import global_batch
 from jaxsft.train.callbacks import Callback, RunContext
 from jaxsft.train.metrics import MetricWriter, format_step
@@ -49,12 +50,26 @@ class Preempted(Exception):
     self.interrupted = interrupted
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """How often the loop logs (`log_every` steps; tok/s and MFU per line), evaluates
+  (`eval_every` steps, 0 = only at the end) and whether it draws a progress bar."""
+
+  log_every: int = 10
+  eval_every: int = 0
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    check_number('train.log_every', self.log_every, low=1, integer=True)
+    check_number('train.eval_every', self.eval_every, low=0, integer=True)
+
+
 @dataclasses.dataclass
 class StepLoop:
   """The step loop. Each step's loss is checked while the next step runs (no stall), except
   before a checkpoint: a state is only saved once its loss is known to be finite."""
 
-  config: Any
+  settings: LoopSettings
   compiled: Any
   batches: Any
   rows: NamedSharding
@@ -71,9 +86,9 @@ class StepLoop:
   last_saved: int | None = None
 
   def run(self, state: TrainState, local: dict, sigterm: SigtermFlag):
-    config, total_steps = self.config, self.total_steps
+    settings, total_steps = self.settings, self.total_steps
     progress = tqdm(total=total_steps, initial=int(state.step), dynamic_ncols=True, leave=False,
-                    disable=not config.train.progress_bar or jax.process_index() != 0 or
+                    disable=not settings.progress_bar or jax.process_index() != 0 or
                     not sys.stderr.isatty())
     say = progress.write if not progress.disable else (
         _LOG.info if jax.process_index() == 0 else lambda *_: None)
@@ -95,7 +110,7 @@ class StepLoop:
       raise
 
   def _steps(self, state, local, batch, position, sigterm, progress, say):
-    config, total_steps = self.config, self.total_steps
+    settings, total_steps = self.settings, self.total_steps
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     pending, last_metrics = None, {}
     for step in range(int(state.step), total_steps):
@@ -112,7 +127,7 @@ class StepLoop:
       window_steps += 1
       progress.update(1)
       done = step + 1
-      if done % config.train.log_every == 0 or done == total_steps:
+      if done % settings.log_every == 0 or done == total_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(done, values)
         elapsed = time.perf_counter() - window_start
@@ -134,7 +149,7 @@ class StepLoop:
       for callback in self.callbacks:
         for line in callback.step(self.run_context, done, state):
           say(line)
-      if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
+      if settings.eval_every and done % settings.eval_every == 0 and done < total_steps:
         eval_metrics = evaluate_loss(self.eval_fn, state.variables(), self.data,
                                      self.rows)
         if eval_metrics:

@@ -15,6 +15,10 @@ tokens is 4 GiB in float32). `fused_cross_entropy` therefore:
 
 Accuracy counts a token as correct when its target logit is the row maximum (ties count as
 correct; `argmax == target` would pick the first of the tied).
+
+For custom objectives (KL to a frozen reference, preference losses, token weights)
+`token_logprobs` gives log p(target | prefix) at every position with the same chunking, and
+`batch_logprobs` does so for a packed batch straight from the model.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.models.layers import dot
+from jaxsft.models.llama import Llama, head_kernel
 
 # Positions per row whose logits exist at once (`data.max_seq_len` is cut into chunks of the
 # largest divisor at most this); the config's `train.loss_chunk_size` default.
@@ -140,3 +145,102 @@ def chunk_size(length: int, preferred: int) -> int:
     if length % size == 0:
       return size
   return length
+
+
+def _chunk_logits(hidden_bcd, kernel_dv):
+  return jnp.einsum('bcd,dv->bcv', hidden_bcd, kernel_dv, preferred_element_type=jnp.float32)
+
+
+def _logprobs_fwd_chunks(hidden_btd, kernel_dv, targets_bt, chunk):
+  """`(log p(target) [B, T], log Z [B, T])`, float32, one chunk of logits at a time."""
+  b, t, _ = hidden_btd.shape
+
+  def body(_, inputs):
+    h_bcd, tg_bc = inputs
+    logits_bcv = _chunk_logits(h_bcd, kernel_dv)
+    log_z_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    target_bc = jnp.take_along_axis(logits_bcv, tg_bc[..., None], axis=-1)[..., 0]
+    return None, (target_bc - log_z_bc, log_z_bc)
+
+  _, (logprobs_c, log_z_c) = jax.lax.scan(
+      body, None, (_chunked(hidden_btd, chunk), _chunked(targets_bt, chunk)))
+  unchunk = lambda x_c: jnp.swapaxes(x_c, 0, 1).reshape(b, t)  # noqa: E731
+  return unchunk(logprobs_c), unchunk(log_z_c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_logprobs(hidden_btd, kernel_dv, targets_bt, chunk):
+  return _logprobs_fwd_chunks(hidden_btd, kernel_dv, targets_bt, chunk)[0]
+
+
+def _token_logprobs_fwd(hidden_btd, kernel_dv, targets_bt, chunk):
+  logprobs_bt, log_z_bt = _logprobs_fwd_chunks(hidden_btd, kernel_dv, targets_bt, chunk)
+  # The cotangent is unknown until the backward pass, so its logits are recomputed there, chunk
+  # by chunk; only log Z ([B, T], no vocab axis) is kept to normalize them.
+  return logprobs_bt, (hidden_btd, kernel_dv, targets_bt, log_z_bt)
+
+
+def _token_logprobs_bwd(chunk, residuals, dlogprobs_bt):
+  hidden_btd, kernel_dv, targets_bt, log_z_bt = residuals
+  b, t, d = hidden_btd.shape
+
+  def body(dkernel_dv, inputs):
+    h_bcd, tg_bc, log_z_bc, g_bc = inputs
+    logits_bcv = _chunk_logits(h_bcd, kernel_dv)
+    probs_bcv = jnp.exp(logits_bcv - log_z_bc[..., None])
+    onehot_bcv = jax.nn.one_hot(tg_bc, logits_bcv.shape[-1], dtype=jnp.float32)
+    # d log p(target) / d logits = onehot - softmax. Cast to the hidden dtype as in
+    # `fused_cross_entropy`: bf16 x bf16 -> f32 dots, not XLA:CPU's slow f32 path.
+    dlogits_bcv = ((onehot_bcv - probs_bcv) * g_bc[..., None]).astype(hidden_btd.dtype)
+    dhidden_bcd = dot('bcv,dv->bcd', dlogits_bcv, kernel_dv.astype(hidden_btd.dtype))
+    dkernel_dv = dkernel_dv + jnp.einsum('bcd,bcv->dv', h_bcd, dlogits_bcv,
+                                         preferred_element_type=jnp.float32)
+    return dkernel_dv, dhidden_bcd
+
+  inputs = tuple(_chunked(x, chunk) for x in (hidden_btd, targets_bt, log_z_bt,
+                                                dlogprobs_bt.astype(jnp.float32)))
+  dkernel_dv, dhidden_c = jax.lax.scan(body, jnp.zeros(kernel_dv.shape, jnp.float32), inputs)
+  dhidden_btd = jnp.swapaxes(dhidden_c, 0, 1).reshape(b, t, d)
+  return dhidden_btd, dkernel_dv.astype(kernel_dv.dtype), None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+
+
+def token_logprobs(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets_bt: jnp.ndarray,
+                   chunk: int = DEFAULT_CHUNK_SIZE) -> jnp.ndarray:
+  """log p(target_t | prefix) in nats, float32 `[B, T]`, of the logits `hidden @ kernel`
+  (float32, accumulated from the given dtypes), without forming the `[B, T, V]` logits.
+
+  hidden `[B, T, D]` (final-normed: `Llama.apply(..., return_hidden=True)`); kernel `[D, V]`
+  (`jaxsft.models.llama.head_kernel`); targets `[B, T]` int in [0, V); `chunk`: positions per
+  row whose logits exist at once, at most (the largest divisor of T at most this; 0: all).
+  Every position gets a value, padding included: mask it. Differentiable w.r.t. hidden and
+  kernel (reverse mode; `jax.jvp` is not supported): the backward pass recomputes each chunk's
+  logits, so neither pass holds more than `[B, chunk, V]` of them.
+  """
+  return _token_logprobs(hidden_btd, kernel_dv, targets_bt, chunk_size(hidden_btd.shape[1],
+                                                                      chunk))
+
+
+def batch_logprobs(model: Llama, variables: dict, batch: dict[str, jnp.ndarray],
+                   chunk: int = DEFAULT_CHUNK_SIZE, rngs: dict | None = None) -> jnp.ndarray:
+  """log p(target | its segment's prefix) in nats, float32 `[B, T]`, of a packed batch (the
+  `inputs`, `targets`, `positions`, `segment_ids`, `loss_mask` rows of `data.packing`); 0
+  where `loss_mask` is 0 (other values, weights included, keep the log-probability unscaled:
+  weighting is the caller's). Summed over a segment: that sequence's supervised log-likelihood.
+
+  `model`: a `Llama` (its `deterministic` and `rngs` as for training); `variables`: what
+  `model.apply` takes. The head is applied by `token_logprobs` in chunks of `chunk` positions,
+  unless LoRA adapts the head itself: then the model's own `[B, T, V]` logits are used.
+  """
+  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
+  kernel_dv = head_kernel(model.config, variables)
+  if kernel_dv is None:
+    logits_btv = model.apply(variables, *args, rngs=rngs).astype(jnp.float32)
+    logprobs_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    logprobs_bt = jnp.take_along_axis(logprobs_btv, batch['targets'][..., None], axis=-1)[..., 0]
+  else:
+    hidden_btd = model.apply(variables, *args, rngs=rngs, return_hidden=True)
+    logprobs_bt = token_logprobs(hidden_btd, kernel_dv, batch['targets'], chunk)
+  return jnp.where(batch['loss_mask'] != 0, logprobs_bt, 0.0)

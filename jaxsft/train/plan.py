@@ -13,7 +13,6 @@ on a CPU host): the program a TPU or GPU would compile, with the attention kerne
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +32,8 @@ from jaxsft.train.model_source import model_config_from
 from jaxsft.train.optim import make_optimizer
 from jaxsft.train.state import abstract_train_state, state_shardings
 from jaxsft.train.step import jit_train_step
-from jaxsft.train.validate import check_batch_layout, check_config
+from jaxsft.train.settings import RunSettings
+from jaxsft.train.validate import check_batch_layout
 
 GIB = 1024 ** 3
 
@@ -61,34 +61,35 @@ class MemoryPlan:
     return self.frozen_bytes + self.trained_bytes + self.optimizer_bytes + self.temporary_bytes
 
 
-def _lowered_step(config: Any, devices: Any, platforms: Sequence[str] | None = None) -> Any:
-  """The train step of `config` lowered from abstract shapes (nothing allocated): for this
+def _lowered_step(settings: RunSettings, devices: Any, platforms: Sequence[str] | None = None
+                  ) -> Any:
+  """The train step of a run lowered from abstract shapes (nothing allocated): for this
   host's devices (a `jax.stages.Lowered`), or exported for `platforms` (a
   `jax.export.Exported`). Returns `(lowered, abstract state, model config)`."""
-  check_config(config)
-  mesh, rules = mesh_and_rules(config.mesh, devices)
-  check_batch_layout(config, mesh)
-  model_config, _ = model_config_from(config, shapes_only=True)
-  optimizer, schedule = make_optimizer(config.optim, 1000)
-  state = abstract_train_state(config, model_config, optimizer)
-  shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+  mesh, rules = mesh_and_rules(settings.mesh, devices)
+  check_batch_layout(settings.batch_size, settings.step.grad_accum_steps, mesh)
+  model_config, _ = model_config_from(settings.model, settings.lora, shapes_only=True)
+  optimizer, schedule = make_optimizer(settings.optim, 1000)
+  parts = {'lora': settings.lora, 'quant': settings.quant}
+  state = abstract_train_state(model_config, optimizer, **parts)
+  shardings = state_shardings(model_config, optimizer, mesh, rules, **parts)
   rows = batch_sharding(mesh)
-  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.max_seq_len), jnp.int32,
+  batch = {key: jax.ShapeDtypeStruct((settings.batch_size, settings.max_seq_len), jnp.int32,
                                      sharding=rows)
            for key in ROW_KEYS}
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jit_train_step(config, model_config, optimizer, schedule, shardings, rows)
+    step = jit_train_step(model_config, optimizer, shardings, rows, settings.step, schedule)
     if platforms is None:
       return step.lower(state, batch), state, model_config
     return jax.export.export(step, platforms=list(platforms))(state, batch), state, model_config
 
 
-def plan(config: Any, devices: Any = None) -> MemoryPlan:
-  """Compiles the train step from abstract shapes and measures per-device memory (on `devices`,
-  default all)."""
-  lowered, state, _ = _lowered_step(config, devices)
+def plan(settings: RunSettings, devices: Any = None) -> MemoryPlan:
+  """Compiles the train step of a run (`jaxsft.train.run.run_settings`) from abstract shapes
+  and measures per-device memory (on `devices`, default all)."""
+  lowered, state, _ = _lowered_step(settings, devices)
   compiled = lowered.compile()
   shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, state)
   analysis = compiled.memory_analysis()
@@ -110,7 +111,7 @@ def plan(config: Any, devices: Any = None) -> MemoryPlan:
       quantized_bits_per_parameter=bits)
 
 
-def max_seq_len(config: Any, device_memory_gib: float, multiple: int = 256,
+def max_seq_len(settings: RunSettings, device_memory_gib: float, multiple: int = 256,
                 limit: int = 131072, devices: Any = None,
                 cache: dict[int, MemoryPlan] | None = None) -> tuple[int, MemoryPlan | None]:
   """The longest `data.max_seq_len` (a multiple of `multiple`, at most `limit`) whose plan fits
@@ -125,9 +126,7 @@ def max_seq_len(config: Any, device_memory_gib: float, multiple: int = 256,
 
   def measure(length: int) -> MemoryPlan:
     if length not in cache:
-      probe = copy.deepcopy(config)
-      probe.data.max_seq_len = length
-      cache[length] = plan(probe, devices)
+      cache[length] = plan(settings.with_max_seq_len(length), devices)
     return cache[length]
 
   def fits(length: int) -> bool:
@@ -190,17 +189,18 @@ class PlatformLowering:
   stablehlo_bytes: int
 
 
-def lower_for_platform(config: Any, platform: str, devices: Any = None) -> PlatformLowering:
-  """Exports the train step of `config` for `platform` (`tpu`, `cuda`, `rocm` or `cpu`) with
+def lower_for_platform(settings: RunSettings, platform: str, devices: Any = None
+                       ) -> PlatformLowering:
+  """Exports the train step of a run for `platform` (`tpu`, `cuda`, `rocm` or `cpu`) with
   `jax.export`, from abstract shapes, on this host: the program a device of that kind would
   compile, with the attention kernel chosen for it. Raises what JAX raises where it cannot build
   a path without the device's plugin (cuDNN attention needs jax's CUDA plugin)."""
   if platform not in attention_lib.PLATFORMS:
     raise UserError(f'--platform {platform!r}; choose one of {attention_lib.PLATFORMS}.')
   with attention_lib.target_platforms([platform]):
-    exported, _, model_config = _lowered_step(config, devices, [platform])
+    exported, _, model_config = _lowered_step(settings, devices, [platform])
   d, h = model_config.num_heads, model_config.head_dim
-  seq = config.data.max_seq_len
+  seq = settings.max_seq_len
   q = jax.ShapeDtypeStruct((1, seq, d, h), model_config.dtype)
   k = jax.ShapeDtypeStruct((1, seq, model_config.num_kv_heads, h), model_config.dtype)
   chosen, reason = attention_lib.choose(model_config.attention_implementation, platform, q, k)

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from jaxsft.data.packing import ROW_KEYS
+from jaxsft.errors import check_number
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
 from jaxsft.parallel.batch import global_batch
@@ -31,6 +32,24 @@ from jaxsft.train.loss import DEFAULT_CHUNK_SIZE, chunk_size, fused_cross_entrop
 from jaxsft.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the train step does besides the update: `grad_accum_steps` micro-batches per step
+  (the batch's rows split evenly; the gradient is the whole batch's), NEFTune noise on the input
+  embeddings (`neftune_alpha`, 0 = off) and `loss_chunk_size` positions per row whose logits
+  exist at once in the fused LM head + loss (0 = the whole `[B, T, V]` logits). Invalid values
+  raise `UserError` when the settings are made."""
+
+  grad_accum_steps: int = 1
+  neftune_alpha: float = 0.0
+  loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+
+  def __post_init__(self):
+    check_number('train.grad_accum_steps', self.grad_accum_steps, low=1, integer=True)
+    check_number('train.neftune_alpha', self.neftune_alpha, low=0)
+    check_number('train.loss_chunk_size', self.loss_chunk_size, low=0, integer=True)
 
 
 def loss_terms(model: Llama, variables: dict[str, Any], batch: Batch, rngs: dict[str, Any],
@@ -71,14 +90,19 @@ def split_micro_batches(batch: Batch, count: int) -> Batch:
 
 
 def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
-                    neftune_alpha: float = 0.0, loss_chunk_size: int = DEFAULT_CHUNK_SIZE
-                    ) -> Callable[[TrainState, Batch],
-                                                            tuple[TrainState, dict]]:
-  """The pure train step. `jit_train_step` jits it with shardings."""
-  model = Llama(model_config, deterministic=False)
+                    settings: StepSettings = StepSettings(),
+                    schedule: optax.Schedule | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The pure train step `train_step(state, batch) -> (state, metrics)`; `jit_train_step` jits
+  it with shardings. `batch` holds `[rows, T]` int arrays under `jaxsft.data.packing.ROW_KEYS`;
+  the model applies the state's adapters (`TrainState.lora`). Metrics: `loss` (mean nats per
+  supervised token of the whole batch), `accuracy`, `supervised_tokens`, `grad_norm`, and `lr`
+  when `schedule` (the optimizer's, for logging only) is given."""
+  grad_accum_steps = settings.grad_accum_steps
+  neftune_alpha, loss_chunk_size = settings.neftune_alpha, settings.loss_chunk_size
 
   def micro_step(state: TrainState, micro: Batch, rng: jax.Array):
+    model = Llama(state.model_config(model_config), deterministic=False)
     rngs = dict(zip(('dropout', 'neftune'), jax.random.split(rng)))
 
     def objective(trained):
@@ -121,8 +145,9 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
                                                                                      old))
     params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
     metrics = {'loss': loss_sum / denominator, 'accuracy': correct / denominator,
-               'supervised_tokens': supervised, 'grad_norm': grad_norm,
-               'lr': schedule(state.step)}
+               'supervised_tokens': supervised, 'grad_norm': grad_norm}
+    if schedule is not None:
+      metrics['lr'] = schedule(state.step)
     new_state = dataclasses.replace(state, step=state.step + 1, params=params,
                                     opt_state=opt_state, rng=rng)
     return new_state, metrics
@@ -132,8 +157,9 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
 
 def make_eval_step(model_config: LlamaConfig, loss_chunk_size: int = DEFAULT_CHUNK_SIZE
                    ) -> Callable[[dict, Batch], dict]:
-  """`eval_step(variables, batch)`: summed loss, correct and supervised tokens of one batch
-  (deterministic model)."""
+  """`eval_step(variables, batch)`: summed loss (nats), correct and supervised tokens of one
+  batch (deterministic model). `model_config` must carry the adapters' scale when `variables`
+  holds them (`TrainState.model_config`)."""
   model = Llama(model_config)
 
   def eval_step(variables: dict, batch: Batch) -> dict:
@@ -160,15 +186,16 @@ def compiler_options(platform: str) -> dict[str, str] | None:
   return CPU_COMPILER_OPTIONS if platform == 'cpu' else None
 
 
-def jit_train_step(config: Any, model_config: LlamaConfig, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, shardings: TrainState, rows: NamedSharding
+def jit_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransformation,
+                   shardings: TrainState, rows: NamedSharding,
+                   settings: StepSettings = StepSettings(),
+                   schedule: optax.Schedule | None = None
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The train step of `config.train`, jitted: the state in and out with `shardings` (donated),
-  every batch key sharded as `rows`."""
-  step = make_train_step(model_config, optimizer, schedule,
-                         grad_accum_steps=config.train.grad_accum_steps,
-                         neftune_alpha=config.train.neftune_alpha,
-                         loss_chunk_size=config.train.loss_chunk_size)
+  """`make_train_step` jitted: the state in and out with `shardings` (`state_shardings`; the
+  state is donated, so pass the returned one on), every batch key sharded as `rows`
+  (`jaxsft.parallel.batch_sharding(mesh)`), whose leading axis the batch's rows and
+  `settings.grad_accum_steps` micro-batches must divide evenly."""
+  step = make_train_step(model_config, optimizer, settings, schedule)
   return jax.jit(step, in_shardings=(shardings, {key: rows for key in ROW_KEYS}),
                  out_shardings=(shardings, None), donate_argnums=(0,),
                  compiler_options=compiler_options(rows.mesh.devices.flat[0].platform))
