@@ -18,12 +18,18 @@ import warnings
 
 __version__ = '0.1.0'
 
+# The parts, each with its public API in its own `__all__` (imported when first asked for:
+# `import jaxsft` alone loads none of them).
+__all__ = ['adapters', 'data', 'errors', 'eval', 'interop', 'models', 'parallel', 'train']
+
 # Import paths of jaxsft 0.1.0's README that moved into the parts above; they keep working
 # for a while, with a warning that names the new path.
 _MOVED = {'hf': 'jaxsft.interop.hf', 'sharding': 'jaxsft.parallel.mesh'}
 
 
 def __getattr__(name: str):
+  if name in __all__:
+    return importlib.import_module(f'{__name__}.{name}')
   if name in _MOVED:
     warnings.warn(f'jaxsft.{name} moved to {_MOVED[name]}; import it from there.',
                   DeprecationWarning, stacklevel=2)

@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import types
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,7 +155,11 @@ def build(packages: Sequence[str], out: Path) -> None:
   # pdoc walks each package's subpackages; keep only the packages named.
   only = '!(?!(' + '|'.join(re.escape(package) for package in packages) + ')$)'
   out.mkdir(parents=True, exist_ok=True)
-  pdoc.pdoc(*packages, only, output_directory=out)
+  # The packages name each other's modules (jaxsft.eval lists jaxsft.eval.generate's names):
+  # pdoc warns that it documents each module once, which is what we want.
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message='The module specification', category=UserWarning)
+    pdoc.pdoc(*packages, only, output_directory=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,9 +97,8 @@ def worker(side: str, spec: dict) -> dict:
     from jaxsft.config import default_config
     from jaxsft.eval.harness import JaxsftLM
     from jaxsft.eval.model import from_hf
-    config = default_config()
-    config.model.path = spec['model']
-    lm = JaxsftLM(from_hf(config, dtype=spec['dtype']), batch_size=spec['batch_size'],
+    lm = JaxsftLM(from_hf(spec['model'], default_config().data, dtype=spec['dtype']),
+                  batch_size=spec['batch_size'],
                   max_length=spec['max_length'])
     threads = os.cpu_count()
   times, results = [], None

@@ -30,7 +30,7 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxsft.eval import generate
+  from jaxsft.eval.generate import SamplingConfig, generate, generate_uncached
   from jaxsft.models import Llama, LlamaConfig
   config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden,
                        intermediate_size=args.hidden * 11 // 4, num_layers=args.layers,
@@ -40,14 +40,14 @@ def main() -> None:
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))()['params'])
   variables = {'params': params}
   prompts = np.random.default_rng(0).integers(0, 32000, (args.batch, args.prompt)).tolist()
-  sampling = generate.SamplingConfig(max_new_tokens=args.new)
-  generate.generate(config, variables, prompts, sampling)  # compile
+  sampling = SamplingConfig(max_new_tokens=args.new)
+  generate(config, variables, prompts, sampling)  # compile
   start = time.perf_counter()
-  cached = generate.generate(config, variables, prompts, sampling)
+  cached = generate(config, variables, prompts, sampling)
   cached_s = time.perf_counter() - start
-  generate.generate_uncached(config, variables, prompts[0], args.new)  # compile this length
+  generate_uncached(config, variables, prompts[0], args.new)  # compile this length
   start = time.perf_counter()
-  uncached = generate.generate_uncached(config, variables, prompts[0], args.new)
+  uncached = generate_uncached(config, variables, prompts[0], args.new)
   uncached_s = time.perf_counter() - start
   assert cached[0] == uncached[:len(cached[0])], 'cached and uncached decoding disagree'
   result = {'device': jax.devices()[0].device_kind, 'hidden': args.hidden,

@@ -16,6 +16,7 @@ import json
 
 from jaxsft.config import load_config
 from jaxsft.train import plan
+from jaxsft.train.run import run_settings
 
 METHODS = {
     'full': ['lora.enabled=False', 'quant.kind=none', 'model.param_dtype=bfloat16'],
@@ -38,11 +39,11 @@ def main() -> None:
   for method in args.methods.split(','):
     overrides = ['model.path=', f'model.remat_policy={args.remat}', f'batch_size={args.batch}',
                  *METHODS[method]]
-    config = load_config('configs/llama2_7b_qlora.py', overrides)
+    settings = run_settings(load_config('configs/llama2_7b_qlora.py', overrides))
     cache: dict = {}
     cells = []
     for size in args.sizes.split(','):
-      length, memory = plan.max_seq_len(config, float(size), multiple=args.multiple,
+      length, memory = plan.max_seq_len(settings, float(size), multiple=args.multiple,
                                         cache=cache)
       cells.append(f'{length:,}' if length else 'does not fit')
       print(json.dumps({'method': method, 'device_memory_gib': float(size), 'max_seq_len': length,

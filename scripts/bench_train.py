@@ -124,6 +124,7 @@ def worker_jax(spec: dict) -> dict:
   from jaxsft.parallel.mesh import mesh_and_rules
   from jaxsft.train import flops, optim
   from jaxsft.train.model_source import model_config_from
+  from jaxsft.train.run import run_settings
   from jaxsft.train.state import init_train_state, state_shardings
   from jaxsft.train.step import jit_train_step
   config = default_config()
@@ -146,16 +147,20 @@ def worker_jax(spec: dict) -> dict:
   config.optim.learning_rate = 1e-4
   config.batch_size = spec['batch']
   config.data.max_seq_len = spec['seq']
-  model_config, folder = model_config_from(config)
-  mesh, rules = mesh_and_rules(config.mesh, jax.devices()[:1])
-  optimizer, schedule = optim.make_optimizer(config.optim, 1000)
+  settings = run_settings(config)
+  model_config, folder = model_config_from(settings.model, settings.lora)
+  mesh, rules = mesh_and_rules(settings.mesh, jax.devices()[:1])
+  optimizer, schedule = optim.make_optimizer(settings.optim, 1000)
   data = np.load(spec['rows'])
   rows = {k: data[k] for k in data.files}
-  state = init_train_state(config, model_config, folder, optimizer, mesh, rules)
+  parts = {'lora': settings.lora, 'quant': settings.quant}
+  state = init_train_state(model_config, optimizer, mesh, rules, base=folder,
+                           seed=settings.seed, **parts)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+    shardings = state_shardings(model_config, optimizer, mesh, rules, **parts)
     row_sharding = batch_sharding(mesh)
-    step = jit_train_step(config, model_config, optimizer, schedule, shardings, row_sharding)
+    step = jit_train_step(model_config, optimizer, shardings, row_sharding, settings.step,
+                          schedule)
     b = spec['batch']
     count = len(rows['inputs']) // b
     batches = [global_batch({k: v[i * b:(i + 1) * b] for k, v in rows.items()}, row_sharding)
@@ -182,7 +187,7 @@ def worker_jax(spec: dict) -> dict:
           state, metrics = compiled(state, batches[i % count])
         jax.block_until_ready(metrics)
   per_token = flops.train_flops_per_token(
-      model_config, spec['seq'], lora_rank=spec['lora_rank'] if config.lora.enabled else 0,
+      model_config, spec['seq'], lora_rank=spec['lora_rank'] if settings.lora else 0,
       lora_targets=_LORA_TARGETS)
   memory, memory_kind = _peak_memory_jax()
   return {'first_loss': first_loss, 'step_s': elapsed / spec['steps'],

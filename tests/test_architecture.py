@@ -72,3 +72,44 @@ def test_only_the_cli_reads_the_config_defaults():
                  isinstance(node, ast.ImportFrom) and node.module == 'jaxsft.config'
                  for node in ast.walk(ast.parse(p.read_text())))]
   assert not readers, readers
+
+
+# Where the run's config (the CLI's ConfigDict) may be read section by section; everything
+# below takes its part's settings (issue 25: 66 such reads before).
+CONFIG_READERS = ('jaxsft/config.py', 'jaxsft/train/run.py', 'jaxsft/cli/', 'jaxsft/demo.py')
+SECTIONS = ('model', 'lora', 'quant', 'optim', 'train', 'checkpoint', 'distributed', 'mesh',
+            'demo', 'data')
+
+
+def _config_section_reads(source: str) -> list[tuple[int, str]]:
+  """`(line, expression)` of every `<...config>.<section>` attribute read: `config.lora`,
+  `run.config.train`, `self.model.config.data`."""
+  reads = []
+  for node in ast.walk(ast.parse(source)):
+    if not (isinstance(node, ast.Attribute) and node.attr in SECTIONS):
+      continue
+    owner = node.value
+    name = owner.id if isinstance(owner, ast.Name) else \
+        owner.attr if isinstance(owner, ast.Attribute) else ''
+    if name == 'config' or name.endswith('_config') and name != 'model_config':
+      reads.append((node.lineno, ast.unparse(node)))
+  return reads
+
+
+def test_the_detector_of_config_section_reads_finds_them():
+  source = ('def f(config, run, data_config, model_config):\n'
+            '  return (config.lora.rank, run.config.train.seed, data_config.max_seq_len,\n'
+            '          model_config.hidden_size, self.model.config.data)\n')
+  assert sorted(expr for _, expr in _config_section_reads(source)) == [
+      'config.lora', 'run.config.train', 'self.model.config.data']
+
+
+def test_only_the_run_and_the_cli_read_run_config_sections():
+  offenders = []
+  for path in MODULES:
+    relative = str(path.relative_to(PACKAGE.parent))
+    if relative.startswith(CONFIG_READERS):
+      continue
+    offenders += [f'{relative}:{line}: {expr}'
+                  for line, expr in _config_section_reads(path.read_text())]
+  assert not offenders, '\n'.join(offenders)

@@ -177,7 +177,7 @@ def test_mt_bench_questions_are_answered_turn_by_turn(stage, tmp_path):
   # Turn 2 was answered with turn 1 and its answer in the conversation.
   config = default_config()
   config.model.path, config.data.template = str(model), 'chatml'
-  loaded = eval_model.from_hf(config)
+  loaded = eval_model.from_hf(config.model.path, config.data)
   from jaxsft.eval.generate import SamplingConfig
   first, second = answers[0]['choices'][0]['turns']
   history = [{'role': 'user', 'content': 'hello'}, {'role': 'assistant', 'content': first},
@@ -192,7 +192,7 @@ def test_shared_contexts_score_as_packed_requests(stage):
   root, model = stage
   config = default_config()
   config.model.path = str(model)
-  loaded = eval_model.from_hf(config)
+  loaded = eval_model.from_hf(config.model.path, config.data)
   rng = random.Random(3)
   requests, groups = [], []
   for size in (4, 4, 2, 4, 3, 4):

@@ -15,7 +15,9 @@ from jaxsft.errors import UserError
 from jaxsft.train import checkpoint
 from jaxsft.train.loop import EXIT_NON_FINITE, Preempted
 from jaxsft.train.metrics import MetricWriter
-from jaxsft.train.run import train
+from jaxsft.train.model_source import model_config_from
+from jaxsft.train.optim import make_optimizer
+from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import abstract_train_state
 
 from conftest import shared_data
@@ -163,7 +165,10 @@ def test_nan_stops_with_exit_code_and_the_last_good_checkpoint_restores(tmp_path
   assert code == EXIT_NON_FINITE
   saved = checkpoint.Checkpointer(str(tmp_path / 'run'))
   assert saved.latest_step() == 4  # step 8 would have been saved; step 7 went NaN first
-  like = abstract_train_state(run_config(tmp_path))
+  settings = run_settings(run_config(tmp_path))
+  model_config, _ = model_config_from(settings.model, settings.lora, shapes_only=True)
+  like = abstract_train_state(model_config, make_optimizer(settings.optim, 1)[0],
+                              lora=settings.lora, quant=settings.quant)
   like = jax.tree_util.tree_map(
       lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
       else jax.numpy.zeros(x.shape, x.dtype), like)

@@ -15,7 +15,7 @@ from jaxsft.models import Llama
 from jaxsft.parallel import mesh as mesh_lib
 from jaxsft.train import export, optim
 from jaxsft.train.model_source import model_config_from
-from jaxsft.train.run import train
+from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import init_train_state
 
 from hf_reference import make_model, random_tokens
@@ -87,11 +87,13 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path, variant, modules_to_sav
   config.lora.targets = ['q_proj', 'v_proj', 'up_proj']
   config.lora.modules_to_save = modules_to_save
   config.lora.init_from = str(tmp_path / 'adapter')
-  model_config, folder = model_config_from(config)
+  settings = run_settings(config)
+  model_config, folder = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  optimizer, _ = optim.make_optimizer(config.optim, 10)
+  optimizer, _ = optim.make_optimizer(settings.optim, 10)
   with nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
-    state = init_train_state(config, model_config, folder, optimizer, mesh,
-                                   mesh_lib.DEFAULT_RULES)
+    state = init_train_state(model_config, optimizer, mesh, mesh_lib.DEFAULT_RULES, base=folder,
+                             lora=settings.lora, quant=settings.quant, seed=settings.seed,
+                             adapters_from=settings.lora_init_from)
   ours = np.asarray(Llama(model_config).apply(jax.device_get(state.variables()), tokens))
   np.testing.assert_allclose(ours, expected, atol=1e-4)

@@ -8,8 +8,9 @@ from jaxsft.config import default_config
 from jaxsft.models import LlamaConfig
 from jaxsft.train import flops, optim
 from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import run_settings
 from jaxsft.train.state import abstract_train_state
-from jaxsft.train.step import make_train_step
+from jaxsft.train.step import StepSettings, make_train_step
 
 SMALL = dict(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_layers=2,
              num_heads=8, num_kv_heads=4)
@@ -65,14 +66,15 @@ def test_flops_match_xla_cost_analysis(architecture, lora):
   config.lora.enabled = lora
   config.lora.rank = 16
   config.lora.targets = ['all-linear']
-  model_config, _ = model_config_from(config)
-  optimizer, schedule = optim.make_optimizer(config.optim, 10)
-  state = abstract_train_state(config)
+  settings = run_settings(config)
+  model_config, _ = model_config_from(settings.model, settings.lora)
+  optimizer, schedule = optim.make_optimizer(settings.optim, 10)
+  state = abstract_train_state(model_config, optimizer, lora=settings.lora, quant=settings.quant)
   rows, seq = 2, 256
   batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32) for k in
            ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
-  xla = jax.jit(make_train_step(model_config, optimizer, schedule,
-                                      loss_chunk_size=0)).lower(state, batch).cost_analysis()
+  xla = jax.jit(make_train_step(model_config, optimizer, StepSettings(loss_chunk_size=0),
+                                schedule)).lower(state, batch).cost_analysis()
   ours = flops.train_flops_per_token(model_config, seq, lora_rank=16 if lora else 0,
                                      lora_targets='all-linear', causal=False)
   ratio = ours.total * rows * seq / xla['flops']

@@ -1,6 +1,8 @@
 """KV-cache generation: greedy decoding equals transformers' `generate`, with and without
 LoRA, for batches of prompts of different lengths; sampling filters behave."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,12 @@ import peft
 import pytest
 import torch
 
-from jaxsft.eval import generate
 from jaxsft.interop import hf
 
 from hf_reference import make_model
+
+# The module: `from jaxsft.eval import generate` is its function of that name.
+generate = importlib.import_module('jaxsft.eval.generate')
 
 
 def hf_greedy(model, prompt, new_tokens):
@@ -47,9 +51,11 @@ def test_greedy_with_lora_equals_peft(tmp_path):
   peft_model.save_pretrained(tmp_path / 'adapter')
   from jaxsft.adapters import lora
   from jaxsft.interop import peft as peft_io
-  abstract = lora.abstract_lora(hf.abstract_params(config), ['q_proj', 'v_proj', 'down_proj'], 4)
+  settings = lora.LoraSettings(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'down_proj'))
+  abstract = lora.abstract_lora(hf.abstract_params(config), settings)
   adapters, _ = peft_io.load_peft_adapter(str(tmp_path / 'adapter'), abstract, config.num_layers)
-  config = config.replace(lora_scale=2.0)
+  config = config.with_lora(settings)
+  assert config.lora_scale == 2.0
   ours = generate.generate(config, {'params': params, 'lora': adapters}, PROMPTS[:2],
                            generate.SamplingConfig(max_new_tokens=24))
   for prompt, tokens in zip(PROMPTS[:2], ours):

@@ -29,6 +29,7 @@ from jaxsft.parallel import mesh as mesh_lib
 from jaxsft.parallel.batch import batch_sharding, global_batch
 from jaxsft.train import optim
 from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import run_settings
 from jaxsft.train.state import init_train_state, state_shardings
 from jaxsft.train.step import jit_train_step
 
@@ -131,22 +132,24 @@ def train_steps(method: str, implementations: tuple[str, ...], batch: dict[str, 
   """{implementation: (metrics, update of the trained params)} of one train step from the same
   initial state, built as the trainer builds it (`init_train_state`, `jit_train_step`, a
   one-device mesh)."""
-  config = run_config(method, REFERENCE)
-  model_config, _ = model_config_from(config)
+  settings = run_settings(run_config(method, REFERENCE))
+  model_config, _ = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
   rules = mesh_lib.DEFAULT_RULES
-  optimizer, schedule = optim.make_optimizer(config.optim, 10)
+  optimizer, schedule = optim.make_optimizer(settings.optim, 10)
+  parts = {'lora': settings.lora, 'quant': settings.quant}
   results = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # One init for both kernels (the attention kernel is no part of the state); each step
     # donates its input, so each starts from a fresh device copy of it.
-    initial = init_train_state(config, model_config, None, optimizer, mesh, rules)
+    initial = init_train_state(model_config, optimizer, mesh, rules, seed=settings.seed,
+                               **parts)
     initial_params = jax.device_get(initial.params)
-    shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+    shardings = state_shardings(model_config, optimizer, mesh, rules, **parts)
     rows = batch_sharding(mesh)
     for implementation in implementations:
-      step = jit_train_step(config, model_config.replace(
-          attention_implementation=implementation), optimizer, schedule, shardings, rows)
+      step = jit_train_step(model_config.replace(attention_implementation=implementation),
+                            optimizer, shardings, rows, settings.step, schedule)
       state = jax.device_put(initial, shardings, may_alias=False)
       device_batch = global_batch(batch, rows)
       lowered = step.lower(state, device_batch)
@@ -167,8 +170,8 @@ def kernels_serve():
 
 def test_logits_match_the_reference():
   batch = packed_batch(seed=1)
-  config = run_config('full', REFERENCE)
-  model_config, _ = model_config_from(config)
+  settings = run_settings(run_config('full', REFERENCE))
+  model_config, _ = model_config_from(settings.model, settings.lora)
   tokens = jnp.asarray(batch['inputs'])
   params = jax.jit(Llama(model_config).init)(jax.random.key(0), tokens)['params']
   logits = {}

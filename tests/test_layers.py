@@ -108,12 +108,12 @@ def test_every_bf16_dot_of_a_lora_step_accumulates_in_float32_on_cpu(implementat
   params = nn.unbox(Llama(config).init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
   params = params['params']
   adapters = lora.init_lora(jax.random.key(1), lora.abstract_lora(
-      hf.abstract_params(config), ['all-linear'], 4))
+      hf.abstract_params(config), lora.LoraSettings(rank=4, targets=('all-linear',))))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 128)), jnp.int32)
   segments = jnp.ones_like(tokens)
 
   def loss(adapters):
-    hidden = Llama(config).apply(
+    hidden = Llama(config.replace(lora_scale=1.0)).apply(
         {'params': params, 'lora': adapters}, tokens, segment_ids=segments, return_hidden=True)
     kernel = jnp.asarray(params['lm_head']['kernel'], jnp.bfloat16)
     return fused_cross_entropy(hidden, kernel, tokens, segments, 16)[0]

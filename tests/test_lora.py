@@ -24,10 +24,16 @@ def kernel_paths(tree):
 MLP_PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
 
 
+def adapting(targets, rank):
+  """`LoraSettings` of rank `rank` on `targets` (the parts `abstract_lora` reads)."""
+  return lora.LoraSettings(rank=rank, targets=tuple(targets))
+
+
 def peft_with_random_adapters(model, config, targets, rank, alpha, rslora=False, seed=0):
   """Random (non-zero) jaxsft adapters for `targets` of the 2-layer model, and a PEFT model
   over `model` holding the same ones. Returns `(adapters, peft_model, named_modules)`."""
-  abstract = lora.abstract_lora(hf.abstract_params(config), targets, rank)
+  abstract = lora.abstract_lora(hf.abstract_params(config), lora.LoraSettings(
+      rank=rank, alpha=alpha, rslora=rslora, targets=tuple(targets)))
   rng = np.random.default_rng(seed)
   adapters = jax.tree_util.tree_map(
       lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
@@ -59,21 +65,23 @@ def loaded(tmp_path_factory):
 def test_targets_by_name_regex_and_all_linear(loaded):
   _, config, _ = loaded
   boxed = hf.abstract_params(config)
-  by_name = kernel_paths(lora.abstract_lora(boxed, ['q_proj', 'v_proj'], 4))
+  by_name = kernel_paths(lora.abstract_lora(boxed, adapting(['q_proj', 'v_proj'], 4)))
   assert by_name == ['layers_0/self_attn/q_proj', 'layers_0/self_attn/v_proj',
                      'layers_1/self_attn/q_proj', 'layers_1/self_attn/v_proj']
-  by_regex = kernel_paths(lora.abstract_lora(boxed, [r'layers_1/mlp/(gate|up)_proj'], 4))
+  by_regex = kernel_paths(lora.abstract_lora(boxed, adapting([r'layers_1/mlp/(gate|up)_proj'],
+                                                              4)))
   assert by_regex == ['layers_1/mlp/gate_proj', 'layers_1/mlp/up_proj']
-  all_linear = kernel_paths(lora.abstract_lora(boxed, ['all-linear'], 4))
+  all_linear = kernel_paths(lora.abstract_lora(boxed, adapting(['all-linear'], 4)))
   assert len(all_linear) == 14 and not any('lm_head' in p for p in all_linear)
+  query = adapting(['query'], 4)
   with pytest.raises(ValueError, match='match no kernel'):
-    lora.abstract_lora(boxed, ['query'], 4)
+    lora.abstract_lora(boxed, query)
 
 
 def test_adapters_shard_like_their_kernels(loaded):
   _, config, _ = loaded
   boxed = hf.abstract_params(config.replace(scan_layers=True))
-  abstract = lora.abstract_lora(boxed, ['q_proj', 'down_proj'], 8)
+  abstract = lora.abstract_lora(boxed, adapting(['q_proj', 'down_proj'], 8))
   q = abstract['layers']['self_attn']['q_proj']
   assert q['a'].names == ('layers', 'embed', 'lora_rank')
   assert q['b'].names == ('layers', 'lora_rank', 'heads')
@@ -83,7 +91,7 @@ def test_adapters_shard_like_their_kernels(loaded):
 
 def test_peft_initialisation_keeps_the_base_model(loaded):
   _, config, params = loaded
-  abstract = lora.abstract_lora(hf.abstract_params(config), ['all-linear'], 8)
+  abstract = lora.abstract_lora(hf.abstract_params(config), adapting(['all-linear'], 8))
   adapters = lora.init_lora(jax.random.key(0), abstract)
   a = np.asarray(adapters['layers_0']['mlp']['down_proj']['a'])  # in = intermediate 128
   assert np.abs(a).max() <= 1 / np.sqrt(128) and np.abs(a).max() > 0.8 / np.sqrt(128)
@@ -91,7 +99,9 @@ def test_peft_initialisation_keeps_the_base_model(loaded):
              if x.shape[-2] == 8)  # every b is zero
   tokens = random_tokens(2, 12)
   base = Llama(config).apply({'params': params}, tokens)
-  adapted = Llama(config).apply({'params': params, 'lora': adapters}, tokens)
+  # Any scale: every b is zero (the scale a model applying adapters has to be given).
+  adapted = Llama(config.replace(lora_scale=1.0)).apply({'params': params, 'lora': adapters},
+                                                        tokens)
   np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
 
 

@@ -9,6 +9,7 @@ import pytest
 from jaxsft.config import default_config
 from jaxsft.models import attention as attention_lib
 from jaxsft.train import plan
+from jaxsft.train.run import run_settings
 
 ARCH = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
             num_kv_heads=2, max_position_embeddings=1024)
@@ -40,7 +41,7 @@ def skip_without_cudnn(implementation: str) -> None:
                                                      ('cuda', 'cudnn')])
 def test_train_step_lowers_for_the_platform(method, platform, implementation):
   skip_without_cudnn(implementation)
-  lowering = plan.lower_for_platform(step_config(method, implementation), platform)
+  lowering = plan.lower_for_platform(run_settings(step_config(method, implementation)), platform)
   assert (lowering.attention, lowering.fallback_reason) == (implementation, None)
   if implementation in ('splash', 'cudnn'):  # the fused kernel is in the program itself
     assert lowering.kernel_calls > 0
@@ -53,7 +54,7 @@ def test_splash_lowers_on_a_mesh_that_splits_heads():
   """A TPU slice with tensor parallelism: splash runs per device on its rows and heads."""
   config = step_config('full', 'splash')
   config.mesh.shape = (4, 1, 2)
-  lowering = plan.lower_for_platform(config, 'tpu')
+  lowering = plan.lower_for_platform(run_settings(config), 'tpu')
   assert lowering.attention == 'splash' and lowering.kernel_calls > 0
 
 
@@ -61,7 +62,7 @@ def test_splash_lowers_on_a_mesh_that_splits_heads():
 def test_auto_picks_the_kernel_meant_for_the_platform_it_is_lowered_for(platform, intended):
   """`auto` follows the platform the program is built for, not the host's CPU backend."""
   skip_without_cudnn(intended)
-  lowering = plan.lower_for_platform(step_config('lora', 'auto'), platform)
+  lowering = plan.lower_for_platform(run_settings(step_config('lora', 'auto')), platform)
   assert lowering.attention == intended and lowering.kernel_calls > 0
 
 

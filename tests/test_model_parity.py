@@ -68,16 +68,24 @@ def test_remat_policies_compute_the_same_function_and_gradients(saved_models, po
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize('variant', sorted(VARIANTS))
-def test_bfloat16_logits_match_transformers_bfloat16(saved_models, variant):
-  """bf16 weights and compute (`load_checkpoint(dtype='bfloat16')` with compute dtype bf16)
-  against transformers' model cast to torch.bfloat16. The two round differently, so their
-  logits are not compared with each other: each is compared with the float32 logits, and
-  jaxsft's bf16 error must be transformers' own bf16 error within rounding noise. On these
-  models the ratio of the RMS errors is 0.9-1.1 (the max errors 0.7-1.4); computing in float32
-  with bf16 weights (a compute dtype that did not take) gives 0.6-0.67, and RoPE angles in
-  bf16 give up to 2.4 at these lengths, so [0.8, 1.25] tells bf16 arithmetic done as
-  transformers does from arithmetic that is not."""
+
+# GQA with llama3 RoPE, MQA with biases, a sliding window, Qwen2's biases, Qwen3's q/k norms and
+# wide heads with a tied head: what bf16 rounds differently in each family.
+BF16_VARIANTS = ('llama3_gqa', 'llama_mqa_bias', 'mistral_window5', 'qwen2_bias', 'qwen3_tied')
+
+
+@pytest.mark.parametrize('variant', BF16_VARIANTS)
+def test_bfloat16_logits_are_as_close_as_transformers_bfloat16(saved_models, variant):
+  """bf16 weights and compute (`load_checkpoint(dtype='bfloat16')`, compute dtype bf16) against
+  transformers' model cast to torch.bfloat16. The two round differently, so their logits are not
+  compared with each other: each is compared with the float32 logits, and jaxsft's bf16 error
+  must be transformers' own bf16 error up to rounding noise.
+
+  Measured on these models (2 x 128 tokens): the ratio of the RMS errors is 0.83-1.07, of the
+  max errors 0.64-1.41. Computing in float32 from the bf16 weights (a compute dtype that did not
+  take) gives RMS ratios 0.52-0.65; RoPE angles rounded to bf16 before cos/sin give 1.64 (RMS)
+  and 2.5 (max) on qwen3_tied. Hence [0.75, 1.3] and 2.
+  """
   folder, torch_model = saved_models[variant]
   tokens = random_tokens(2, 128, seed=4)
   reference = torch_logits(torch_model, tokens).astype(np.float64)
@@ -86,16 +94,15 @@ def test_bfloat16_logits_match_transformers_bfloat16(saved_models, variant):
                                       config_overrides={'dtype': 'bfloat16'})
   assert config.dtype == config.param_dtype == jnp.bfloat16
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-  logits = np.asarray(Llama(config).apply({'params': params}, tokens).astype(jnp.float32))
+  logits = Llama(config).apply({'params': params}, tokens)
 
   def rms_and_max_error(x):
     error = np.asarray(x, np.float64) - reference
     return np.sqrt(np.mean(error ** 2)), np.abs(error).max()
 
-  (jax_rms, jax_max), (torch_rms, torch_max) = rms_and_max_error(logits), rms_and_max_error(
-      torch_bf16)
-  # bf16 keeps 8 significant bits: on logits up to ~3 an error of a few 1e-3 (RMS) is rounding.
-  assert 1e-3 < torch_rms < 3e-2, torch_rms
-  print("RATIO", variant, jax_rms / torch_rms, jax_max / torch_max, torch_rms)
-  assert 0.8 <= jax_rms / torch_rms <= 1.25, (jax_rms, torch_rms)
+  jax_rms, jax_max = rms_and_max_error(logits.astype(jnp.float32))
+  torch_rms, torch_max = rms_and_max_error(torch_bf16)
+  # bf16 keeps 8 significant bits: logits of magnitude ~2.5 are off by ~1e-2 at worst.
+  assert 2e-3 < torch_rms < 2e-2, torch_rms
+  assert 0.75 <= jax_rms / torch_rms <= 1.3, (jax_rms, torch_rms)
   assert jax_max <= 2.0 * torch_max, (jax_max, torch_max)

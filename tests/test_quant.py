@@ -16,7 +16,7 @@ from jaxsft.models import Llama, LlamaConfig
 from jaxsft.parallel import mesh as mesh_lib
 from jaxsft.train import optim
 from jaxsft.train.model_source import model_config_from
-from jaxsft.train.run import train
+from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import init_train_state
 from jaxsft.train.step import compiler_options, make_eval_step, make_train_step
 
@@ -124,15 +124,15 @@ def qlora_config(kind='nf4'):
 
 def test_lora_step_on_nf4_equals_step_on_dequantized_base():
   from test_train import packed_batch
-  config = qlora_config()
-  model_config, _ = model_config_from(config)
+  settings = run_settings(qlora_config())
+  model_config, _ = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  optimizer, schedule = optim.make_optimizer(config.optim, 10)
+  optimizer, schedule = optim.make_optimizer(settings.optim, 10)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
-    state = init_train_state(config, model_config, None, optimizer, mesh,
-                                   mesh_lib.DEFAULT_RULES)
+    state = init_train_state(model_config, optimizer, mesh, mesh_lib.DEFAULT_RULES,
+                             lora=settings.lora, quant=settings.quant, seed=settings.seed)
   dense = state.replace(frozen=quant.dequantize_params(state.frozen, jnp.float32))
-  step = jax.jit(make_train_step(model_config, optimizer, schedule))
+  step = jax.jit(make_train_step(model_config, optimizer, schedule=schedule))
   batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
   after_quantized, m_quantized = step(state, batch)
   after_dense, m_dense = step(dense, batch)
@@ -144,17 +144,15 @@ def test_lora_step_on_nf4_equals_step_on_dequantized_base():
 
 def test_quantized_kernels_shard_like_dense_kernels():
   config = qlora_config()
-  model_config, _ = model_config_from(config)
-  model_config = model_config.replace(hidden_size=128, intermediate_size=256, num_heads=8,
-                                      num_kv_heads=4)
   config.model.architecture = {**dict(config.model.architecture), 'hidden_size': 128,
                                'intermediate_size': 256, 'num_heads': 8, 'num_kv_heads': 4}
-  model_config, _ = model_config_from(config)
+  settings = run_settings(config)
+  model_config, _ = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh((2, 2, 2))
-  optimizer, _ = optim.make_optimizer(config.optim, 10)
+  optimizer, _ = optim.make_optimizer(settings.optim, 10)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
-    state = init_train_state(config, model_config, None, optimizer, mesh,
-                                   mesh_lib.DEFAULT_RULES)
+    state = init_train_state(model_config, optimizer, mesh, mesh_lib.DEFAULT_RULES,
+                             lora=settings.lora, quant=settings.quant, seed=settings.seed)
   node = state.frozen['layers']['mlp']['up_proj']['kernel']  # ('layers', 'embed', 'mlp')
   expected = jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
   assert node.codes.sharding.spec == expected and node.absmax.sharding.spec == expected
@@ -185,7 +183,8 @@ def test_qlora_training_lowers_the_loss(tmp_path):
 def test_merge_handles_a_quantized_base():
   params = nn.unbox(Llama(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
   quantized = quant.quantize(params)
-  abstract = lora.abstract_lora(hf.abstract_params(TINY), ['q_proj'], 4)
+  abstract = lora.abstract_lora(hf.abstract_params(TINY),
+                                lora.LoraSettings(rank=4, targets=('q_proj',)))
   adapters = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.01, x.dtype),
                                     nn.unbox(abstract))
   merged = lora.merge_lora(quantized, adapters, 2.0, quantized_dtype=jnp.float32)
@@ -208,17 +207,16 @@ def test_plan_finds_the_longest_row_that_fits():
   small = plan.plan(_with_length(config, 64), one).total_bytes
   large = plan.plan(_with_length(config, 512), one).total_bytes
   budget = (small + large) / 2 / plan.GIB
-  length, memory = plan.max_seq_len(config, budget, multiple=32, limit=1024, devices=one)
+  settings = run_settings(config)
+  length, memory = plan.max_seq_len(settings, budget, multiple=32, limit=1024, devices=one)
   assert 64 < length < 512 and memory.total_bytes <= budget * plan.GIB
   assert plan.plan(_with_length(config, length + 32), one).total_bytes > budget * plan.GIB
-  assert plan.max_seq_len(config, 1e-6, multiple=32, devices=one) == (0, None)
+  assert plan.max_seq_len(settings, 1e-6, multiple=32, devices=one) == (0, None)
 
 
 def _with_length(config, length):
-  import copy
-  probe = copy.deepcopy(config)
-  probe.data.max_seq_len = length
-  return probe
+  """The run settings of `config` with rows of `length` tokens."""
+  return run_settings(config).with_max_seq_len(length)
 
 
 def test_cpu_plan_of_a_bf16_base_holds_no_f32_copy_of_the_stacked_weights():
@@ -266,11 +264,12 @@ def test_quant_targets_read_like_lora_targets(targets):
   params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), nn.unbox(boxed))
   quantized = {'/'.join(str(k.key) for k in path[:-1]) for path, leaf in
                jax.tree_util.tree_flatten_with_path(
-                   quant.quantize(params, 'nf4', targets),
+                   quant.quantize(params, quant.QuantSettings('nf4', targets=targets)),
                    is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))[0]
                if isinstance(leaf, quant.QuantizedKernel)}
   adapted = {'/'.join(str(k.key) for k in path[:-1]) for path, _ in
-             jax.tree_util.tree_flatten_with_path(nn.unbox(lora.abstract_lora(boxed, targets, 4)))[0]}
+             jax.tree_util.tree_flatten_with_path(nn.unbox(lora.abstract_lora(
+                 boxed, lora.LoraSettings(rank=4, targets=targets))))[0]}
   assert quantized and quantized == adapted
   assert not any('lm_head' in name for name in quantized)
   if targets == ['all-linear']:

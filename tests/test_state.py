@@ -7,12 +7,13 @@ import flax
 import flax.linen as nn
 import jax
 import pytest
-from test_train import tiny_config
+from test_train import abstract_run_state, tiny_config
 
 from jaxsft.adapters.quant import QuantizedKernel
 from jaxsft.parallel.mesh import DEFAULT_RULES, make_mesh
 from jaxsft.train import optim
 from jaxsft.train.model_source import model_config_from
+from jaxsft.train.run import run_settings
 from jaxsft.train.state import abstract_train_state, init_train_state, state_shardings
 
 from hf_reference import make_model
@@ -47,14 +48,17 @@ def test_the_abstract_state_is_the_real_init(tmp_path, method, source):
     config.model.path = str(tmp_path)
     config.model.architecture = {}
   config.mesh.shape = (2, 2, 2)
-  model_config, folder = model_config_from(config)
+  settings = run_settings(config)
+  model_config, folder = model_config_from(settings.model, settings.lora)
   assert (folder is None) == (source == 'random')
-  mesh = make_mesh(tuple(config.mesh.shape))
-  optimizer, _ = optim.make_optimizer(config.optim, 10)
+  mesh = make_mesh(settings.mesh.shape)
+  optimizer, _ = optim.make_optimizer(settings.optim, 10)
+  parts = {'lora': settings.lora, 'quant': settings.quant}
   with nn.logical_axis_rules(DEFAULT_RULES):
-    real = init_train_state(config, model_config, folder, optimizer, mesh, DEFAULT_RULES)
-  abstract = abstract_train_state(config, model_config, optimizer)
-  shardings = state_shardings(config, model_config, optimizer, mesh, DEFAULT_RULES)
+    real = init_train_state(model_config, optimizer, mesh, DEFAULT_RULES, base=folder,
+                            seed=settings.seed, **parts)
+  abstract = abstract_train_state(model_config, optimizer, **parts)
+  shardings = state_shardings(model_config, optimizer, mesh, DEFAULT_RULES, **parts)
   assert_same_layout(real, abstract, shardings)
   # The fsdp and tensor axes really split the weights (not a layout of replicas).
   kernel = real.frozen if method != 'full' else real.params
@@ -71,12 +75,12 @@ def test_the_abstract_state_is_the_real_init(tmp_path, method, source):
 
 
 def test_the_run_abstract_state_needs_no_weights(tmp_path):
-  """Without a model_config the abstract state is the run's own (`shapes_only`: a preset
-  stands in for a model.path that is not on disk), as `jaxsft plan` builds it."""
+  """The run's abstract state as `jaxsft plan` builds it (`shapes_only`: a preset stands in
+  for a model.path that is not on disk)."""
   config = tiny_config(lora=True)
   config.model.architecture = {}
   config.model.path = str(tmp_path / 'not-downloaded')
   config.model.preset = 'llama2-7b'
-  state = abstract_train_state(config)
+  state = abstract_run_state(config)
   assert state.frozen['layers']['mlp']['up_proj']['kernel'].shape == (32, 4096, 11008)
   assert state.params['layers']['mlp']['up_proj']['a'].shape == (32, 4096, 4)

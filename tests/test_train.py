@@ -19,7 +19,7 @@ from jaxsft.parallel.batch import batch_sharding, global_batch
 from jaxsft.train import optim
 from jaxsft.train.loop import NonFiniteLoss
 from jaxsft.train.model_source import model_config_from
-from jaxsft.train.run import train
+from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import abstract_train_state, init_train_state, state_shardings
 from jaxsft.train.step import make_train_step
 
@@ -50,6 +50,15 @@ def tiny_config(lora=False, **train_overrides):
   return config
 
 
+def abstract_run_state(config):
+  """A run's abstract train state as `jaxsft plan` builds it: its model (`shapes_only`: a
+  preset stands in for a model.path that is not on disk), adapters and 4-bit base."""
+  settings = run_settings(config)
+  model_config, _ = model_config_from(settings.model, settings.lora, shapes_only=True)
+  optimizer, _ = optim.make_optimizer(settings.optim, 1000)
+  return abstract_train_state(model_config, optimizer, lora=settings.lora, quant=settings.quant)
+
+
 def packed_batch(rows=8, length=32, seed=0):
   """Rows of 2-3 packed segments with padding and a partial loss mask."""
   rng = np.random.default_rng(seed)
@@ -71,18 +80,17 @@ def packed_batch(rows=8, length=32, seed=0):
 
 def run_steps(config, mesh_shape, batches, devices=None):
   """Initialises on a mesh and runs the jitted step; returns (state on host, metrics list)."""
-  model_config, _ = model_config_from(config)
+  settings = run_settings(config)
+  model_config, _ = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   rules = mesh_lib.DEFAULT_RULES
-  optimizer, schedule = optim.make_optimizer(config.optim, 10)
+  optimizer, schedule = optim.make_optimizer(settings.optim, 10)
+  parts = {'lora': settings.lora, 'quant': settings.quant}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = init_train_state(config, model_config, None, optimizer, mesh, rules)
-    shardings = state_shardings(config, model_config, optimizer, mesh, rules)
+    state = init_train_state(model_config, optimizer, mesh, rules, seed=settings.seed, **parts)
+    shardings = state_shardings(model_config, optimizer, mesh, rules, **parts)
     rows = batch_sharding(mesh)
-    step = jax.jit(make_train_step(model_config, optimizer, schedule,
-                                         grad_accum_steps=config.train.grad_accum_steps,
-                                         neftune_alpha=config.train.neftune_alpha,
-                                         loss_chunk_size=config.train.loss_chunk_size),
+    step = jax.jit(make_train_step(model_config, optimizer, settings.step, schedule),
                    in_shardings=(shardings, {k: rows for k in batches[0]}),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     metrics = []
@@ -155,13 +163,14 @@ def test_lora_step_costs_at_most_070_of_full_step_flops():
                                  'intermediate_size': 5504, 'num_layers': 4, 'num_heads': 16,
                                  'num_kv_heads': 16}
     config.lora.rank = 16
-    model_config, _ = model_config_from(config)
-    optimizer, schedule = optim.make_optimizer(config.optim, 10)
-    state = abstract_train_state(config)
+    settings = run_settings(config)
+    model_config, _ = model_config_from(settings.model, settings.lora)
+    optimizer, schedule = optim.make_optimizer(settings.optim, 10)
+    state = abstract_run_state(config)
     batch = {k: jax.ShapeDtypeStruct((1, 1024), jnp.int32) for k in
              ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
-    lowered = jax.jit(make_train_step(model_config, optimizer, schedule)).lower(state,
-                                                                                      batch)
+    lowered = jax.jit(make_train_step(model_config, optimizer, schedule=schedule)).lower(
+        state, batch)
     flops[lora] = lowered.cost_analysis()['flops']
   ratio = flops[True] / flops[False]
   assert ratio <= 0.70, ratio
@@ -193,12 +202,12 @@ def test_weight_decay_mask_and_schedules():
                   'lora/a': True, 'lora/b': True}
   config = default_config().optim
   config.learning_rate, config.warmup_steps, config.min_lr_ratio = 1.0, 10, 0.1
-  cosine = optim.learning_rate_schedule(config, 110)
+  cosine = optim.learning_rate_schedule(optim.OptimizerSettings(**config.to_dict()), 110)
   assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
   assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(60)) == pytest.approx(0.55)
   assert float(cosine(110)) == pytest.approx(0.1)
   config.schedule, config.warmup_steps, config.warmup_ratio = 'linear', -1, 0.1
-  linear = optim.learning_rate_schedule(config, 100)
+  linear = optim.learning_rate_schedule(optim.OptimizerSettings(**config.to_dict()), 100)
   assert float(linear(10)) == pytest.approx(1.0) and float(linear(55)) == pytest.approx(0.55)
 
 
@@ -234,7 +243,9 @@ def test_end_to_end_on_real_data(tmp_path, lora):
   from jaxsft.interop import hf
   _, base = hf.load_checkpoint(model_dir)
   base = jax.device_get(base)
-  result = train(config, str(tmp_path / 'run'), [SampleCallback()])
+  sampling = SampleCallback(tuple(config.train.sample_prompts), config.train.sample_every,
+                            config.train.sample_max_new_tokens)
+  result = train(config, str(tmp_path / 'run'), [sampling])
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     losses = [r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r]
   assert len(losses) == 12
@@ -275,7 +286,7 @@ def test_every_config_resolves_and_builds_its_abstract_state(name):
   config.model.path = ''  # the weights are not here; the preset gives the same shapes
   if name in ('alpaca_llama2_data',):
     config.model.preset = 'llama2-7b'
-  state = abstract_train_state(config)
+  state = abstract_run_state(config)
   leaves = jax.tree_util.tree_leaves(state)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   trained = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))

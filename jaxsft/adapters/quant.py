@@ -83,6 +83,11 @@ def _bounds(levels: np.ndarray) -> np.ndarray:
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass
 class QuantizedKernel:
+  """A 4-bit kernel `[..., in, out]` as a pytree node: `codes` uint8 `[..., in / 2, out]`,
+  `absmax` `[..., in / block_size, out]` (float32, or uint8 codes with double quantization, then
+  with `absmax_scale [..., G]` and `absmax_offset [..., 1, 1]`); `kind` and `block_size` are
+  static. `dequantize(node, dtype)` gives the dense kernel back (see the module docstring)."""
+
   codes: Any
   absmax: Any
   absmax_scale: Any = None

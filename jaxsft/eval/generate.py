@@ -39,6 +39,10 @@ _LOG = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+  """How `generate` picks tokens: at most `max_new_tokens` per answer; `temperature` 0 is greedy
+  (the first maximum), else softmax sampling at that temperature after `top_k` (0 = off) and
+  nucleus `top_p` (1 = off) filtering."""
+
   max_new_tokens: int = 256
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0            # 0 = off

@@ -194,3 +194,10 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
       raise UserError(f'{config_path} {have} {key}; jaxsft reads the config.json that '
                       'transformers saves with a LLaMA-family model: use that one.')
   return hf
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
+  """The `LlamaConfig` of the HF checkpoint folder (or cached hub id) at `path`, from its
+  `config.json`, with `overrides` (execution fields such as `dtype='float32'`,
+  `attention_implementation`, `scan_layers`) applied; no weight is read."""
+  return config_from_hf(read_hf_config(resolve_checkpoint_dir(path)), **overrides)

@@ -8,6 +8,6 @@ jaxsft's own modules import them from `models.llama` and `models.config`.
 """
 
 from jaxsft.models.config import LlamaConfig
-from jaxsft.models.llama import Llama
+from jaxsft.models.llama import Llama, head_kernel
 
-__all__ = ['Llama', 'LlamaConfig']
+__all__ = ['Llama', 'LlamaConfig', 'head_kernel']

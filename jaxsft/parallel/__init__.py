@@ -5,3 +5,16 @@ Owns `mesh` (meshes and rules), `batch` (host rows -> global arrays) and `distri
 (`jax.distributed.initialize` from a config section or the environment). It is the bottom of
 the stack: it imports only `jaxsft.errors`, so every other part may use it.
 """
+
+from jaxsft.parallel.batch import batch_sharding, global_batch
+from jaxsft.parallel.distributed import initialize
+from jaxsft.parallel.mesh import (
+    MeshSettings,
+    logical_shardings,
+    logical_to_mesh_spec,
+    make_mesh,
+    mesh_and_rules,
+)
+
+__all__ = ['MeshSettings', 'batch_sharding', 'global_batch', 'initialize', 'logical_shardings',
+           'logical_to_mesh_spec', 'make_mesh', 'mesh_and_rules']

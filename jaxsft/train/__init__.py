@@ -7,3 +7,38 @@ May import `data`, `interop`, `models`, `adapters`, `parallel` and `errors`; nev
 demo, the CLI or the config defaults (a run takes its config). Evaluation, sampling and the
 demo hook in through `train.callbacks`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> home module. Imported on first access (PEP 562): the CLI imports
+# `jaxsft.train.preemption` and `export_target` before JAX loads, which must not pull in the
+# rest of training.
+_HOMES = {
+    'TrainState': 'state', 'abstract_adapters': 'state', 'abstract_train_state': 'state',
+    'init_train_state': 'state', 'state_shardings': 'state',
+    'StepSettings': 'step', 'make_train_step': 'step', 'jit_train_step': 'step',
+    'make_eval_step': 'step', 'loss_terms': 'step', 'evaluate_loss': 'step',
+    'fused_cross_entropy': 'loss', 'token_logprobs': 'loss', 'batch_logprobs': 'loss',
+    'OptimizerSettings': 'optim', 'make_optimizer': 'optim',
+    'learning_rate_schedule': 'optim',
+    'ModelSettings': 'model_source', 'model_config_from': 'model_source',
+    'RunSettings': 'settings', 'run_settings': 'run', 'train': 'run', 'load_run': 'run',
+    'Checkpointer': 'checkpoint',
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+  """The public names above, imported from their home module when first asked for."""
+  if name not in _HOMES:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(f'{__name__}.{_HOMES[name]}'), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_HOMES))
