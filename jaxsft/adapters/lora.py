@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxsft.adapters import quant
 from jaxsft.adapters.targets import DEFAULT_TARGETS, module_path, target_matcher
 from jaxsft.errors import UserError, check_number
+from jaxsft.parallel.mesh import unboxed
 
 LORA_RANK_AXIS = 'lora_rank'
 
@@ -123,7 +124,7 @@ def init_lora(rng: jax.Array, abstract: Any, base_params: Any = None) -> Any:
   """PEFT's initialisation: A Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B zeros, so
   the adapted model starts as the base model; a saved norm's scale starts as `base_params`'s.
   `abstract` is from `abstract_lora`; the result has its shapes, unboxed."""
-  flat = _flat(nn.unbox(abstract))
+  flat = _flat(unboxed(abstract))
   base = _flat(base_params) if base_params is not None else {}
   out = {}
   keys = jax.random.split(rng, max(len(flat), 1))

@@ -25,7 +25,6 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +51,7 @@ from jaxsft.interop.hf_headers import check_checkpoint as check_checkpoint
 from jaxsft.interop.hf_headers import read_safetensors_header as read_safetensors_header
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama
-from jaxsft.parallel.mesh import DEFAULT_RULES, logical_shardings
+from jaxsft.parallel.mesh import DEFAULT_RULES, logical_shardings, unboxed
 
 _LOG = logging.getLogger(__name__)
 
@@ -97,15 +96,6 @@ def _read_shard(reader: SafetensorsReader, entry: ParamEntry, index: tuple[slice
   if not entry.stacked:
     return one(entry.hf_names[0])
   return np.stack([one(name) for name in entry.hf_names[layer_index]])
-
-
-def _unboxed(tree: Any) -> Any:
-  """`tree` without its logical-axis boxes. Not `nn.unbox`: under a set mesh (`jax.set_mesh`,
-  the context a train step is traced in) it also constrains each value to its sharding, which
-  on the sharding-less `ShapeDtypeStruct`s of `eval_shape` raises "The sharding on the input
-  must be a `NamedSharding`"; shapes need no constraint."""
-  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
-                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def abstract_params(config: LlamaConfig) -> Any:
@@ -156,8 +146,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = 'auto', mesh: Mesh 
     shardings = logical_shardings(abstract, mesh, rules)
   else:
     device = jax.local_devices()[0]
-    shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), _unboxed(abstract))
-  abstract = _unboxed(abstract)
+    shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(device), unboxed(abstract))
+  abstract = unboxed(abstract)
 
   params: dict[str, Any] = {}
   for entry in entries:

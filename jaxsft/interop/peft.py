@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxsft.adapters.lora import LoraSettings
 from jaxsft.errors import UserError
+from jaxsft.parallel.mesh import unboxed
 
 _PEFT_PREFIX = 'base_model.model.model.'
 _PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight'}
@@ -100,7 +100,7 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
   tensors = {key.replace('.default.', '.').replace('.modules_to_save.', '.'): value
              for key, value in load_file(os.path.join(folder, files[0])).items()}
   out, used = {}, set()
-  for path, leaf in _flat(nn.unbox(abstract_lora_tree)).items():
+  for path, leaf in _flat(unboxed(abstract_lora_tree)).items():
     parts = []
     for name in _peft_names(path, num_layers):
       if name not in tensors:

@@ -101,6 +101,15 @@ def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int
   return PartitionSpec(*resolved)
 
 
+def unboxed(tree: Any) -> Any:
+  """`tree` with its `nn.LogicallyPartitioned` boxes replaced by their values. Not `nn.unbox`:
+  under a set mesh (`jax.set_mesh`, the context a train step is traced in) that also constrains
+  each value to its sharding, which on the sharding-less `ShapeDtypeStruct`s of `eval_shape`
+  raises "The sharding on the input must be a `NamedSharding`"; shapes need no constraint."""
+  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` boxes (e.g. from `eval_shape` of

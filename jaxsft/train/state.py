@@ -36,7 +36,7 @@ from jaxsft.errors import UserError
 from jaxsft.interop import hf, peft
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama
-from jaxsft.parallel.mesh import logical_shardings, logical_to_mesh_spec
+from jaxsft.parallel.mesh import logical_shardings, logical_to_mesh_spec, unboxed
 from jaxsft.train.model_source import execution_settings
 
 FROZEN_DENSE_DTYPE = jnp.bfloat16  # QLoRA: the dense (unquantized) frozen weights
@@ -233,7 +233,7 @@ def _load_base(model_config: LlamaConfig, quant_settings: QuantSettings | None, 
 def _place_base(quant_settings: QuantSettings | None, params: Any, shardings: Any) -> Any:
   """A params tree in the base's shardings: dense leaves cast to the model's parameter dtype by
   the caller's choice (as given), targeted kernels quantized under QLoRA, one leaf at a time."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.unbox(params)), sep=None)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(unboxed(params)), sep=None)
   flat_shardings = flax.traverse_util.flatten_dict(shardings, sep=None)
   if flat.keys() != flat_shardings.keys():
     missing = sorted('/'.join(p) for p in flat_shardings.keys() - flat.keys())
