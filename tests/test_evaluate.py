@@ -56,11 +56,10 @@ def test_eval_of_run_and_of_merged_export_equal_torch(tmp_path):
   data = str(shared_data('instructions/alpaca_tiny.json'))
 
   run_report = eval_metrics.likelihood(eval_model.from_workdir(str(tmp_path / 'run')), data)
-  hf_run = default_config()
-  hf_run.model.path = str(tmp_path / 'merged')
-  hf_run.data.template = 'llama2'
-  hf_run.data.max_seq_len = 256
-  merged = eval_model.from_hf(hf_run)
+  hf_data = default_config().data  # as `jaxsft eval --hf` makes it
+  hf_data.template = 'llama2'
+  hf_data.max_seq_len = 256
+  merged = eval_model.from_hf(str(tmp_path / 'merged'), hf_data)
   merged_report = eval_metrics.likelihood(merged, data)
   reference = torch_nll(tmp_path / 'merged', data, str(tmp_path / 'merged'), 'llama2', 257)
   np.testing.assert_allclose(run_report['nll'], merged_report['nll'], rtol=1e-5)

@@ -68,7 +68,6 @@ def test_remat_policies_compute_the_same_function_and_gradients(saved_models, po
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
 
 
-
 # GQA with llama3 RoPE, MQA with biases, a sliding window, Qwen2's biases, Qwen3's q/k norms and
 # wide heads with a tied head: what bf16 rounds differently in each family.
 BF16_VARIANTS = ('llama3_gqa', 'llama_mqa_bias', 'mistral_window5', 'qwen2_bias', 'qwen3_tied')
