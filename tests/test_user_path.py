@@ -17,10 +17,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from user_path import ALPACA, JAXSFT, REPO, env, run, tiny_model, write_json
+
+from jaxsft.train import checkpoint
 
 CONFIG = '''
 from jaxsft.config import default_config
@@ -349,6 +352,11 @@ def assert_resumed_equal(workdir, expected):
   assert logged_steps(workdir) == list(range(1, 31))  # no step twice after the resume
   for name, value in adapter(workdir, workdir.parent / f'{workdir.name}-adapter').items():
     np.testing.assert_array_equal(value, expected[name])
+  # Only the adapters and their optimizer state are saved; the base is read again from its folder.
+  saved = checkpoint.Checkpointer(str(workdir))
+  state = saved.manager.item_metadata(saved.latest_step())['state']
+  saved.close()
+  assert state['params'] and not jax.tree_util.tree_leaves(state['frozen']), state['frozen']
 
 
 def test_qlora_run_resumes_after_sigterm_to_equal_adapters(setup, tmp_path):

@@ -15,7 +15,8 @@ from typing import Any
 # Public name -> home module, imported on first access (PEP 562): scoring and generation need
 # neither the trainer's run (`model`) nor the config library (`metrics`).
 _HOMES = {
-    'PromptTooLong': 'generate', 'SamplingConfig': 'generate', 'generate': 'generate',
+    # `generate` (the function) is not here: the name is its module's (`jaxsft.eval.generate`).
+    'PromptTooLong': 'generate', 'SamplingConfig': 'generate',
     'generation_metrics': 'metrics', 'likelihood': 'metrics',
     'Model': 'model', 'answer': 'model', 'from_hf': 'model', 'from_workdir': 'model',
     'Scored': 'rows', 'SampleCallback': 'sampling', 'score_requests': 'scoring',
