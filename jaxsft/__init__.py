@@ -10,7 +10,8 @@ contracts in `pyproject.toml`, checked by `lint-imports`; the map is in docs/des
   models              the Linen LLaMA family, attention kernels, RoPE
   adapters            LoRA and 4-bit kernels, with one target matcher
   parallel            meshes, logical-axis rules, batch sharding, multi-host start-up
-  errors              `UserError`, the one-line errors a user can fix
+  errors | lazy       `UserError`, the one-line errors a user can fix | names imported on
+                      first access
 """
 
 import importlib

@@ -19,8 +19,7 @@ renders a template and in `load_tokenizer`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from jaxsft.data.formats import detect_format, to_messages, to_tools
 from jaxsft.data.messages import BadRecord
@@ -28,6 +27,7 @@ from jaxsft.data.packing import apply_length_policy, fit_length, pack, packing_e
 from jaxsft.data.samples import encode_samples
 from jaxsft.data.templates import encode_batch, encode_messages, load_template
 from jaxsft.data.tokenizer import load_tokenizer
+from jaxsft.lazy import lazy_exports
 
 if TYPE_CHECKING:  # for type checkers and the import graph; at run time see `__getattr__`
   from jaxsft.data.pipeline import Pipeline
@@ -37,19 +37,4 @@ __all__ = ['BadRecord', 'Pipeline', 'apply_length_policy', 'detect_format', 'enc
            'pack', 'packing_efficiency', 'pad_rows', 'to_messages', 'to_tools']
 
 # Public name -> home module of the names imported on first access.
-_LAZY = {'Pipeline': 'jaxsft.data.pipeline'}
-
-
-def __getattr__(name: str) -> Any:
-  """`jaxsft.data.Pipeline` (and `from jaxsft.data import Pipeline`), imported when first asked
-  for. Any other unknown name raises AttributeError, so `from jaxsft.data import clean` still
-  falls back to importing the submodule."""
-  if name not in _LAZY:
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  value = getattr(importlib.import_module(_LAZY[name]), name)
-  globals()[name] = value  # later accesses skip this function
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, {'Pipeline': 'jaxsft.data.pipeline'})

@@ -10,13 +10,12 @@ demo hook in through `train.callbacks`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jaxsft.lazy import lazy_exports
 
-# Public name -> home module. Imported on first access (PEP 562): the CLI imports
+# Public name -> home module, imported on first access: the CLI imports
 # `jaxsft.train.preemption` and `export_target` before JAX loads, which must not pull in the
 # rest of training.
-_HOMES = {
+_HOMES = {name: f'jaxsft.train.{module}' for name, module in {
     'TrainState': 'state', 'abstract_adapters': 'state', 'abstract_train_state': 'state',
     'init_train_state': 'state', 'state_shardings': 'state',
     'StepSettings': 'step', 'make_train_step': 'step', 'jit_train_step': 'step',
@@ -27,18 +26,6 @@ _HOMES = {
     'ModelSettings': 'model_source', 'model_config_from': 'model_source',
     'RunSettings': 'settings', 'run_settings': 'run', 'train': 'run', 'load_run': 'run',
     'Checkpointer': 'checkpoint',
-}
+}.items()}
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-  """The public names above, imported from their home module when first asked for."""
-  if name not in _HOMES:
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  value = getattr(importlib.import_module(f'{__name__}.{_HOMES[name]}'), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
