@@ -168,5 +168,5 @@ def dense_params(params: Any, lora_tree: Any | None, scale: float) -> Any:
   """A plain float32-kernel tree for export: the adapters merged (`merge_lora`) when there are
   any, every 4-bit kernel dequantized."""
   if lora_tree is not None:
-    return merge_lora(params, lora_tree, scale, quantized_dtype=jnp.float32)
+    return merge_lora(params, lora_tree, scale)  # 4-bit kernels come out float32
   return quant.dequantize_params(params, jnp.float32)

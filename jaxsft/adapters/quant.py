@@ -272,7 +272,8 @@ class QuantSettings:
     check_number('quant.block_size', self.block_size, low=1, integer=True)
     check_choice('quant.double_quant_rounding', self.double_quant_rounding,
                  DOUBLE_QUANT_ROUNDING)
-    target_matcher(self.targets, 'quant.targets')
+    # Built (and its targets checked) once: `targeted` runs for every tensor a load reads.
+    object.__setattr__(self, '_targeted', target_matcher(self.targets, 'quant.targets'))
 
   def quantize_kernel(self, kernel: jax.Array) -> QuantizedKernel:
     """`quantize_kernel` of a dense kernel `[..., in, out]` with these settings."""
@@ -281,7 +282,7 @@ class QuantSettings:
 
   def targeted(self, path: Sequence[str]) -> bool:
     """Whether the parameter at `path` (a tuple of keys) is a kernel these settings quantize."""
-    return target_matcher(self.targets, 'quant.targets')(path)
+    return self._targeted(path)
 
 
 def quantize(params: Any, settings: QuantSettings = QuantSettings()) -> Any:

@@ -22,8 +22,8 @@ STOP_TOKENS = ('<|im_end|>', '<|eot_id|>', '<|end|>', '</s>')
 class Model:
   """What evaluation and generation need: the architecture (applying any adapters in
   `variables`), the variables, the tokenizer and the chat template's name (`data.template`);
-  `data` is the run's data section (how `eval.metrics.likelihood` renders and packs records,
-  None: the defaults of `template`), `loss_chunk_size` the fused loss's chunk."""
+  `data` is the run's data section (how `eval.metrics.likelihood` renders and packs records;
+  None where only answers are generated), `loss_chunk_size` the fused loss's chunk."""
 
   model_config: Any
   variables: Any

@@ -46,9 +46,6 @@ class ModelSettings:
     check_choice('model.attention_implementation', self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
 
-  def __hash__(self):
-    return hash((self.path, self.preset, tuple(sorted(self.architecture.items()))))
-
 
 def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
                       shapes_only: bool = False) -> tuple[LlamaConfig, str | None]:

@@ -87,7 +87,7 @@ def run_settings(config: Any) -> RunSettings:
         double_quant_rounding=quant.double_quant_rounding, targets=tuple(quant.targets))
     return RunSettings(
         model=ModelSettings(**config.model.to_dict()), data=config.data,
-        batch_size=config.batch_size, max_seq_len=config.data.max_seq_len,
+        batch_size=config.batch_size,
         lora=lora_settings, quant=quant_settings,
         lora_init_from=lora.init_from if lora.enabled else '',
         optim=OptimizerSettings(**config.optim.to_dict()),
@@ -101,8 +101,8 @@ def run_settings(config: Any) -> RunSettings:
   except UserError as error:
     message = str(error)
     key = _SETTING.match(message)
-    if key is None or 'set it with --config' in message:
-      raise
+    if key is None or re.search(r'\bset\b', message, re.IGNORECASE):
+      raise  # no setting named first, or the message already says what to set
     raise UserError(f'config {message.removeprefix("config ")} Set it with '
                     f'--config.{key.group(1)}=... or in the config file.') from None
 

@@ -16,6 +16,7 @@ from jaxsft.parallel.mesh import MeshSettings
 from jaxsft.train.loop import LoopSettings
 from jaxsft.train.model_source import ModelSettings
 from jaxsft.train.optim import OptimizerSettings
+from jaxsft.train.state import check_adaptation
 from jaxsft.train.step import StepSettings
 
 
@@ -45,7 +46,6 @@ class RunSettings:
   model: ModelSettings
   data: Any
   batch_size: int
-  max_seq_len: int
   lora: LoraSettings | None = None
   quant: QuantSettings | None = None
   lora_init_from: str = ''
@@ -70,15 +70,18 @@ class RunSettings:
       raise UserError(f'train.grad_accum_steps={accum}: must divide batch_size='
                       f'{self.batch_size} (each micro-batch is batch_size / grad_accum_steps '
                       'rows).')
-    if self.quant is not None and self.lora is None:
-      raise UserError(f'quant.kind={self.quant.kind!r} freezes the base weights in 4 bits, so '
-                      'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
+    check_adaptation(self.lora, self.quant)
     if self.data.streaming and self.num_steps <= 0:
       raise UserError(f'train.num_steps={self.num_steps}: must be > 0 with data.streaming=True '
                       '(a stream has no length, so num_epochs cannot end it).')
 
+  @property
+  def max_seq_len(self) -> int:
+    """Tokens per packed row (`data.max_seq_len`)."""
+    return self.data.max_seq_len
+
   def with_max_seq_len(self, length: int) -> RunSettings:
-    """These settings with rows of `length` tokens (in the data section too)."""
+    """These settings with rows of `length` tokens."""
     data = copy.deepcopy(self.data)
     data.max_seq_len = length
-    return dataclasses.replace(self, data=data, max_seq_len=length)
+    return dataclasses.replace(self, data=data)

@@ -73,7 +73,8 @@ def abstract_adapters(model_config: LlamaConfig, lora: LoraSettings) -> Any:
   return lora_lib.abstract_lora(hf.abstract_params(model_config), lora)
 
 
-def _check_parts(lora: LoraSettings | None, quant_settings: QuantSettings | None) -> None:
+def check_adaptation(lora: LoraSettings | None, quant_settings: QuantSettings | None) -> None:
+  """4-bit base weights are frozen, so quantization needs LoRA adapters to train (QLoRA)."""
   if quant_settings is not None and lora is None:
     raise UserError(f'quant.kind={quant_settings.kind!r} freezes the base weights in 4 bits, so '
                     'only LoRA adapters can train; set lora.enabled=True (QLoRA).')
@@ -132,7 +133,7 @@ def abstract_train_state(model_config: LlamaConfig, optimizer: optax.GradientTra
                          quant: QuantSettings | None = None) -> TrainState:
   """`jax.eval_shape` of the state `init_train_state` builds: shapes and dtypes, nothing
   allocated (e.g. for memory plans and checkpoint sizes)."""
-  _check_parts(lora, quant)
+  check_adaptation(lora, quant)
   return jax.eval_shape(functools.partial(_fresh_state, model_config, optimizer, lora, quant, 0))
 
 
@@ -187,7 +188,7 @@ def init_train_state(model_config: LlamaConfig, optimizer: optax.GradientTransfo
   base is frozen and fresh adapters (PEFT's initialisation, from `seed`) train; with
   `adapters_from`, a PEFT adapter folder of the same rank, alpha and targets, they start from it.
   """
-  _check_parts(lora, quant)
+  check_adaptation(lora, quant)
   shardings = state_shardings(model_config, optimizer, mesh, rules, lora=lora, quant=quant)
   if base is None:
     state = jax.jit(functools.partial(_fresh_state, model_config, optimizer, lora, quant, seed),
@@ -221,8 +222,8 @@ def _load_base(model_config: LlamaConfig, quant_settings: QuantSettings | None, 
     load_dtype = FROZEN_DENSE_DTYPE
 
     def transform(path, array):
-      to_frozen = functools.partial(_frozen_leaf, quant_settings, tuple(path))
-      return jax.jit(to_frozen, out_shardings=flat_shardings[tuple(path)])(array)
+      path = tuple(path)
+      return _frozen_into(quant_settings, path, array, flat_shardings[path])
 
   _, params = hf.load_checkpoint(folder, dtype=load_dtype, mesh=mesh, rules=rules,
                                  config_overrides=execution_settings(model_config),
@@ -231,8 +232,9 @@ def _load_base(model_config: LlamaConfig, quant_settings: QuantSettings | None, 
 
 
 def _place_base(quant_settings: QuantSettings | None, params: Any, shardings: Any) -> Any:
-  """A params tree in the base's shardings: dense leaves cast to the model's parameter dtype by
-  the caller's choice (as given), targeted kernels quantized under QLoRA, one leaf at a time."""
+  """A params tree placed in the base's shardings one leaf at a time: as given (dtypes kept)
+  without `quant_settings`; under QLoRA as `_frozen_leaf` keeps it (targeted kernels 4-bit,
+  the rest `FROZEN_DENSE_DTYPE`), as a loaded checkpoint is."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(unboxed(params)), sep=None)
   flat_shardings = flax.traverse_util.flatten_dict(shardings, sep=None)
   if flat.keys() != flat_shardings.keys():
@@ -245,9 +247,15 @@ def _place_base(quant_settings: QuantSettings | None, params: Any, shardings: An
     if quant_settings is None:
       out[path] = jax.device_put(leaf, flat_shardings[path])
     else:
-      to_frozen = functools.partial(_frozen_leaf, quant_settings, path)
-      out[path] = jax.jit(to_frozen, out_shardings=flat_shardings[path])(leaf)
+      out[path] = _frozen_into(quant_settings, path, leaf, flat_shardings[path])
   return flax.traverse_util.unflatten_dict(out)
+
+
+def _frozen_into(quant_settings: QuantSettings, path: tuple[str, ...], array: jax.Array,
+                 sharding: Any) -> Any:
+  """`_frozen_leaf` of one tensor, computed straight into its shards."""
+  to_frozen = functools.partial(_frozen_leaf, quant_settings, path)
+  return jax.jit(to_frozen, out_shardings=sharding)(array)
 
 
 def _adapter_from_peft(folder: str, model_config: LlamaConfig, lora: LoraSettings,

@@ -8,8 +8,6 @@ compile.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 from jaxsft.data.clean import CleanSettings
@@ -18,49 +16,30 @@ from jaxsft.data.packing import OVERLONG_POLICIES, STRATEGIES
 from jaxsft.data.sources import BAD_RECORD_POLICIES
 from jaxsft.data.spec import dataset_spec
 from jaxsft.data.templates import TRAIN_ON, check_train_on, template_kind
-from jaxsft.errors import UserError
-
-def _fail(key: str, value: Any, need: str) -> None:
-  raise UserError(f'config {key}={value!r}: {need}; set it with --config.{key}=... or in the '
-                  'config file.')
-
-
-def _number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, integer: bool = False) -> None:
-  kind = numbers.Integral if integer else numbers.Real
-  if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-    _fail(key, value, f'must be a finite {"integer" if integer else "number"}')
-  if low is not None and (value <= low if low_open else value < low):
-    _fail(key, value, f'must be {">" if low_open else ">="} {low:g}')
-  if high is not None and value > high:
-    _fail(key, value, f'must be <= {high:g}')
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    _fail(key, value, f'choose one of {list(choices)}')
+from jaxsft.errors import UserError, check_choice, check_number
 
 
 def check_data_config(d: Any) -> None:
   """Raises `UserError` for the first setting of a run's `data` section whose value cannot
-  work (the other parts check themselves when their settings are made)."""
-  _number('data.max_seq_len', d.max_seq_len, low=2, integer=True)
-  _choice('data.overlong', d.overlong, OVERLONG_POLICIES)
-  _choice('data.packing', d.packing, STRATEGIES)
-  _choice('data.on_bad_record', d.on_bad_record, BAD_RECORD_POLICIES)
-  _choice('data.train_on', d.train_on, TRAIN_ON)
+  work (the other parts check themselves when their settings are made; `run_settings` adds
+  where to set it)."""
+  check_number('data.max_seq_len', d.max_seq_len, low=2, integer=True)
+  check_choice('data.overlong', d.overlong, OVERLONG_POLICIES)
+  check_choice('data.packing', d.packing, STRATEGIES)
+  check_choice('data.on_bad_record', d.on_bad_record, BAD_RECORD_POLICIES)
+  check_choice('data.train_on', d.train_on, TRAIN_ON)
   check_train_on(d.train_on, d.train_on_reasoning)  # the combination
-  _number('data.eval_size', d.eval_size, low=0)
-  _number('data.num_proc', d.num_proc, low=1, integer=True)
-  _number('data.map_batch_size', d.map_batch_size, low=1, integer=True)
-  _number('data.pack_window', d.pack_window, low=1, integer=True)
+  check_number('data.eval_size', d.eval_size, low=0)
+  check_number('data.num_proc', d.num_proc, low=1, integer=True)
+  check_number('data.map_batch_size', d.map_batch_size, low=1, integer=True)
+  check_number('data.pack_window', d.pack_window, low=1, integer=True)
   CleanSettings.from_config(d.clean)  # data.clean.*: thresholds, sizes, the against list
   template_kind(d.template)
   for key in ('datasets', 'eval_datasets'):
     for i, entry in enumerate(d[key]):
       spec = dataset_spec(entry, f'data.{key}[{i}]')  # unknown keys, path, weight
       if spec['format'] not in FORMATS:
-        _fail(f'data.{key}[{i}].format', spec['format'], f'choose one of {list(FORMATS)}')
+        check_choice(f'data.{key}[{i}].format', spec['format'], FORMATS)
 
 
 def check_batch_layout(batch_size: int, grad_accum_steps: int, mesh: Any) -> None:
