@@ -102,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
       'process_id': -1,      # with coordinator_address
   })
   config.mesh = ml_collections.ConfigDict({
-      'shape': (-1, 1, 1),   # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+      'shape': (-1, 1, 1, 1),  # ('data', 'fsdp', 'context', 'tensor'); -1 = the remaining
+                               # devices; three sizes = (data, fsdp, tensor) with context 1
       'rules': (),           # extra (logical name, mesh axes) pairs that override the defaults
   })
   config.demo = ml_collections.ConfigDict({

@@ -31,11 +31,14 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxsft.models import blocked_attention as blocked_lib
+from jaxsft.models import indexed_attention as indexed_lib
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 from jaxsft.models.layers import dot
+from jaxsft.parallel.context import ContextLayout
 
 _LOG = logging.getLogger(__name__)
 _SPLASH_BLOCK = 128
@@ -78,20 +81,21 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *,
                                       implementation=implementation)
 
 
-def _splash_kernel(seq_len: int, heads_per_group: int, sliding_window: int | None,
-                   interpret: bool):
-  """A splash MQA kernel for rows of `seq_len` (a multiple of 128). Built per trace, never
-  cached here: the kernel holds its mask arrays, and one created inside a trace (a jitted
-  `init`) leaked that trace's tracers into the next (splash caches the mask processing)."""
+def _splash_kernel(q_len: int, kv_len: int, heads_per_group: int, sliding_window: int | None,
+                   interpret: bool, offset: int = 0):
+  """A splash MQA kernel for `q_len` queries at rows `offset..` against `kv_len` keys at rows
+  `0..` (multiples of 128). Built per trace, never cached here: the kernel holds its mask
+  arrays, and one created inside a trace (a jitted `init`) leaked that trace's tracers into the
+  next (splash caches the mask processing)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  shape = (seq_len, seq_len)
+  shape = (q_len, kv_len)
   if sliding_window is None:
-    mask = sm.CausalMask(shape)
+    mask = sm.CausalMask(shape, offset=offset)
   else:
-    mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
-  # The largest of MaxText's usual block sizes that tiles the row (TPU lanes want >= 128).
-  block = next(size for size in (512, 256, _SPLASH_BLOCK) if seq_len % size == 0)
+    mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=offset)
+  # The largest of MaxText's usual block sizes that tiles the rows (TPU lanes want >= 128).
+  block = next(size for size in (512, 256, _SPLASH_BLOCK) if q_len % size == kv_len % size == 0)
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                         block_kv_dq=block)
@@ -100,50 +104,132 @@ def _splash_kernel(seq_len: int, heads_per_group: int, sliding_window: int | Non
 
 
 def splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window=None,
-                     interpret: bool = False) -> jnp.ndarray:
-  """Pallas splash attention (TPU). Self-attention only (T == S); GQA by one MQA kernel per KV
-  head. Splash does not scale the logits, so q is scaled first."""
+                     interpret: bool = False, kv_segment_ids_bs=None, q_offset: int = 0
+                     ) -> jnp.ndarray:
+  """Pallas splash attention (TPU). GQA by one MQA kernel per KV head. Self-attention over a
+  row, or (`kv_segment_ids_bs`, `q_offset`) the queries of rows `q_offset..` against keys of
+  rows `0..`, as context parallelism needs. Splash does not scale the logits, so q is scaled
+  first."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   b, t, n, h = q_btnh.shape
-  kv_heads = k_bskh.shape[2]
-  kernel = _splash_kernel(t, n // kv_heads, sliding_window, interpret)
+  s, kv_heads = k_bskh.shape[1], k_bskh.shape[2]
+  kv_segment_ids_bs = segment_ids_bt if kv_segment_ids_bs is None else kv_segment_ids_bs
+  kernel = _splash_kernel(t, s, n // kv_heads, sliding_window, interpret, q_offset)
   q_bkgth = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
   q_bkgth = q_bkgth / jnp.asarray(math.sqrt(h), q_bkgth.dtype)
   k_bksh = k_bskh.transpose(0, 2, 1, 3)
   v_bksh = v_bskh.transpose(0, 2, 1, 3)
 
-  def one_row(q_kgth, k_ksh, v_ksh, seg_t):
-    segments = sk.SegmentIds(q=seg_t, kv=seg_t)
+  def one_row(q_kgth, k_ksh, v_ksh, seg_q, seg_kv):
+    segments = sk.SegmentIds(q=seg_q, kv=seg_kv)
     return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q_kgth, k_ksh, v_ksh)
 
-  out_bkgth = jax.vmap(one_row)(q_bkgth, k_bksh, v_bksh, segment_ids_bt)
+  out_bkgth = jax.vmap(one_row)(q_bkgth, k_bksh, v_bksh, segment_ids_bt, kv_segment_ids_bs)
   return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _rows_and_heads(q_btnh, k_bskh):
+  """The mesh axes of the current mesh and logical rules that a kernel under `shard_map` splits
+  rows and heads over: each where it divides evenly, heads only where query and KV heads split
+  alike (whole GQA groups per device); None where replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+
+  def mesh_axes(logical: str, size: int):
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+  heads = mesh_axes('act_heads', q_btnh.shape[2])
+  if heads != mesh_axes('act_kv_heads', k_bskh.shape[2]):
+    heads = None
+  return mesh_axes('act_batch', q_btnh.shape[0]), heads
 
 
 def _splash_over_mesh(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window, interpret):
   """`splash_attention` on each device's shard of a multi-device mesh (the context mesh of
   `jax.set_mesh`): XLA cannot partition a Mosaic kernel, so on a TPU slice the kernel runs inside
-  `shard_map` over the local rows and heads. Heads split over the mesh only where query and KV
-  heads split alike (whole GQA groups per device); else every device holds all heads."""
+  `shard_map` over the local rows and heads."""
   call = functools.partial(splash_attention, sliding_window=sliding_window, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return call(q_btnh, k_bskh, v_bskh, segment_ids_bt)
-  rules = nn.get_logical_axis_rules()
-
-  def mesh_axes(logical: str, size: int):
-    """The mesh axes `logical` maps to, if they split `size` evenly (else None: replicated)."""
-    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-  rows = mesh_axes('act_batch', q_btnh.shape[0])
-  heads = mesh_axes('act_heads', q_btnh.shape[2])
-  if heads != mesh_axes('act_kv_heads', k_bskh.shape[2]):
-    heads = None
+  rows, heads = _rows_and_heads(q_btnh, k_bskh)
   spec = PartitionSpec(rows, None, heads, None)  # q, k, v and the output alike
   return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows, None)),
                        out_specs=spec, check_vma=False)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+
+
+def _splash_context_shard(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, layout, *,
+                          sliding_window, interpret):
+  """Splash on one device's zig-zag shard against the whole row's keys (natural order). A
+  splash mask is static, and this device's chunks sit at rows known only from its axis index,
+  so each device index gets its branch of a `lax.switch`, two kernels each (one per chunk),
+  every one skipping the key blocks its chunk cannot see."""
+  chunk = q_btnh.shape[1] // 2
+
+  def branch(device: int):
+    def run(q, k, v, q_segments, kv_segments):
+      outs = []
+      for half, index in enumerate((device, 2 * layout.size - 1 - device)):
+        rows = slice(half * chunk, (half + 1) * chunk)
+        end = (index + 1) * chunk  # the keys this chunk may see: rows [0, end)
+        outs.append(splash_attention(
+            q[:, rows], k[:, :end], v[:, :end], q_segments[:, rows],
+            kv_segment_ids_bs=kv_segments[:, :end], q_offset=index * chunk,
+            sliding_window=sliding_window, interpret=interpret))
+      return jnp.concatenate(outs, axis=1)
+    return run
+
+  return jax.lax.switch(jax.lax.axis_index(layout.axis),
+                        [branch(device) for device in range(layout.size)],
+                        q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids)
+
+
+def index_mask(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
+               sliding_window: int | None = None) -> jnp.ndarray:
+  """Boolean `[B, 1, T, S]` for queries and keys at the natural rows `q_index_t` / `kv_index_s`
+  (any order): True where query t may attend to key s."""
+  allowed = kv_index_s[None, :] <= q_index_t[:, None]
+  if sliding_window is not None:
+    allowed &= q_index_t[:, None] - kv_index_s[None, :] < sliding_window
+  same_segment = q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
+  return (same_segment & allowed)[:, None, :, :]
+
+
+def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLayout, *,
+                      kernel: str, sliding_window: int | None = None, interpret: bool = False
+                      ) -> jnp.ndarray:
+  """Self-attention over rows split over `layout.axis` in zig-zag order
+  (`jaxsft.parallel.context`): each device all-gathers the row's keys, values and segment ids
+  (GQA makes them `N / K` times smaller than the queries; `docs/design.md` has the arithmetic
+  against a ring) and attends its own queries with `kernel`, the mask coming from each token's
+  natural row. Returns `[B, T, N, H]`, split like q."""
+  rows, heads = _rows_and_heads(q_btnh, k_bskh)
+  spec = PartitionSpec(rows, layout.axis, heads, None)
+  segment_spec = PartitionSpec(rows, layout.axis)
+
+  def local(q, k, v, q_segments):
+    gather = functools.partial(jax.lax.all_gather, axis_name=layout.axis, axis=1, tiled=True)
+    k_all, v_all, kv_segments = gather(k), gather(v), gather(q_segments)
+    length = k_all.shape[1]
+    kv_index, q_index = jnp.asarray(layout.positions(length)), layout.shard_positions(length)
+    if kernel == 'blocked':
+      return indexed_lib.indexed_attention(q, k_all, v_all, q_segments, kv_segments, q_index,
+                                           kv_index, sliding_window=sliding_window)
+    if kernel == 'splash':  # splash's masks are static: keys in natural order
+      natural = np.argsort(layout.positions(length))
+      return _splash_context_shard(q, k_all[:, natural], v_all[:, natural], q_segments,
+                                   kv_segments[:, natural], layout,
+                                   sliding_window=sliding_window, interpret=interpret)
+    mask = index_mask(q_segments, kv_segments, q_index, kv_index, sliding_window)
+    if kernel == 'cudnn':
+      return dot_product_attention(q, k_all, v_all, mask, implementation='cudnn')
+    return xla_attention(q, k_all, v_all, mask)
+
+  return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                       in_specs=(spec, spec, spec, segment_spec), out_specs=spec,
+                       check_vma=False)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
 
 
 # The platforms a program can be built for, named as `jax.export` and `lax.platform_dependent`
@@ -208,9 +294,10 @@ def cudnn_unavailable() -> str | None:
   return None
 
 
-def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0
-                       ) -> str | None:
-  """Why `implementation` cannot serve this call in a program for `platform` (None if it can)."""
+def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0,
+                       context: ContextLayout | None = None) -> str | None:
+  """Why `implementation` cannot serve this call in a program for `platform` (None if it can).
+  With `context`, the call is self-attention over rows split over devices in zig-zag order."""
   t, s, h = q_btnh.shape[1], k_bskh.shape[1], q_btnh.shape[3]
   if implementation == 'cudnn':
     if platform != 'cuda':
@@ -223,6 +310,12 @@ def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_off
   if implementation in ('blocked', 'splash'):
     if t != s or not isinstance(q_offset, int) or q_offset:
       return f'{implementation} attention serves self-attention over a whole row only (no KV cache)'
+  if context is not None:  # blocked: the indexed kernel, which takes any split row
+    chunk = t // (2 * context.size)
+    if implementation == 'splash' and chunk % _SPLASH_BLOCK:
+      return (f'splash attention over {context.size} context devices needs chunks of a multiple '
+              f'of {_SPLASH_BLOCK} tokens (the row / {2 * context.size}), got {chunk}')
+    return None
   if implementation == 'blocked' and blocked_lib.block_size(t) is None:
     return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
   if implementation == 'splash' and t % _SPLASH_BLOCK:
@@ -230,18 +323,19 @@ def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_off
   return None
 
 
-def choose(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0
-           ) -> tuple[str, str | None]:
+def choose(implementation: str, platform: str, q_btnh, k_bskh, q_offset=0,
+           context: ContextLayout | None = None) -> tuple[str, str | None]:
   """The kernel that serves this call in a program for `platform`, and why the requested one
   cannot (None when it can). Falls back to `blocked`, else `xla`."""
   requested = _AUTO.get(platform, 'blocked') if implementation == 'auto' else implementation
   if requested not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {implementation!r}; '
                      f'choose one of {ATTENTION_IMPLEMENTATIONS}.')
-  reason = unsupported_reason(requested, platform, q_btnh, k_bskh, q_offset)
+  reason = unsupported_reason(requested, platform, q_btnh, k_bskh, q_offset, context)
   if reason is None:
     return requested, None
-  blocked_serves = unsupported_reason('blocked', platform, q_btnh, k_bskh, q_offset) is None
+  blocked_serves = unsupported_reason('blocked', platform, q_btnh, k_bskh, q_offset,
+                                      context) is None
   return ('blocked' if requested != 'blocked' and blocked_serves else 'xla'), reason
 
 
@@ -251,15 +345,19 @@ def _warn_once(message: str) -> None:
 
 
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implementation='xla',
-              q_offset=0, sliding_window: int | None = None) -> jnp.ndarray:
+              q_offset=0, sliding_window: int | None = None,
+              context: ContextLayout | None = None) -> jnp.ndarray:
   """Segment-aware causal attention. q `[B, T, N, H]`, k/v `[B, S, K, H]` -> `[B, T, N, H]`.
+
+  With `context`, q, k and v are one row split over devices in zig-zag order
+  (`jaxsft.parallel.context`), and the kernel runs per device under `context_attention`.
 
   The kernel is chosen per platform the program is built for (`lax.platform_dependent` over
   `_candidate_platforms`), not for the host: a step traced inside `target_platforms(['tpu'])`
   on a CPU host gets splash. An explicit request that cannot serve falls back with a warning;
   `auto` falls back silently.
   """
-  plans = {platform: choose(implementation, platform, q_btnh, k_bskh, q_offset)
+  plans = {platform: choose(implementation, platform, q_btnh, k_bskh, q_offset, context)
            for platform in _candidate_platforms(implementation)}
   if implementation != 'auto':
     for platform, (chosen, reason) in plans.items():
@@ -269,6 +367,9 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
 
   def kernel(chosen: str, platform: str):
     def run(q, k, v, q_segments, kv_segments):
+      if context is not None:
+        return context_attention(q, k, v, q_segments, context, kernel=chosen,
+                                 sliding_window=sliding_window, interpret=platform != 'tpu')
       if chosen == 'blocked':
         return blocked_lib.blocked_attention(q, k, v, q_segments,
                                              blocked_lib.block_size(q.shape[1]), sliding_window)

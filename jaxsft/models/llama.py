@@ -20,6 +20,7 @@ from jaxsft.models.attention import attention
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
 from jaxsft.models.rope import apply_rotary, rotary_embedding
+from jaxsft.parallel.context import ContextLayout, context_layout, from_zigzag, to_zigzag
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole layer in the backward pass
@@ -39,6 +40,7 @@ class Attention(nn.Module):
   config: LlamaConfig
   deterministic: bool = True
   decode: bool = False  # use and extend the KV cache in the `cache` collection
+  context: ContextLayout | None = None  # rows split over devices, in zig-zag order
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
@@ -70,8 +72,8 @@ class Attention(nn.Module):
     implementation = 'xla' if self.is_initializing() else c.attention_implementation
     out_btnh = attention(q_btnh, k_btkh, v_btkh, q_segment_ids=segment_ids_bt,
                          kv_segment_ids=kv_segment_ids, implementation=implementation,
-                         q_offset=q_offset,
-                         sliding_window=c.sliding_window)
+                         q_offset=q_offset, sliding_window=c.sliding_window,
+                         context=self.context)
     out_btnh = checkpoint_name(out_btnh, 'attention_out')
     return proj(c.hidden_size, ('heads', 'embed'), c.o_bias, name='o_proj')(
         out_btnh.reshape(b, t, n * h))
@@ -125,13 +127,15 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
   deterministic: bool = True
   decode: bool = False
+  context: ContextLayout | None = None
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
     c = self.config
     norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype)
-    x_btd = x_btd + Attention(c, self.deterministic, self.decode, name='self_attn')(
+    x_btd = x_btd + Attention(c, self.deterministic, self.decode, self.context,
+                              name='self_attn')(
         norm(name='input_layernorm')(x_btd), cos_bth, sin_bth, segment_ids_bt)
     x_btd = x_btd + MLP(c, self.deterministic, name='mlp')(
         norm(name='post_attention_layernorm')(x_btd))
@@ -192,6 +196,12 @@ class Llama(nn.Module):
       x_btd = x_btd + neftune_noise(self.make_rng('neftune'), segment_ids, c.hidden_size,
                                     neftune_alpha).astype(x_btd.dtype)
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
+    # Rows split over a context axis run the layers in zig-zag order (jaxsft.parallel.context):
+    # the noise above and everything after the layers see the natural order.
+    context = None if self.decode or self.is_initializing() else context_layout(t)
+    if context is not None:
+      x_btd, positions, segment_ids = (to_zigzag(a, context)
+                                       for a in (x_btd, positions, segment_ids))
     cos_bth, sin_bth = rotary_embedding(
         positions, head_dim=c.head_dim, theta=c.rope_theta, rope_scaling=c.rope_scaling,
         max_position_embeddings=c.max_position_embeddings, dtype=c.dtype)
@@ -205,12 +215,14 @@ class Llama(nn.Module):
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_btd, _ = stack(c, self.deterministic, self.decode, name='layers')(
+      x_btd, _ = stack(c, self.deterministic, self.decode, context, name='layers')(
           x_btd, cos_bth, sin_bth, segment_ids)
     else:
       for i in range(c.num_layers):
-        x_btd, _ = layer_cls(c, self.deterministic, self.decode, name=f'layers_{i}')(
+        x_btd, _ = layer_cls(c, self.deterministic, self.decode, context, name=f'layers_{i}')(
             x_btd, cos_bth, sin_bth, segment_ids)
+    if context is not None:
+      x_btd = from_zigzag(x_btd, context)
 
     x_btd = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name='norm')(x_btd)
     if return_hidden:

@@ -1,8 +1,15 @@
 """Device meshes and the logical-axis rules that place parameters and activations on them.
 
 Every parameter carries logical axis names (`('embed', 'mlp')`); one rules table maps them to
-the mesh axes `('data', 'fsdp', 'tensor')`. Changing a parallelism strategy means changing the
-table, never the model.
+the mesh axes `('data', 'fsdp', 'context', 'tensor')`. Changing a parallelism strategy means
+changing the table, never the model.
+
+- `data`, `fsdp`: rows of a batch; `fsdp` also shards the weights (gathered per layer).
+- `context`: the tokens of each row (context parallelism, `jaxsft.parallel.context`); the
+  weights shard over it too, so `fsdp x context` devices hold one copy of the model between them.
+- `tensor`: heads, the MLP's hidden units and the vocabulary (tensor parallelism).
+
+A three-size shape `(data, fsdp, tensor)` still works and means `context=1`.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from jaxsft.errors import UserError
 
 _LOG = logging.getLogger(__name__)
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
 # (logical name, mesh axes). Batch splits over data and fsdp (FSDP is data parallel with sharded
-# weights); weights shard their `embed` dim over fsdp and their head/mlp/vocab dim over tensor.
+# weights), a row's tokens over context; weights shard their `embed` dim over fsdp and context
+# and their head/mlp/vocab dim over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('act_batch', ('data', 'fsdp')),
-    ('act_length', None),
+    ('act_length', 'context'),
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
@@ -37,7 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('act_vocab', 'tensor'),
     ('layers', None),
     ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
@@ -46,25 +54,27 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def check_mesh_shape(shape: Sequence[int]) -> None:
-  """Raises `UserError` unless `shape` gives one integer size per axis of `MESH_AXES`, each
-  >= 1 or -1 (at most one -1); whether the devices fit is `make_mesh`'s question."""
+def full_mesh_shape(shape: Sequence[int]) -> tuple[int, ...]:
+  """`shape` as one size per axis of `MESH_AXES`: a three-size `(data, fsdp, tensor)` shape
+  gets `context=1`. Raises `UserError` unless the sizes are integers, each >= 1 or -1 (at most
+  one -1); whether the devices fit is `make_mesh`'s question."""
   shape = tuple(shape)
-  if len(shape) != len(MESH_AXES) or any(isinstance(s, bool) or not isinstance(s, int)
-                                         for s in shape):
-    raise UserError(f'mesh shape {shape}: give three integer sizes for '
-                    f'{MESH_AXES}, e.g. (-1, 1, 1).')
+  if len(shape) not in (3, len(MESH_AXES)) or any(isinstance(s, bool) or not isinstance(s, int)
+                                                  for s in shape):
+    raise UserError(f'mesh shape {shape}: give four integer sizes for {MESH_AXES}, e.g. '
+                    '(1, 1, 4, 1), or three for (data, fsdp, tensor) with context=1.')
   if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
     raise UserError(f'mesh shape {shape}: each size must be >= 1, or -1 (at most one) for the '
                     'remaining devices.')
+  return shape[:2] + (1,) + shape[2:] if len(shape) == 3 else shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None
+def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[jax.Device] | None = None
               ) -> Mesh:
-  """A `('data', 'fsdp', 'tensor')` mesh; one size may be -1 for "all remaining devices"."""
+  """A `('data', 'fsdp', 'context', 'tensor')` mesh; one size may be -1 for "all remaining
+  devices"; a three-size shape means `(data, fsdp, tensor)` with `context=1`."""
   devices = list(jax.devices() if devices is None else devices)
-  check_mesh_shape(shape)
-  shape = list(shape)
+  shape = list(full_mesh_shape(shape))
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
@@ -128,21 +138,21 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-  """A device mesh: its `shape` over `MESH_AXES` (`('data', 'fsdp', 'tensor')`; one size may be
-  -1 for the remaining devices) and `rules`, `(logical name, mesh axes)` pairs that override
-  `DEFAULT_RULES`. A shape that is not three sizes raises `UserError` when made."""
+  """A device mesh: its `shape` over `MESH_AXES` (`('data', 'fsdp', 'context', 'tensor')`; one
+  size may be -1 for the remaining devices; three sizes mean `(data, fsdp, tensor)` with
+  `context=1`, and are stored as four) and `rules`, `(logical name, mesh axes)` pairs that
+  override `DEFAULT_RULES`. A shape of other sizes raises `UserError` when made."""
 
-  shape: tuple[int, ...] = (-1, 1, 1)
+  shape: tuple[int, ...] = (-1, 1, 1, 1)
   rules: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    object.__setattr__(self, 'shape', tuple(self.shape))
+    object.__setattr__(self, 'shape', full_mesh_shape(self.shape))
     rules = []
     for rule in self.rules:
       name, axes = rule
       rules.append((name, tuple(axes) if isinstance(axes, list) else axes))
     object.__setattr__(self, 'rules', tuple(rules))
-    check_mesh_shape(self.shape)
 
   def rules_table(self) -> tuple[tuple[str, Any], ...]:
     """`rules` first, then every `DEFAULT_RULES` entry they do not override."""

@@ -145,7 +145,8 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
   settings = run_settings(config)  # after `setup`, which may point the config at its files
   model_config, folder = model_config_from(settings.model, settings.lora)
   mesh, rules = mesh_and_rules(settings.mesh)
-  check_batch_layout(settings.batch_size, settings.step.grad_accum_steps, mesh)
+  check_batch_layout(settings.batch_size, settings.step.grad_accum_steps, mesh,
+                     settings.max_seq_len)
   # One checkpoint's size, counted once; `check_writable` asks for room for `keep` + 1 of them.
   optimizer_for_shapes, _ = make_optimizer(settings.optim, 1)
   checkpoint_bytes = checkpoint.state_bytes(checkpoint.saveable(abstract_train_state(

@@ -42,14 +42,23 @@ def check_data_config(d: Any) -> None:
         check_choice(f'data.{key}[{i}].format', spec['format'], FORMATS)
 
 
-def check_batch_layout(batch_size: int, grad_accum_steps: int, mesh: Any) -> None:
+def check_batch_layout(batch_size: int, grad_accum_steps: int, mesh: Any,
+                       max_seq_len: int | None = None) -> None:
   """Each micro-batch's rows (`batch_size / grad_accum_steps`) split evenly over the data x
-  fsdp devices of `mesh` (a cross-part rule: the batch and the mesh)."""
+  fsdp devices of `mesh`, and each row (`max_seq_len` tokens) into two chunks per device of
+  its `context` axis (cross-part rules: the batch, the data and the mesh)."""
   rows_axes = mesh.shape['data'] * mesh.shape['fsdp']
   if (batch_size // grad_accum_steps) % rows_axes:
     raise UserError(f'each micro-batch has {batch_size // grad_accum_steps} rows, which the '
                     f'{rows_axes} devices of the data x fsdp mesh axes cannot split evenly; '
                     'make batch_size / grad_accum_steps a multiple of that.')
+  context = mesh.shape.get('context', 1)
+  if max_seq_len is not None and context > 1 and max_seq_len % (2 * context):
+    multiple = 2 * context
+    raise UserError(f'data.max_seq_len={max_seq_len}: context parallelism over {context} '
+                    f'devices splits each row into {multiple} equal chunks; set '
+                    f'--config.data.max_seq_len={max_seq_len // multiple * multiple or multiple}'
+                    f' (a multiple of {multiple}).')
 
 
 def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:

@@ -1,0 +1,275 @@
+"""Flash attention whose causal mask comes from explicit position arrays, in plain XLA.
+
+This module owns the attention kernel of context parallelism. There each device holds its
+queries of a row in a permuted order (the zig-zag order that balances causal work: chunks i and
+2c-1-i of the row for device i of c) and the keys/values of the whole row all-gathered in
+another known order. Array positions then say nothing about row positions, so the mask cannot
+come from `arange` as in `attention.attention_mask` or `blocked_attention`: here query t sees
+key s iff both have the same segment id, `kv_index[s] <= q_index[t]`, and, with a sliding window
+W, `q_index[t] - kv_index[s] < W`, for index arrays the caller passes (traced values are fine,
+e.g. from `lax.axis_index` inside `shard_map`).
+
+Algorithm: queries are split into blocks of `block_q`, keys into blocks of `block_k`. A
+`lax.scan` over query blocks runs a `lax.scan` over key blocks with the online softmax (float32
+running max, sum and accumulator). Before that, `visible_blocks` decides from the data which
+(query block, key block) pairs can hold a visible pair at all, and a `lax.cond` skips the
+others: blocks wholly in the future of the query block (causality), wholly before the window,
+or wholly before the first key of every query's example in a packed row. Skipping only saves
+work: the full mask is applied inside every computed block, so the result is the reference
+function (`attention.xla_attention` with the index mask) for any layout.
+
+Memory: the forward saves q, k, v, the output and the per-query log-sum-exp (a `jax.custom_vjp`),
+never a `[T, S]` tensor; the backward recomputes each visible block's probabilities (the flash
+backward, with `delta = rowsum(dout * out)` and `dS = P * (dP - delta)`), so activations and
+temporaries are O(T + S) plus one `[block_q, block_k]` tile per head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.models.blocked_attention import MASKED_LOGIT
+
+MAX_BLOCK = 512
+_INT_MIN = int(np.iinfo(np.int32).min)
+_INT_MAX = int(np.iinfo(np.int32).max)
+
+
+def default_block(length: int) -> int:
+  """The largest divisor of `length` that is at most `MAX_BLOCK` and a multiple of 8, else
+  `length` itself (one block)."""
+  for block in range(min(MAX_BLOCK, length) // 8 * 8, 7, -8):
+    if length % block == 0:
+      return block
+  return length
+
+
+def first_visible_index(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
+                        sliding_window: int | None = None) -> jnp.ndarray:
+  """`[B, T]` int32: a lower bound on the row index of any key query t may see: the smallest
+  `kv_index` among the keys of its segment (a scatter-min by segment id, so any key order
+  works), raised to the window's start. Segment ids outside `[0, S]` get no bound (int32 min);
+  a segment without keys gets int32 max (the query sees nothing)."""
+  b, s = kv_segment_ids_bs.shape
+  slots = s + 1
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+  kv_in_range = (kv_segment_ids_bs >= 0) & (kv_segment_ids_bs < slots)
+  kv_index_bs = jnp.broadcast_to(kv_index_s.astype(jnp.int32), (b, s))
+  first_b_slot = jnp.full((b, slots + 1), _INT_MAX, jnp.int32).at[
+      rows, jnp.where(kv_in_range, kv_segment_ids_bs, slots)].min(kv_index_bs)
+  q_in_range = (q_segment_ids_bt >= 0) & (q_segment_ids_bt < slots)
+  first_bt = jnp.take_along_axis(first_b_slot, jnp.where(q_in_range, q_segment_ids_bt, slots),
+                                 axis=1)
+  first_bt = jnp.where(q_in_range, first_bt, _INT_MIN)
+  if sliding_window is not None:
+    first_bt = jnp.maximum(first_bt, q_index_t.astype(jnp.int32)[None, :] - sliding_window + 1)
+  return first_bt
+
+
+def visible_blocks(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s, *,
+                   sliding_window: int | None = None, block_q: int, block_k: int
+                   ) -> jnp.ndarray:
+  """`[T / block_q, S / block_k]` bool: False where no query of the query block (in any batch
+  row) can see any key of the key block, so the kernel skips it. Query block i spans indices
+  `[lo_i, hi_i]`: hi_i the largest q_index in it, lo_i the smallest `first_visible_index` of its
+  queries over the batch. Key block j is visible iff `min kv_index <= hi_i` (causality) and
+  `max kv_index >= lo_i` (window, packed segments)."""
+  t, s = q_index_t.shape[0], kv_index_s.shape[0]
+  first_bt = first_visible_index(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
+                                 sliding_window)
+  lo_i = jnp.min(first_bt.reshape(-1, t // block_q, block_q), axis=(0, 2))
+  hi_i = jnp.max(q_index_t.astype(jnp.int32).reshape(t // block_q, block_q), axis=1)
+  kv_blocks = kv_index_s.astype(jnp.int32).reshape(s // block_k, block_k)
+  k_min_j, k_max_j = jnp.min(kv_blocks, axis=1), jnp.max(kv_blocks, axis=1)
+  return (k_min_j[None, :] <= hi_i[:, None]) & (k_max_j[None, :] >= lo_i[:, None])
+
+
+def _blocks(x, block, axis=1):
+  """Splits `axis` of x into `[length / block, block]` and moves the block count to the front."""
+  shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocks(x, axis=1):
+  """Inverse of `_blocks`: `[count, ..., block, ...]` -> `[..., count * block, ...]`."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _tile(q_bckgh, k_bdkh, seg_q_bc, seg_k_bd, index_q_c, index_k_d, sliding_window):
+  """Scaled, masked float32 logits `[B, K, G, C, D]` of one query block against one key block,
+  and the mask `[B, 1, 1, C, D]`."""
+  scale = 1.0 / math.sqrt(q_bckgh.shape[-1])
+  logits = jnp.einsum('bckgh,bdkh->bkgcd', q_bckgh, k_bdkh,
+                      preferred_element_type=jnp.float32) * scale
+  allowed = index_k_d[None, :] <= index_q_c[:, None]
+  if sliding_window is not None:
+    allowed &= index_q_c[:, None] - index_k_d[None, :] < sliding_window
+  allowed = (allowed[None] & (seg_q_bc[:, :, None] == seg_k_bd[:, None, :]))[:, None, None]
+  return jnp.where(allowed, logits, MASKED_LOGIT), allowed
+
+
+def _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_window,
+             block_q, block_k):
+  """Blocked operands: query-side and key-side scan inputs and the visibility table."""
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+  visible_ij = visible_blocks(q_seg, kv_seg, q_index, kv_index, sliding_window=sliding_window,
+                              block_q=block_q, block_k=block_k)
+  q_side = (_blocks(q_btkgh, block_q), _blocks(q_seg, block_q),
+            q_index.astype(jnp.int32).reshape(-1, block_q))
+  k_side = (_blocks(k_bskh, block_k), _blocks(v_bskh, block_k), _blocks(kv_seg, block_k),
+            kv_index.astype(jnp.int32).reshape(-1, block_k))
+  return q_side, k_side, visible_ij
+
+
+def _forward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_window,
+             block_q, block_k):
+  """Returns the output `[B, T, N, H]` and the log-sum-exp `[T / block_q, B, K, G, block_q]`."""
+  b, t, n, h = q_btnh.shape
+  q_side, k_side, visible_ij = _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index,
+                                        kv_index, sliding_window, block_q, block_k)
+
+  def query_block(_, xs):
+    q_i, seg_q_i, index_q_i, visible_j = xs
+
+    def attend(carry, k_j, v_j, seg_k_j, index_k_j):
+      peak, total, acc = carry
+      logits, allowed = _tile(q_i, k_j, seg_q_i, seg_k_j, index_q_i, index_k_j, sliding_window)
+      new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+      fix = jnp.exp(peak - new_peak)
+      probs = jnp.where(allowed, jnp.exp(logits - new_peak[..., None]), 0.0)
+      total = total * fix + jnp.sum(probs, axis=-1)
+      acc = acc * fix[..., None] + jnp.einsum('bkgcd,bdkh->bkgch', probs.astype(v_j.dtype), v_j,
+                                              preferred_element_type=jnp.float32)
+      return new_peak, total, acc
+
+    def key_block(carry, ys):
+      visible, *operands = ys
+      return jax.lax.cond(visible, attend, lambda c, *_: c, carry, *operands), None
+
+    _, _, kv_heads, group, _ = q_i.shape
+    # Initial carries derived from q_i: inside shard_map they then vary over the same axes as
+    # the loop's outputs.
+    zero = jnp.zeros_like(q_i[:, 0, :, :, 0], jnp.float32)[..., None]  # [B, K, G, 1]
+    row = jnp.broadcast_to(zero, (b, kv_heads, group, block_q))
+    init = (row + MASKED_LOGIT, row, jnp.broadcast_to(row[..., None], row.shape + (h,)))
+    (peak, total, acc), _ = jax.lax.scan(key_block, init, (visible_j, *k_side))
+    total = jnp.where(total > 0, total, 1.0)  # only a query that sees no key (never given)
+    out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).astype(q_btnh.dtype)
+    return None, (out, peak + jnp.log(total))
+
+  _, (out_i, lse_i) = jax.lax.scan(query_block, None, (*q_side, visible_ij))
+  return _unblocks(out_i).reshape(b, t, n, h), lse_i
+
+
+def _backward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, out_btnh, lse_i,
+              dout_btnh, sliding_window, block_q, block_k):
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_bskh.shape[2]
+  q_side, k_side, visible_ij = _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index,
+                                        kv_index, sliding_window, block_q, block_k)
+  dout_btkgh = dout_btnh.astype(q_btnh.dtype).reshape(b, t, kv_heads, n // kv_heads, h)
+  delta_bkgt = jnp.einsum('btkgh,btkgh->bkgt', dout_btkgh.astype(jnp.float32),
+                          out_btnh.astype(jnp.float32).reshape(dout_btkgh.shape))
+  delta_i = _blocks(delta_bkgt, block_q, axis=3)
+  scale = 1.0 / math.sqrt(h)
+
+  def key_block(dq_i, xs):
+    k_j, v_j, seg_k_j, index_k_j, visible_i = xs
+
+    def grads(carry, q_i, seg_q_i, index_q_i, dout_i, lse, delta):
+      dq, dk, dv = carry
+      logits, allowed = _tile(q_i, k_j, seg_q_i, seg_k_j, index_q_i, index_k_j, sliding_window)
+      probs = jnp.where(allowed, jnp.exp(logits - lse[..., None]), 0.0)
+      dv += jnp.einsum('bkgcd,bckgh->bdkh', probs.astype(dout_i.dtype), dout_i,
+                       preferred_element_type=jnp.float32)
+      dprobs = jnp.einsum('bckgh,bdkh->bkgcd', dout_i, v_j, preferred_element_type=jnp.float32)
+      dlogits = (probs * (dprobs - delta[..., None]) * scale).astype(q_i.dtype)
+      dq += jnp.einsum('bkgcd,bdkh->bckgh', dlogits, k_j, preferred_element_type=jnp.float32)
+      dk += jnp.einsum('bkgcd,bckgh->bdkh', dlogits, q_i, preferred_element_type=jnp.float32)
+      return dq, dk, dv
+
+    def query_block(carry, ys):
+      visible, dq, *operands = ys
+      dq, dk, dv = jax.lax.cond(visible, grads, lambda c, *_: c, (dq, *carry), *operands)
+      return (dk, dv), dq
+
+    zero = jnp.zeros_like(k_j, jnp.float32)
+    (dk_j, dv_j), dq_i = jax.lax.scan(
+        query_block, (zero, zero), (visible_i, dq_i, *q_side, _blocks(dout_btkgh, block_q),
+                                    lse_i, delta_i))
+    return dq_i, (dk_j, dv_j)
+
+  dq_init = jnp.zeros_like(q_side[0], jnp.float32)
+  dq_i, (dk_j, dv_j) = jax.lax.scan(key_block, dq_init, (*k_side, visible_ij.T))
+  return (_unblocks(dq_i).reshape(b, t, n, h).astype(q_btnh.dtype),
+          _unblocks(dk_j).astype(k_bskh.dtype), _unblocks(dv_j).astype(v_bskh.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _indexed(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q, block_k):
+  return _forward(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q,
+                  block_k)[0]
+
+
+def _indexed_fwd(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q, block_k):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q,
+                      block_k)
+  return out, (q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse)
+
+
+def _indexed_bwd(sliding_window, block_q, block_k, residuals, dout):
+  q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse, dout,
+                         sliding_window, block_q, block_k)
+  return dq, dk, dv, None, None, None, None
+
+
+_indexed.defvjp(_indexed_fwd, _indexed_bwd)
+
+
+def indexed_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs,
+                      q_index_t, kv_index_s, *, sliding_window: int | None = None,
+                      block_q: int | None = None, block_k: int | None = None) -> jnp.ndarray:
+  """Segment-aware causal attention with the positions given by index arrays.
+
+  Args:
+    q_btnh: queries `[B, T, N, H]`.
+    k_bskh, v_bskh: keys and values `[B, S, K, H]`, N a multiple of K (grouped KV heads).
+    q_segment_ids_bt, kv_segment_ids_bs: int `[B, T]` and `[B, S]` segment ids (0: padding,
+      which attends to padding by the same rule).
+    q_index_t, kv_index_s: int `[T]` and `[S]`: each query's and key's position in the row,
+      the same for every batch row; may be traced.
+    sliding_window: W, or None for full causal attention.
+    block_q, block_k: tile sizes dividing T and S (default `default_block`).
+
+  Query t attends to key s iff the segment ids agree, `kv_index[s] <= q_index[t]` and
+  `q_index[t] - kv_index[s] < W`. Every query must see at least one key (its own position among
+  the keys guarantees it). Returns `[B, T, N, H]` in q's dtype; logits scaled by 1/sqrt(H).
+  """
+  b, t, n, h = q_btnh.shape
+  s, kv_heads = k_bskh.shape[1], k_bskh.shape[2]
+  if k_bskh.shape != (b, s, kv_heads, h) or v_bskh.shape != k_bskh.shape or n % kv_heads:
+    raise ValueError(f'q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: want q [B, T, N, '
+                     'H] and k, v [B, S, K, H] with N a multiple of K.')
+  if (q_segment_ids_bt.shape != (b, t) or kv_segment_ids_bs.shape != (b, s)
+      or q_index_t.shape != (t,) or kv_index_s.shape != (s,)):
+    raise ValueError(f'segment ids {q_segment_ids_bt.shape}, {kv_segment_ids_bs.shape} and '
+                     f'indices {q_index_t.shape}, {kv_index_s.shape}: want [{b}, {t}], '
+                     f'[{b}, {s}], [{t}], [{s}].')
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f'sliding_window={sliding_window}: must be at least 1.')
+  block_q = default_block(t) if block_q is None else block_q
+  block_k = default_block(s) if block_k is None else block_k
+  if block_q < 1 or t % block_q or block_k < 1 or s % block_k:
+    raise ValueError(f'block_q={block_q}, block_k={block_k}: must divide T={t} and S={s}.')
+  return _indexed(q_btnh, k_bskh, v_bskh, q_segment_ids_bt.astype(jnp.int32),
+                  kv_segment_ids_bs.astype(jnp.int32), q_index_t.astype(jnp.int32),
+                  kv_index_s.astype(jnp.int32), sliding_window, block_q, block_k)
