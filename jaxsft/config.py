@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       'scan_layers': True,
       'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
       'attention_implementation': 'auto',  # auto | blocked | xla | cudnn | splash
+      'mlp_chunk_size': 0,   # tokens per MLP chunk on each device (long rows); 0 = whole row
   })
   config.lora = ml_collections.ConfigDict({
       'enabled': False,      # False = full fine-tuning

@@ -15,6 +15,10 @@
 #   plan-cpu        the same with JAX_PLATFORMS=cpu (the plans in docs/benchmarks.md)
 #   plan-tpu        the same with --platform tpu, where jaxsft plan has that flag
 #   bench-generate  scripts/bench_generate.py: KV-cache decoding vs a forward pass per token
+#   context-parallel  scripts/check_context.py: a LoRA step with rows split over the devices
+#                   (a multi-device machine's own; else fake CPU devices) vs one device, and
+#                   jaxsft plan --devices 8 of configs/llama3_8b_long_context.py at 1M tokens
+#                   (dry run: a tiny model on 4 devices)
 # Then one Markdown block (date, command, device, each step's status, time and figures) goes
 # to $OUT/device_check.md when $OUT is set (the device tool brings $OUT back), else to
 # ./device_check.md or --out PATH, and to stdout; the whole log goes beside it (.log).
@@ -90,7 +94,7 @@ WARN_S=$(( BUDGET_S * 85 / 100 ))
 
 STEPS="$WORK/steps.tsv"
 : > "$STEPS"
-STEPS_LEFT=7
+STEPS_LEFT=8
 
 quote() {  # the arguments as one shell line, quoted only where needed
   local out='' arg
@@ -267,6 +271,28 @@ else
 fi
 run_step bench-generate 120 "$PY" scripts/bench_generate.py "${GENERATE[@]}"
 record bench-generate "$STATUS" "$STEP_MS" "$STEP_LINE"
+
+# ---------------------------------------------------------------------------- 5. context
+cat > "$WORK/context.sh" << 'EOF'
+set -u
+PY=$1; DRY_RUN=$2
+DEVICES=$("$PY" -c 'import jax; print(jax.device_count())' 2>/dev/null || echo 0)
+if [ "$DRY_RUN" = 0 ] && [ "$DEVICES" -ge 2 ]; then
+  "$PY" scripts/check_context.py || exit 1
+else
+  "$PY" scripts/check_context.py --fake-devices 4 --length 256 || exit 1
+fi
+if [ "$DRY_RUN" = 1 ]; then
+  PLAN=(--config.model.preset= "--config.model.architecture={'vocab_size': 512, 'hidden_size': 128, 'intermediate_size': 256, 'num_layers': 2, 'num_heads': 4, 'num_kv_heads': 2}"
+        --config.data.max_seq_len=4096 --config.mesh.shape='(1,1,4,1)' --devices 4)
+else
+  PLAN=(--config.data.max_seq_len=1048576 --devices 8)
+fi
+"$PY" -m jaxsft.cli plan --config configs/llama3_8b_long_context.py --config.model.path= \
+  "${PLAN[@]}" --device-memory-gib 80
+EOF
+run_step context-parallel 150 bash "$WORK/context.sh" "$PY" "$DRY_RUN"
+record context-parallel "$STATUS" "$STEP_MS" "$STEP_LINE"
 
 # ---------------------------------------------------------------------------- the report
 export DC_WORK=$WORK DC_BENCH_JSON=$BENCH_JSON DC_MODE=$MODE DC_SECONDS=$SECONDS
@@ -475,6 +501,16 @@ code('\n'.join(lines) if lines else generate[-3000:])
 
 add('')
 failure('bench-generate')
+add('#### 5. Context parallelism (scripts/check_context.py, jaxsft plan --devices)')
+add('')
+add(f'`{commands.get("context-parallel", "")}`: {status.get("context-parallel", "not run")}')
+add('')
+context = read('context-parallel.log')
+lines = [line for line in context.splitlines()
+         if line.startswith(('context parallel', 'planned for', '  ', 'verdict'))]
+code('\n'.join(lines) if lines else context[-3000:])
+add('')
+failure('context-parallel')
 text = '\n'.join(out).rstrip() + '\n'
 with open(sys.argv[1], 'w') as f:
   f.write(text)

@@ -3,13 +3,19 @@ device, for full, LoRA and QLoRA, on packed rows whose examples cross shard boun
 attention path serves a split row; no example sees another's tokens across a boundary."""
 
 import functools
+import json
 import logging
+import signal
+import subprocess
+import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+from user_path import ALPACA, JAXSFT, REPO, env, run, tiny_model, write_config, write_json
 
 from jaxsft.models import attention as attn
 from jaxsft.models.config import LlamaConfig
@@ -159,3 +165,86 @@ def test_every_attention_path_serves_a_split_row(implementation, window, caplog)
     assert 'falling back to blocked' in caplog.text
   else:
     assert 'cannot serve' not in caplog.text
+
+
+# ------------------------------------------------------------------ through the executable
+
+def context_run_settings(model, data, cache):
+  return {'model.path': str(model), 'model.dtype': 'float32', 'model.remat_policy': 'full',
+          'lora.enabled': True, 'lora.rank': 4,
+          'lora.dropout': 0.0,  # dropout masks follow the token layout; nothing else does
+          'data.datasets': [{'path': str(data)}], 'data.template': 'chatml',
+          'data.max_seq_len': 128, 'data.cache_dir': str(cache), 'batch_size': 2,
+          'optim.learning_rate': 1e-2, 'optim.warmup_steps': 0, 'train.num_steps': 8,
+          'train.log_every': 1, 'checkpoint.save_every': 2}
+
+
+def devices_env(count):
+  return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={count}',
+          'JAX_PLATFORMS': 'cpu'}
+
+
+def logged_losses(workdir):
+  records = map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+  return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+def test_context_run_through_the_executable_resumes_on_another_layout(tmp_path):
+  """`jaxsft train` of a tiny HF model's LoRA run on 4 fake devices with
+  mesh.shape=(1,1,4,1) logs the losses of the (1,1,1,1) run; SIGTERM after step 3, resumed with
+  context=2 on 2 devices, it finishes with the one-device run's adapter (within 1e-5)."""
+  model = tiny_model(tmp_path / 'model')
+  data = write_json(tmp_path / 'alpaca.json', ALPACA * 2)
+  config = write_config(tmp_path / 'run.py',
+                        context_run_settings(model, data, tmp_path / 'cache'))
+  one = tmp_path / 'one'
+  run(['train', '--config', config, '--workdir', str(one), '--config.mesh.shape=(1,1,1,1)'],
+      REPO, extra_env=devices_env(1))
+  split = tmp_path / 'split'
+  environment = env()
+  environment.update(devices_env(4))
+  process = subprocess.Popen(
+      [JAXSFT, 'train', '--config', config, '--workdir', str(split),
+       '--config.mesh.shape=(1,1,4,1)'], cwd=REPO, env=environment, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (split / 'metrics.jsonl').exists() or len(logged_losses(split)) < 3:
+    assert process.poll() is None and time.time() < deadline, process.communicate()
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 75, stderr
+  assert "on mesh {'data': 1, 'fsdp': 1, 'context': 4, 'tensor': 1}" in stderr
+  resumed = run(['train', '--config', config, '--workdir', str(split),
+                 '--config.mesh.shape=(1,1,2,1)'], REPO, extra_env=devices_env(2))
+  assert 'resuming from the checkpoint at step' in resumed.stderr
+  expected, got = logged_losses(one), logged_losses(split)
+  assert sorted(got) == list(range(1, 9)) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)],
+                             rtol=1e-5)
+  adapters = {}
+  for name in ('one', 'split'):
+    run(['export', '--workdir', str(tmp_path / name), '--format', 'peft', '--out',
+         str(tmp_path / f'{name}-adapter')], REPO, extra_env=devices_env(1))
+    adapters[name] = load_file(str(tmp_path / f'{name}-adapter' / 'adapter_model.safetensors'))
+  assert adapters['one'].keys() == adapters['split'].keys()
+  for key, value in adapters['one'].items():
+    np.testing.assert_allclose(adapters['split'][key], value, rtol=1e-5,
+                               atol=1e-5 * np.abs(value).max())
+
+
+def test_plan_lowers_a_context_parallel_step_with_splash_for_tpu():
+  """`jaxsft plan --platform tpu` of a run with context=4: each device's splash kernels (two per
+  device index: one per chunk) are in the program."""
+  from jaxsft.train import plan
+  from jaxsft.train.run import run_settings
+  config = tiny_config(lora=True)
+  config.model.attention_implementation = 'splash'
+  config.data.max_seq_len = 1024  # chunks of 128 tokens: splash's block
+  config.batch_size = 2
+  config.mesh.shape = (1, 1, 4, 1)
+  lowering = plan.lower_for_platform(run_settings(config), 'tpu', jax.devices()[:4])
+  assert (lowering.attention, lowering.fallback_reason) == ('splash', None)
+  assert lowering.context_devices == 4 and lowering.kernel_calls > 0
+  assert 'context parallel: each row split over 4 devices' in plan.platform_report(lowering,
+                                                                                     'splash')

@@ -10,9 +10,9 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ['environment', 'gpu-parity', 'bench-train', 'plan-native', 'plan-cpu', 'plan-tpu',
-         'bench-generate']
+         'bench-generate', 'context-parallel']
 SECTIONS = ['#### Environment', '#### 1. Attention parity', '#### 2. Training speed',
-            '#### 3. Memory plan', '#### 4. Decoding']
+            '#### 3. Memory plan', '#### 4. Decoding', '#### 5. Context parallelism']
 
 
 def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
@@ -43,4 +43,6 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert re.search(rf'^\| {method} \| jaxsft \| [\d,]+ \|', text, re.M), method
   assert re.search(r'^\| total \| [\d.]+ \| [\d.]+ \|', text, re.M)
   assert 'KV cache' in text
+  assert re.search(r'^context parallel: ok', text, re.M)
+  assert re.search(r'^planned for 4 devices', text, re.M)
   assert (tmp_path / 'report.log').stat().st_size > 0

@@ -8,7 +8,8 @@
         the training sources without exact / near duplicates, evaluation data (n-gram overlap)
         and empty or degenerate answers, in their own format; removed.jsonl says why
   jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len] [--platform P]
-                                                   per-device memory from shapes alone
+        [--devices N]   per-device memory from shapes alone; --devices plans for N devices
+        (a slice) on N fake CPU host devices
   jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
   jaxsft eval --workdir DIR | --hf PATH [--data FILE] [--generate N]   NLL, perplexity, ...
   jaxsft generate --workdir DIR | --hf PATH --prompt "..."   (or --prompts file.jsonl, with
@@ -79,8 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     'needed) and report the attention kernel it gets, instead of compiling '
                     'it here for a memory plan')
   plan.add_argument('--find-max-seq-len', action='store_true',
-                    help='search the longest data.max_seq_len (multiple of 256) that fits in '
-                         '--device-memory-gib')
+                    help='search the longest data.max_seq_len (multiple of 256, up to 4M tokens; '
+                         'rows past 51,200 to within 1 %%) that fits in --device-memory-gib')
+  plan.add_argument('--devices', type=flags.positive_int, default=None, metavar='N',
+                    help='plan for N devices (e.g. 8 for an 8-chip slice) on N fake CPU host '
+                    'devices of this machine: the mesh, the shardings and the per-device bytes '
+                    'of N devices, measured on the XLA:CPU compile')
   plan.set_defaults(run=training.plan)
   export = add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
   export.add_argument('--workdir', required=True)

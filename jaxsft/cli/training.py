@@ -97,29 +97,73 @@ def train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def _use_host_devices(count: int) -> None:
+  """`jaxsft plan --devices N`: JAX's CPU backend with `count` fake host devices. Before JAX
+  loads (the CLI imports none of it before a command runs), through `JAX_PLATFORMS=cpu`,
+  `--xla_force_host_platform_device_count` in `XLA_FLAGS` (replacing one there) and
+  `JAX_NUM_CPU_DEVICES` (which JAX would prefer to the flag); once JAX is imported but no
+  backend has started (`jaxsft.cli.main` called in a Python process), through `jax.config`. A
+  process whose backend already runs keeps its devices: a different count is a user error."""
+  # pylint: disable=import-outside-toplevel
+  import os
+  if 'jax' not in sys.modules:
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ['JAX_NUM_CPU_DEVICES'] = str(count)
+    kept = [flag for flag in os.environ.get('XLA_FLAGS', '').split()
+            if not flag.startswith('--xla_force_host_platform_device_count')]
+    os.environ['XLA_FLAGS'] = ' '.join(
+        kept + [f'--xla_force_host_platform_device_count={count}'])
+    return
+  import jax
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    if jax.device_count() != count:
+      raise UserError(f'jaxsft plan --devices {count}: JAX already runs in this process with '
+                      f'{jax.device_count()} {jax.default_backend()} devices; run `jaxsft plan` '
+                      'in a new process.')
+    return
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', count)
+
+
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  """`jaxsft plan`: the per-device memory of a run from shapes alone (`jaxsft.train.plan`), the
+  longest row that fits (`--find-max-seq-len`), or the step exported for a platform
+  (`--platform`); with `--devices N`, for N devices (fake CPU host devices, set up before JAX
+  starts)."""
+  if args.devices:
+    _use_host_devices(args.devices)  # before the config loads: it imports JAX
   # pylint: disable=import-outside-toplevel
   from jaxsft.train import plan
   from jaxsft.train.run import run_settings
   config = load_config(args.config, overrides)
   settings = run_settings(config)
+  if args.platform and args.find_max_seq_len:
+    raise UserError('jaxsft plan: --find-max-seq-len compiles on this host; it does not '
+                    'combine with --platform.')
+  if args.find_max_seq_len and not args.device_memory_gib:
+    raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
+  if args.devices:
+    print(plan.devices_note())
   if args.platform:
-    if args.find_max_seq_len:
-      raise UserError('jaxsft plan: --find-max-seq-len compiles on this host; it does not '
-                      'combine with --platform.')
     lowering = plan.lower_for_platform(settings, args.platform)
     print(plan.platform_report(lowering, config.model.attention_implementation))
     return 0
   if args.find_max_seq_len:
-    if not args.device_memory_gib:
-      raise UserError('jaxsft plan --find-max-seq-len needs --device-memory-gib, e.g. 80.')
     length, memory = plan.max_seq_len(settings, args.device_memory_gib)
     if memory is None:
       print(f'not even 256 tokens per row fit in {args.device_memory_gib:g} GiB per device '
             f'with batch_size={config.batch_size}.')
       return 1
+    resolution = plan.search_resolution(length)
+    if length >= plan.SEARCH_LIMIT:
+      precision = ' (the search limit: longer rows may fit too)'
+    elif resolution > 256:
+      precision = f' (searched to within {resolution} tokens, 1 % of the length)'
+    else:
+      precision = ''
     print(f'longest data.max_seq_len that fits in {args.device_memory_gib:g} GiB per device '
-          f'(batch_size={config.batch_size}): {length}')
+          f'(batch_size={config.batch_size}): {length}{precision}')
     print(plan.report(memory, args.device_memory_gib))
     return 0
   print(plan.report(plan.plan(settings), args.device_memory_gib))

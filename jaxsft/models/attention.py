@@ -213,7 +213,10 @@ def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLay
     gather = functools.partial(jax.lax.all_gather, axis_name=layout.axis, axis=1, tiled=True)
     k_all, v_all, kv_segments = gather(k), gather(v), gather(q_segments)
     length = k_all.shape[1]
-    kv_index, q_index = jnp.asarray(layout.positions(length)), layout.shard_positions(length)
+    # Gathered rather than a constant: XLA would fold a [T] constant's block minima at compile
+    # time, seconds at 1M tokens.
+    q_index = layout.shard_positions(length)
+    kv_index = jax.lax.all_gather(q_index, layout.axis, axis=0, tiled=True)
     if kernel == 'blocked':
       return indexed_lib.indexed_attention(q, k_all, v_all, q_segments, kv_segments, q_index,
                                            kv_index, sliding_window=sliding_window)

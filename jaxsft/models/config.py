@@ -58,6 +58,9 @@ class LlamaConfig:
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention_implementation: str = 'xla'
+  # Tokens per chunk of a row's MLP (per device): the [T, F] intermediates of a long row exist
+  # one chunk at a time (`jaxsft.models.llama.MLP`); 0 runs the row's MLP whole.
+  mlp_chunk_size: int = 0
   # LoRA execution (the adapters themselves live in the `lora` variable collection), set from
   # the adapter's settings by `with_lora`. No default scale: a model given adapters without one
   # raises instead of computing a silently wrong update.
@@ -75,6 +78,8 @@ class LlamaConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'LlamaConfig.remat_policy={self.remat_policy!r}; '
                        f'choose one of {REMAT_POLICIES}.')
+    if self.mlp_chunk_size < 0:
+      raise ValueError(f'LlamaConfig.mlp_chunk_size={self.mlp_chunk_size}; must be >= 0.')
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f'LlamaConfig.attention_implementation={self.attention_implementation!r};'
                        f' choose one of {ATTENTION_IMPLEMENTATIONS}.')

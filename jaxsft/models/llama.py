@@ -106,19 +106,55 @@ class Attention(nn.Module):
     return cached_key.value, cached_value.value, cached_segments.value, start
 
 
+def _mlp(module: nn.Module, x_btd):
+  """SwiGLU of `module` (an `MLP` or `_MLPChunk`): its projections are its children."""
+  c = module.config
+  proj = _projection(c, module.deterministic, use_bias=c.mlp_bias)
+  gate_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='gate_proj')(x_btd)
+  up_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='up_proj')(x_btd)
+  hidden_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf,
+                                          ('act_batch', 'act_length', 'act_mlp'))
+  return proj(c.hidden_size, ('mlp', 'embed'), name='down_proj')(hidden_btf)
+
+
 class MLP(nn.Module):
   config: LlamaConfig
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_btd):
-    c = self.config
-    proj = _projection(c, self.deterministic, use_bias=c.mlp_bias)
-    gate_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='gate_proj')(x_btd)
-    up_btf = proj(c.intermediate_size, ('embed', 'mlp'), name='up_proj')(x_btd)
-    hidden_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf,
-                                            ('act_batch', 'act_length', 'act_mlp'))
-    return proj(c.hidden_size, ('mlp', 'embed'), name='down_proj')(hidden_btf)
+    return _mlp(self, x_btd)
+
+
+class _MLPChunk(nn.Module):
+  """The MLP as an `nn.scan` body over chunks of tokens (the carry passes through)."""
+
+  config: LlamaConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, carry, x_btd):
+    return carry, _mlp(self, x_btd)
+
+
+def chunked_mlp(config: LlamaConfig, deterministic: bool, shards: int, x_btd):
+  """The layer's MLP (a child named `mlp`), over `config.mlp_chunk_size` tokens of each
+  device's part of the rows at a time where that splits them (ALST's tiled MLP): a long row's
+  `[T, F]` gate/up/hidden tensors and their gradients then exist one rematerialized chunk at a
+  time. The MLP works token by token, so the chunks' order does not matter; each device keeps
+  its own tokens (`shards`: the devices a row's tokens are split over). Same parameters, same
+  paths (`mlp/gate_proj/kernel`) as `MLP`: they are broadcast to every chunk."""
+  b, t, d = x_btd.shape
+  chunk, local = config.mlp_chunk_size, t // shards
+  if not chunk or t % shards or local <= chunk or local % chunk:
+    return MLP(config, deterministic, name='mlp')(x_btd)
+  n = local // chunk
+  x_nbtd = x_btd.reshape(b, shards, n, chunk, d).transpose(2, 0, 1, 3, 4).reshape(
+      n, b, shards * chunk, d)
+  scan = nn.scan(nn.remat(_MLPChunk), variable_broadcast=('params', 'lora'),
+                 split_rngs={'params': False, 'dropout': True}, length=n)
+  _, y_nbtd = scan(config, deterministic, name='mlp')(None, x_nbtd)
+  return y_nbtd.reshape(n, b, shards, chunk, d).transpose(1, 2, 0, 3, 4).reshape(b, t, d)
 
 
 class DecoderLayer(nn.Module):
@@ -137,8 +173,8 @@ class DecoderLayer(nn.Module):
     x_btd = x_btd + Attention(c, self.deterministic, self.decode, self.context,
                               name='self_attn')(
         norm(name='input_layernorm')(x_btd), cos_bth, sin_bth, segment_ids_bt)
-    x_btd = x_btd + MLP(c, self.deterministic, name='mlp')(
-        norm(name='post_attention_layernorm')(x_btd))
+    x_btd = x_btd + chunked_mlp(c, self.deterministic, self.context.size if self.context else 1,
+                                norm(name='post_attention_layernorm')(x_btd))
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
     return x_btd, None
 

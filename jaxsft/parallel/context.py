@@ -43,9 +43,11 @@ class ContextLayout:
   def shard_positions(self, length: int) -> jnp.ndarray:
     """Inside `shard_map`: `[length / size]` int32, the natural positions of this device's
     tokens of a row of `length`."""
-    local = length // self.size
-    return jax.lax.dynamic_slice(jnp.asarray(self.positions(length)),
-                                 (jax.lax.axis_index(self.axis) * local,), (local,))
+    chunk = length // (2 * self.size)
+    device = jax.lax.axis_index(self.axis)
+    offsets = jnp.arange(chunk, dtype=jnp.int32)
+    return jnp.concatenate([device * chunk + offsets,
+                            (2 * self.size - 1 - device) * chunk + offsets])
 
 
 def zigzag_order(length: int, context: int) -> np.ndarray:
@@ -74,14 +76,27 @@ def context_layout(length: int) -> ContextLayout | None:
   return ContextLayout(axes, size)
 
 
-def _spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
-  """Rows over the batch axes (where they divide), tokens over the context axes."""
+def _names(axes) -> tuple[str, ...]:
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def row_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
+  """The `shard_map` spec of a `[B, T, ...]` array of split rows: rows over the batch axes of
+  the current rules (where they divide), tokens over the context axes, the rest whole."""
   mesh = jax.sharding.get_abstract_mesh()
   rows = nn.logical_to_mesh_axes(('act_batch',), nn.get_logical_axis_rules())[0]
-  names = (rows,) if isinstance(rows, str) else tuple(rows or ())
+  names = _names(rows)
   if names and x.shape[0] % math.prod(mesh.shape[name] for name in names):
     rows = None
   return PartitionSpec(rows, layout.axis, *([None] * (x.ndim - 2)))
+
+
+def shard_sums_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
+  """The spec of a `[shards]` array holding one partial sum per shard of `x`'s split rows (the
+  rows and context axes of `row_spec`, flattened): sum it outside `shard_map`, where the sum's
+  gradient needs no collective of its own."""
+  rows, tokens = row_spec(x, layout)[:2]
+  return PartitionSpec(_names(rows) + _names(tokens))
 
 
 def _reorder(x: jnp.ndarray, layout: ContextLayout, inverse: bool) -> jnp.ndarray:
@@ -113,7 +128,7 @@ def _reorder(x: jnp.ndarray, layout: ContextLayout, inverse: bool) -> jnp.ndarra
     return jnp.concatenate([jnp.where(even_first, got_even, got_odd),
                             jnp.where(even_first, got_odd, got_even)], axis=1)
 
-  spec = _spec(x, layout)
+  spec = row_spec(x, layout)
   return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec,
                        out_specs=spec, check_vma=False)(x)
 

@@ -27,9 +27,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxsft.models.layers import dot
 from jaxsft.models.llama import Llama, head_kernel
+from jaxsft.parallel.context import context_layout, row_spec, shard_sums_spec
 
 # Positions per row whose logits exist at once (`data.max_seq_len` is cut into chunks of the
 # largest divisor at most this); the config's `train.loss_chunk_size` default.
@@ -108,7 +110,6 @@ def _run(hidden_btd, kernel_dv, targets_bt, mask_bt, chunk: int, with_grads: boo
   return loss_sum, correct, dhidden_btd, dkernel_dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def fused_cross_entropy(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets_bt: jnp.ndarray,
                         loss_mask_bt: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)` of the
@@ -117,7 +118,31 @@ def fused_cross_entropy(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets
   hidden `[B, T, D]` (final-normed, compute dtype); kernel `[D, V]` (compute dtype); targets
   `[B, T]` int; loss_mask `[B, T]` (0/1 or weights); `chunk` positions per row per step, a
   divisor of T. Differentiable w.r.t. hidden and kernel; `correct` has no gradient.
+
+  Rows split over a context axis (`jaxsft.parallel.context`) are scored shard by shard: the
+  sort and the chunks then stay on each device's tokens (XLA would partition a sort over the
+  whole row by gathering it: 16 GiB of float32 hidden states per device at 1M tokens).
   """
+  layout = context_layout(hidden_btd.shape[1])
+  if layout is None:
+    return _fused_cross_entropy(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk)
+
+  def local(h_btd, k_dv, tg_bt, m_bt):
+    sums = _fused_cross_entropy(h_btd, k_dv, tg_bt, m_bt, chunk_size(h_btd.shape[1], chunk))
+    return tuple(x[None] for x in sums)
+
+  sums_spec = shard_sums_spec(hidden_btd, layout)
+  loss_sums, corrects = jax.shard_map(
+      local, mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(row_spec(hidden_btd, layout), PartitionSpec(), row_spec(targets_bt, layout),
+                row_spec(loss_mask_bt, layout)),
+      out_specs=(sums_spec, sums_spec), check_vma=False)(hidden_btd, kernel_dv, targets_bt,
+                                                         loss_mask_bt)
+  return jnp.sum(loss_sums), jnp.sum(corrects)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_cross_entropy(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk):
   return _run(hidden_btd, kernel_dv, targets_bt, loss_mask_bt, chunk, with_grads=False)
 
 
@@ -134,7 +159,7 @@ def _fused_bwd(chunk, residuals, cotangents):
           None, None)
 
 
-fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
+_fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunk_size(length: int, preferred: int) -> int:
@@ -219,8 +244,18 @@ def token_logprobs(hidden_btd: jnp.ndarray, kernel_dv: jnp.ndarray, targets_bt: 
   kernel (reverse mode; `jax.jvp` is not supported): the backward pass recomputes each chunk's
   logits, so neither pass holds more than `[B, chunk, V]` of them.
   """
-  return _token_logprobs(hidden_btd, kernel_dv, targets_bt, chunk_size(hidden_btd.shape[1],
-                                                                      chunk))
+  layout = context_layout(hidden_btd.shape[1])
+  if layout is None:
+    return _token_logprobs(hidden_btd, kernel_dv, targets_bt,
+                           chunk_size(hidden_btd.shape[1], chunk))
+  # Rows split over a context axis: each device scores its own tokens (see fused_cross_entropy).
+  local = lambda h_btd, k_dv, tg_bt: _token_logprobs(  # noqa: E731
+      h_btd, k_dv, tg_bt, chunk_size(h_btd.shape[1], chunk))
+  return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                       in_specs=(row_spec(hidden_btd, layout), PartitionSpec(),
+                                 row_spec(targets_bt, layout)),
+                       out_specs=row_spec(targets_bt, layout), check_vma=False)(
+                           hidden_btd, kernel_dv, targets_bt)
 
 
 def batch_logprobs(model: Llama, variables: dict, batch: dict[str, jnp.ndarray],

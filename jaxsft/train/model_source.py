@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from jaxsft.adapters.lora import LoraSettings
-from jaxsft.errors import UserError, check_choice
+from jaxsft.errors import UserError, check_choice, check_number
 from jaxsft.interop import hf
 from jaxsft.interop.hf_config import config_from_hf, read_hf_config, resolve_checkpoint_dir
 from jaxsft.interop.presets import preset
@@ -20,7 +20,7 @@ from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, Llam
 DTYPES = ('float32', 'bfloat16', 'float16')
 # The `LlamaConfig` fields a run sets (how to execute), as opposed to the architecture.
 EXECUTION_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
-                    'attention_implementation', 'lora_scale', 'lora_dropout')
+                    'attention_implementation', 'mlp_chunk_size', 'lora_scale', 'lora_dropout')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ModelSettings:
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention_implementation: str = 'auto'
+  mlp_chunk_size: int = 0
 
   def __post_init__(self):
     check_choice('model.dtype', self.dtype, DTYPES)
@@ -45,6 +46,7 @@ class ModelSettings:
     check_choice('model.remat_policy', self.remat_policy, REMAT_POLICIES)
     check_choice('model.attention_implementation', self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
+    check_number('model.mlp_chunk_size', self.mlp_chunk_size, low=0, integer=True)
 
 
 def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
@@ -58,7 +60,8 @@ def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
   execution = {
       'dtype': model.dtype, 'param_dtype': model.param_dtype, 'scan_layers': model.scan_layers,
       'remat_policy': model.remat_policy,
-      'attention_implementation': model.attention_implementation}
+      'attention_implementation': model.attention_implementation,
+      'mlp_chunk_size': model.mlp_chunk_size}
   if model.path and not (shapes_only and model.preset and not os.path.isdir(model.path)):
     folder = resolve_checkpoint_dir(model.path)
     if not shapes_only or glob.glob(os.path.join(folder, '*.safetensors')):

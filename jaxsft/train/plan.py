@@ -3,9 +3,14 @@
 The train step is lowered and compiled ahead of time from abstract shapes
 (`jax.ShapeDtypeStruct`s with their shardings), so no weight is read or allocated; the shapes
 come from the checkpoint's `config.json` when `model.path` is on disk, else from
-`model.preset`. The report splits the per-device bytes into frozen weights (dense or 4-bit), trained weights, optimizer
-state, and the compiled program's temporaries (activations, gradients, workspace), and gives a
-verdict against a device memory size.
+`model.preset`. The report splits the per-device bytes into frozen weights (dense or 4-bit),
+trained weights, optimizer state, and the compiled program's temporaries (activations,
+gradients, workspace), and gives a verdict against a device memory size. `max_seq_len` searches
+the longest row that fits (to 4M tokens, in a few compiles).
+
+`jaxsft plan --devices N` plans for N devices (a slice) on a host that has fewer: the CLI starts
+JAX with N fake CPU host devices, so the mesh, the shardings and the per-device bytes are those
+of N devices, as XLA:CPU compiles the step (`devices_note` says so in the report).
 
 `lower_for_platform` exports the same step for another platform (`jaxsft plan --platform tpu`
 on a CPU host): the program a TPU or GPU would compile, with the attention kernel chosen for it.
@@ -27,6 +32,7 @@ from jaxsft.data.packing import ROW_KEYS
 from jaxsft.errors import UserError
 from jaxsft.models import attention as attention_lib
 from jaxsft.parallel.batch import batch_sharding
+from jaxsft.parallel.context import context_layout
 from jaxsft.parallel.mesh import mesh_and_rules
 from jaxsft.train.model_source import model_config_from
 from jaxsft.train.optim import make_optimizer
@@ -67,7 +73,8 @@ def _lowered_step(settings: RunSettings, devices: Any, platforms: Sequence[str] 
   host's devices (a `jax.stages.Lowered`), or exported for `platforms` (a
   `jax.export.Exported`). Returns `(lowered, abstract state, model config)`."""
   mesh, rules = mesh_and_rules(settings.mesh, devices)
-  check_batch_layout(settings.batch_size, settings.step.grad_accum_steps, mesh)
+  check_batch_layout(settings.batch_size, settings.step.grad_accum_steps, mesh,
+                     settings.max_seq_len)
   model_config, _ = model_config_from(settings.model, settings.lora, shapes_only=True)
   optimizer, schedule = make_optimizer(settings.optim, 1000)
   parts = {'lora': settings.lora, 'quant': settings.quant}
@@ -111,49 +118,103 @@ def plan(settings: RunSettings, devices: Any = None) -> MemoryPlan:
       quantized_bits_per_parameter=bits)
 
 
+# The longest row `max_seq_len` searches by default: 4M tokens, past the 2M a long-context run on a
+# slice may ask about.
+SEARCH_LIMIT = 4 * 2 ** 20
+# How many predicted probes the search makes before it bisects instead (memory far from linear in
+# the row length: a compile whose strategy changes with it).
+_PREDICTED_PROBES = 8
+
+
+def search_resolution(length: int, multiple: int = 256) -> int:
+  """How close `max_seq_len` brings its answer to the boundary near `length` tokens: 1 % of
+  `length` rounded down to `multiple`, at least `multiple` (so below 51,200 tokens of 256, the
+  exact answer)."""
+  return max(multiple, length // 100 // multiple * multiple)
+
+
 def max_seq_len(settings: RunSettings, device_memory_gib: float, multiple: int = 256,
-                limit: int = 131072, devices: Any = None,
+                limit: int = SEARCH_LIMIT, devices: Any = None,
                 cache: dict[int, MemoryPlan] | None = None) -> tuple[int, MemoryPlan | None]:
   """The longest `data.max_seq_len` (a multiple of `multiple`, at most `limit`) whose plan fits
   in `device_memory_gib`, and its plan; `(0, None)` when not even `multiple` fits.
 
-  Memory grows about linearly with the row length (attention saves O(T)), so two plans predict
-  the answer and a few more confirm it, each a compile from shapes alone. Pass the same `cache`
-  to searches of one config for several device sizes to share the plans.
+  Each probe is a compile from shapes alone. Memory grows about linearly with the row length
+  (attention saves O(T)), so the line through the plans of `multiple` and `8 * multiple` tokens
+  predicts the answer. While every length planned fits, the next probe extends the line through
+  the two longest (twice as far past the last at least each time it fits again); once one does
+  not, it interpolates between the longest that fits and the shortest that does not (regula
+  falsi with the Illinois rule, so a curve bent by quadratic attention or by a compile whose
+  strategy changes with the length does not make it creep); after 8 such probes it bisects.
+  It stops when the two are at most `search_resolution` apart: `multiple` below 51,200 tokens
+  (the exact answer), above that 1 % of the answer rounded down to `multiple` (at 2M tokens,
+  within about 20k). No probe comes nearer than that to either end, so a probe that lands just
+  past the boundary ends the search: where memory is linear near the answer the prediction is
+  exact and the search takes 4 compiles at any length, else about 5 to 10 (bisecting to
+  `multiple`, the search before this one took 12 to 17 on such curves).
+  Pass the same `cache` to searches of one config for several device sizes to share the plans.
   """
   budget = device_memory_gib * GIB
   cache = {} if cache is None else cache
+  limit = limit // multiple * multiple
 
   def measure(length: int) -> MemoryPlan:
     if length not in cache:
       cache[length] = plan(settings.with_max_seq_len(length), devices)
     return cache[length]
 
-  def fits(length: int) -> bool:
-    return measure(length).total_bytes <= budget
+  def total(length: int) -> int:
+    return measure(length).total_bytes
 
-  low, high = multiple, 8 * multiple
-  if not fits(low):
+  good = multiple  # the longest length known to fit ...
+  if limit < good or total(good) > budget:
     return 0, None
-  slope = max((measure(high).total_bytes - measure(low).total_bytes) / (high - low), 1.0)
-  guess = low + int((budget - measure(low).total_bytes) / slope)
-  guess = int(min(max(guess // multiple * multiple, low), limit))
-  # Bracket the boundary around the linear prediction, widening the step each time, then
-  # bisect: `good` always fits, `bad` never does.
-  good, probe, step = low, guess, multiple
-  while fits(probe):
-    good = probe
-    if probe >= limit:
-      return probe, measure(probe)
-    probe, step = min(probe + step, limit), step * 2
-  bad = probe
-  while bad - good > multiple:
-    middle = (good + bad) // 2 // multiple * multiple
-    if fits(middle):
-      good = middle
+  bad = limit + multiple  # ... the shortest known not to: past the limit, never probed
+  previous = good  # the length that fitted before `good`: the line's other point until `bad`
+  second = min(8 * multiple, limit)
+  if second > good:
+    if total(second) <= budget:
+      previous, good = good, second
     else:
-      bad = middle
+      bad = second
+  side, repeats, predicted = None, 0, 0  # the side the last probe landed on, how often in a row
+  while bad - good > (resolution := search_resolution(good, multiple)):
+    if predicted >= _PREDICTED_PROBES:
+      probe = (good + bad) / 2
+    elif bad <= limit:  # interpolate between the two ends (the Illinois rule: an end kept k
+      # times in a row weighs 2**-k, so a bent curve does not pull every probe to one side)
+      under = (budget - total(good)) * (0.5 ** repeats if side is False else 1.0)
+      over = (total(bad) - budget) * (0.5 ** repeats if side is True else 1.0)
+      probe = good + (bad - good) * under / (under + over)
+    else:  # extrapolate the two longest that fit, 2**k resolutions on at least after k in a row
+      slope = (total(good) - total(previous)) / (good - previous)
+      probe = good + (budget - total(good)) / slope if slope > 0 else float('inf')
+      probe = max(probe, good + resolution * 2 ** repeats)
+    predicted += 1
+    # A resolution from either end at least: a probe that lands on the far side of the boundary
+    # then ends the search.
+    probe = int(min(max(probe, good + resolution), bad - resolution)) // multiple * multiple
+    landed = total(probe) <= budget
+    if landed:
+      previous, good = good, probe
+    else:
+      bad = probe
+    repeats = repeats + 1 if landed == side else 0
+    side = landed
   return good, measure(good)
+
+
+def devices_note(devices: Sequence[Any] | None = None) -> str:
+  """The line `jaxsft plan --devices N` prints first: how many devices the plan is for (`devices`,
+  default all of this process's, as `plan` takes them) and what stands in for them."""
+  devices = list(jax.devices() if devices is None else devices)
+  count = f'{len(devices)} device{"s" if len(devices) != 1 else ""}'
+  if devices[0].platform == 'cpu':
+    kind = ('fake CPU host devices standing in for the device kind: the mesh and shardings of '
+            f'{count}, per-device bytes as XLA:CPU compiles the step')
+  else:
+    kind = f'{devices[0].platform} devices of this host'
+  return f'planned for {count} ({kind})'
 
 
 def report(memory: MemoryPlan, device_memory_gib: float | None) -> str:
@@ -187,6 +248,8 @@ class PlatformLowering:
   fallback_reason: str | None  # why the configured implementation does not serve, if it does not
   kernel_calls: int  # custom calls of a fused attention kernel in the program
   stablehlo_bytes: int
+  devices: int = 1  # the devices the exported program is partitioned for (the mesh's)
+  context_devices: int = 1  # the devices each row's tokens are split over
 
 
 def lower_for_platform(settings: RunSettings, platform: str, devices: Any = None
@@ -203,19 +266,27 @@ def lower_for_platform(settings: RunSettings, platform: str, devices: Any = None
   seq = settings.max_seq_len
   q = jax.ShapeDtypeStruct((1, seq, d, h), model_config.dtype)
   k = jax.ShapeDtypeStruct((1, seq, model_config.num_kv_heads, h), model_config.dtype)
-  chosen, reason = attention_lib.choose(model_config.attention_implementation, platform, q, k)
+  mesh, rules = mesh_and_rules(settings.mesh, devices)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    context = context_layout(seq)
+  chosen, reason = attention_lib.choose(model_config.attention_implementation, platform, q, k,
+                                        context=context)
   text = exported.mlir_module()
   return PlatformLowering(platform=platform, attention=chosen, fallback_reason=reason,
                           kernel_calls=text.count(_KERNEL_CALLS.get(chosen, '\0')),
-                          stablehlo_bytes=len(text.encode()))
+                          stablehlo_bytes=len(text.encode()), devices=exported.nr_devices,
+                          context_devices=context.size if context else 1)
 
 
 def platform_report(lowering: PlatformLowering, implementation: str) -> str:
-  lines = [f'train step lowered for {lowering.platform} (jax.export from shapes, '
+  lines = [f'train step lowered for {lowering.platform} on {lowering.devices} '
+           f'device{"s" if lowering.devices != 1 else ""} (jax.export from shapes, '
            f'{lowering.stablehlo_bytes / 2**20:.1f} MiB of StableHLO)',
            f'  attention: {lowering.attention}'
            + (f' ({lowering.kernel_calls} fused-kernel calls in the program)'
-              if lowering.attention in _KERNEL_CALLS else '')]
+              if lowering.attention in _KERNEL_CALLS else '')
+           + (f', context parallel: each row split over {lowering.context_devices} devices'
+              if lowering.context_devices > 1 else '')]
   if lowering.fallback_reason:
     lines.append(f'  model.attention_implementation={implementation!r} does not serve here: '
                  f'{lowering.fallback_reason}')
