@@ -175,7 +175,10 @@ def context_run_settings(model, data, cache):
           'lora.dropout': 0.0,  # dropout masks follow the token layout; nothing else does
           'data.datasets': [{'path': str(data)}], 'data.template': 'chatml',
           'data.max_seq_len': 128, 'data.cache_dir': str(cache), 'batch_size': 2,
-          'optim.learning_rate': 1e-2, 'optim.warmup_steps': 0, 'train.num_steps': 8,
+          'optim.learning_rate': 0.1, 'optim.warmup_steps': 0, 'train.num_steps': 8,
+          # Adam's eps = 1 (as in test_train): its update is then proportional to the gradient,
+          # not lr * sign(g) for gradients at float-noise level, which would compare noise.
+          'optim.eps': 1.0,
           'train.log_every': 1, 'checkpoint.save_every': 2}
 
 

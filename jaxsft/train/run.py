@@ -309,7 +309,12 @@ def load_run(workdir: str) -> tuple[RunSettings, LlamaConfig, str | None, TrainS
     if now != meta['base']:
       raise UserError(f'the run in {workdir} trained adapters on the base {meta["base"]}, but '
                       f'{folder} now holds {now}; restore the original base at that path.')
-  mesh, rules = mesh_and_rules(settings.mesh)
+  mesh_settings = settings.mesh
+  if math.prod(size for size in mesh_settings.shape if size > 0) > jax.device_count():
+    # Trained on more devices than this machine has (a slice, read on a workstation): the
+    # values do not depend on the layout, so its devices hold the state with FSDP instead.
+    mesh_settings = MeshSettings(shape=(1, -1, 1, 1), rules=mesh_settings.rules)
+  mesh, rules = mesh_and_rules(mesh_settings)
   optimizer, _ = make_optimizer(settings.optim, max(int(settings.num_steps), 1))
   with nn.logical_axis_rules(rules):
     state = init_train_state(model_config, optimizer, mesh, rules, base=folder,
