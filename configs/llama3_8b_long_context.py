@@ -11,7 +11,7 @@ the LLaMA-3 template.
 Each device holds 1/8 of every row's tokens and 1/8 of the weights (FSDP over the same
 devices); attention gathers the row's keys and values per layer (docs/design.md). Full remat
 saves one `[T / 8, 4096]` bf16 row per layer, 32 GiB per device at 1M tokens; the MLP runs
-16,384 tokens at a time so its `[T, 14336]` intermediates never exist whole.
+8,192 tokens at a time so its `[T, 14336]` intermediates never exist whole.
 """
 
 from jaxsft.config import default_config
@@ -23,7 +23,7 @@ def get_config():
   config.model.preset = 'llama3.1-8b'  # the architecture, for plans without the weights
   config.model.param_dtype = 'bfloat16'  # the frozen base; the adapters train in float32
   config.model.remat_policy = 'full'
-  config.model.mlp_chunk_size = 16384
+  config.model.mlp_chunk_size = 8192
   config.lora.enabled = True
   config.lora.rank = 16
   config.lora.alpha = 32.0

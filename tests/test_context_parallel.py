@@ -251,3 +251,22 @@ def test_plan_lowers_a_context_parallel_step_with_splash_for_tpu():
   assert lowering.context_devices == 4 and lowering.kernel_calls > 0
   assert 'context parallel: each row split over 4 devices' in plan.platform_report(lowering,
                                                                                      'splash')
+
+
+def test_chunked_mlp_equals_the_whole_row():
+  """`model.mlp_chunk_size` (6 tokens: chunks that do not divide a device's 16 or 32, so the
+  last is padded) gives the whole row's loss and gradients, on one device and split over 4."""
+  config = LlamaConfig(**TINY_MODEL, attention_implementation='blocked', remat_policy='full')
+  params = mesh_lib.unboxed(Llama(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  tokens = np.random.default_rng(0).integers(0, 128, (2, 64)).astype(np.int32)
+
+  def loss_and_grads(config, mesh_shape):
+    mesh = mesh_lib.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+      return jax.jit(jax.value_and_grad(
+          lambda p: jnp.sum(jnp.sin(Llama(config).apply(p, tokens)))))(params)
+
+  reference = loss_and_grads(config, (1, 1, 1, 1))
+  for mesh_shape in ((1, 1, 1, 1), (1, 1, 4, 1)):
+    chunked = loss_and_grads(config.replace(mlp_chunk_size=6), mesh_shape)
+    assert_trees_close(chunked, reference, 1e-5)

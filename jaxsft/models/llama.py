@@ -139,22 +139,28 @@ class _MLPChunk(nn.Module):
 
 def chunked_mlp(config: LlamaConfig, deterministic: bool, shards: int, x_btd):
   """The layer's MLP (a child named `mlp`), over `config.mlp_chunk_size` tokens of each
-  device's part of the rows at a time where that splits them (ALST's tiled MLP): a long row's
-  `[T, F]` gate/up/hidden tensors and their gradients then exist one rematerialized chunk at a
-  time. The MLP works token by token, so the chunks' order does not matter; each device keeps
-  its own tokens (`shards`: the devices a row's tokens are split over). Same parameters, same
-  paths (`mlp/gate_proj/kernel`) as `MLP`: they are broadcast to every chunk."""
+  device's part of the rows at a time (ALST's tiled MLP): a long row's `[T, F]` gate/up/hidden
+  tensors and their gradients then exist one rematerialized chunk at a time. The MLP works
+  token by token, so the chunks' order does not matter; each device keeps its own tokens
+  (`shards`: the devices a row's tokens are split over), the last chunk padded with zeros
+  where the chunk does not divide them. Same parameters, same paths (`mlp/gate_proj/kernel`)
+  as `MLP`: they are broadcast to every chunk."""
   b, t, d = x_btd.shape
   chunk, local = config.mlp_chunk_size, t // shards
-  if not chunk or t % shards or local <= chunk or local % chunk:
+  if not chunk or t % shards or local <= chunk:
     return MLP(config, deterministic, name='mlp')(x_btd)
-  n = local // chunk
-  x_nbtd = x_btd.reshape(b, shards, n, chunk, d).transpose(2, 0, 1, 3, 4).reshape(
+  n = -(-local // chunk)
+  x_bsld = x_btd.reshape(b, shards, local, d)
+  if n * chunk != local:
+    x_bsld = jnp.pad(x_bsld, ((0, 0), (0, 0), (0, n * chunk - local), (0, 0)))
+  x_nbtd = x_bsld.reshape(b, shards, n, chunk, d).transpose(2, 0, 1, 3, 4).reshape(
       n, b, shards * chunk, d)
   scan = nn.scan(nn.remat(_MLPChunk), variable_broadcast=('params', 'lora'),
                  split_rngs={'params': False, 'dropout': True}, length=n)
   _, y_nbtd = scan(config, deterministic, name='mlp')(None, x_nbtd)
-  return y_nbtd.reshape(n, b, shards, chunk, d).transpose(1, 2, 0, 3, 4).reshape(b, t, d)
+  y_bsld = y_nbtd.reshape(n, b, shards, chunk, d).transpose(1, 2, 0, 3, 4).reshape(
+      b, shards, n * chunk, d)
+  return y_bsld[:, :, :local].reshape(b, t, d)
 
 
 class DecoderLayer(nn.Module):
