@@ -270,3 +270,12 @@ def test_chunked_mlp_equals_the_whole_row():
   for mesh_shape in ((1, 1, 1, 1), (1, 1, 4, 1)):
     chunked = loss_and_grads(config.replace(mlp_chunk_size=6), mesh_shape)
     assert_trees_close(chunked, reference, 1e-5)
+
+
+def test_a_row_that_does_not_split_into_two_chunks_per_device_is_refused():
+  from jaxsft.errors import UserError
+  from jaxsft.train.validate import check_batch_layout
+  mesh = mesh_lib.make_mesh((1, 1, 4, 1), jax.devices()[:4])
+  check_batch_layout(2, 1, mesh, 128)
+  with pytest.raises(UserError, match=r'set --config.data.max_seq_len=120 \(a multiple of 8\)'):
+    check_batch_layout(2, 1, mesh, 126)

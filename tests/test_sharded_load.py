@@ -29,7 +29,7 @@ def test_sharded_load_matches_logical_axes_and_values(folders, variant, scan_lay
   folder = folders[variant]
   assert jax.device_count() == 8
   mesh = mesh_lib.make_mesh((2, 2, 2))
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 2}
 
   reads = []
   original_read = hf.SafetensorsReader.read

@@ -24,7 +24,7 @@ from jaxsft.config import default_config
 from jaxsft.train.run import train
 
 EIGHT_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-MESH_LOG = "on mesh {'data': 2, 'fsdp': 2, 'tensor': 2}"
+MESH_LOG = "on mesh {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 2}"
 NUM_STEPS = 4
 
 # Held-out records (none of them is in ALPACA): the runs' eval data.

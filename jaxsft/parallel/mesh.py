@@ -102,6 +102,9 @@ def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int
   resolved = []
   for dim, axes in zip(shape, spec):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if len(names) > 1:  # ('fsdp', 'context') with context=1 is 'fsdp': the spec a reader expects
+      names = tuple(name for name in names if mesh.shape[name] > 1) or names[:1]
+      axes = names[0] if len(names) == 1 else names
     size = math.prod(mesh.shape[a] for a in names)
     if names and dim % size:
       _LOG.warning('dimension of size %d (logical axes %s) is not divisible by mesh axes %s of '
