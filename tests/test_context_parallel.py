@@ -279,3 +279,25 @@ def test_a_row_that_does_not_split_into_two_chunks_per_device_is_refused():
   check_batch_layout(2, 1, mesh, 128)
   with pytest.raises(UserError, match=r'set --config.data.max_seq_len=120 \(a multiple of 8\)'):
     check_batch_layout(2, 1, mesh, 126)
+
+
+def test_long_single_device_rows_take_the_indexed_kernel(monkeypatch):
+  """`blocked` on rows of `INDEXED_FROM` tokens or more is the indexed kernel (lowered to 128
+  here): the reference's values and gradients, and no `blocked` switch in the program."""
+  monkeypatch.setattr(attn, 'INDEXED_FROM', 128)
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=(1, 128, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(1, 128, 2, 16)), jnp.float32) for _ in range(2))
+  segment_ids = jnp.asarray(np.where(np.arange(128) < 50, 1, 2)[None], jnp.int32)
+
+  def loss(q, k, v, implementation):
+    return jnp.sum(jnp.sin(attn.attention(q, k, v, q_segment_ids=segment_ids,
+                                          kv_segment_ids=segment_ids,
+                                          implementation=implementation)))
+
+  blocked = jax.jit(jax.value_and_grad(functools.partial(loss, implementation='blocked'),
+                                       argnums=(0, 1, 2)))
+  assert 'switch' not in str(jax.make_jaxpr(blocked)(q, k, v))
+  got, want = blocked(q, k, v), jax.value_and_grad(
+      functools.partial(loss, implementation='xla'), argnums=(0, 1, 2))(q, k, v)
+  assert_trees_close(got, want, 1e-5)
