@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxsft.models import attention as attn
+from jaxsft.models import splash_attention as splash_lib
 
 
 def qkv(batch, length, heads, kv_heads, head_dim, seed=0):
@@ -84,7 +85,8 @@ def test_splash_attention_interpreted_matches_xla(window):
   GQA and a sliding window included."""
   q, k, v = qkv(1, 128, 4, 2, 64, seed=3)
   segment_ids = packed_segments(1, 128, (50, 100, 120))
-  splash = attn.splash_attention(q, k, v, segment_ids, sliding_window=window, interpret=True)
+  splash = splash_lib.splash_attention(q, k, v, segment_ids, sliding_window=window,
+                                       interpret=True)
   mask = attn.attention_mask(segment_ids, segment_ids, sliding_window=window)
   np.testing.assert_allclose(splash, attn.xla_attention(q, k, v, mask), atol=2e-5)
 

@@ -28,7 +28,6 @@ import logging
 import math
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,10 +37,15 @@ from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models import indexed_attention as indexed_lib
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 from jaxsft.models.layers import dot
+from jaxsft.models.splash_attention import (
+    SPLASH_BLOCK,
+    rows_and_heads,
+    splash_context_shard,
+    splash_over_mesh,
+)
 from jaxsft.parallel.context import ContextLayout
 
 _LOG = logging.getLogger(__name__)
-_SPLASH_BLOCK = 128
 # Rows from this length take `blocked` through the indexed kernel (one scan over blocks): the
 # switch-per-block kernel's compile grows with its branches (LLaMA-3.1-8B LoRA step at 65,536
 # tokens: 65 s against 7 s; memory 46.3 vs 43.8 GiB; CPU step at 8,192 tokens 1.99 vs 1.87 s).
@@ -85,111 +89,6 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *,
                                       implementation=implementation)
 
 
-def _splash_kernel(q_len: int, kv_len: int, heads_per_group: int, sliding_window: int | None,
-                   interpret: bool, offset: int = 0):
-  """A splash MQA kernel for `q_len` queries at rows `offset..` against `kv_len` keys at rows
-  `0..` (multiples of 128). Built per trace, never cached here: the kernel holds its mask
-  arrays, and one created inside a trace (a jitted `init`) leaked that trace's tracers into the
-  next (splash caches the mask processing)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  shape = (q_len, kv_len)
-  if sliding_window is None:
-    mask = sm.CausalMask(shape, offset=offset)
-  else:
-    mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=offset)
-  # The largest of MaxText's usual block sizes that tiles the rows (TPU lanes want >= 128).
-  block = next(size for size in (512, 256, _SPLASH_BLOCK) if q_len % size == kv_len % size == 0)
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                        block_kv_dq=block)
-  multi_head = sm.MultiHeadMask([mask] * heads_per_group)
-  return sk.make_splash_mqa_single_device(multi_head, block_sizes=sizes, interpret=interpret)
-
-
-def splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window=None,
-                     interpret: bool = False, kv_segment_ids_bs=None, q_offset: int = 0
-                     ) -> jnp.ndarray:
-  """Pallas splash attention (TPU). GQA by one MQA kernel per KV head. Self-attention over a
-  row, or (`kv_segment_ids_bs`, `q_offset`) the queries of rows `q_offset..` against keys of
-  rows `0..`, as context parallelism needs. Splash does not scale the logits, so q is scaled
-  first."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  b, t, n, h = q_btnh.shape
-  s, kv_heads = k_bskh.shape[1], k_bskh.shape[2]
-  kv_segment_ids_bs = segment_ids_bt if kv_segment_ids_bs is None else kv_segment_ids_bs
-  kernel = _splash_kernel(t, s, n // kv_heads, sliding_window, interpret, q_offset)
-  q_bkgth = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-  q_bkgth = q_bkgth / jnp.asarray(math.sqrt(h), q_bkgth.dtype)
-  k_bksh = k_bskh.transpose(0, 2, 1, 3)
-  v_bksh = v_bskh.transpose(0, 2, 1, 3)
-
-  def one_row(q_kgth, k_ksh, v_ksh, seg_q, seg_kv):
-    segments = sk.SegmentIds(q=seg_q, kv=seg_kv)
-    return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q_kgth, k_ksh, v_ksh)
-
-  out_bkgth = jax.vmap(one_row)(q_bkgth, k_bksh, v_bksh, segment_ids_bt, kv_segment_ids_bs)
-  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
-def _rows_and_heads(q_btnh, k_bskh):
-  """The mesh axes of the current mesh and logical rules that a kernel under `shard_map` splits
-  rows and heads over: each where it divides evenly, heads only where query and KV heads split
-  alike (whole GQA groups per device); None where replicated."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = nn.get_logical_axis_rules()
-
-  def mesh_axes(logical: str, size: int):
-    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-  heads = mesh_axes('act_heads', q_btnh.shape[2])
-  if heads != mesh_axes('act_kv_heads', k_bskh.shape[2]):
-    heads = None
-  return mesh_axes('act_batch', q_btnh.shape[0]), heads
-
-
-def _splash_over_mesh(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window, interpret):
-  """`splash_attention` on each device's shard of a multi-device mesh (the context mesh of
-  `jax.set_mesh`): XLA cannot partition a Mosaic kernel, so on a TPU slice the kernel runs inside
-  `shard_map` over the local rows and heads."""
-  call = functools.partial(splash_attention, sliding_window=sliding_window, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return call(q_btnh, k_bskh, v_bskh, segment_ids_bt)
-  rows, heads = _rows_and_heads(q_btnh, k_bskh)
-  spec = PartitionSpec(rows, None, heads, None)  # q, k, v and the output alike
-  return jax.shard_map(call, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(rows, None)),
-                       out_specs=spec, check_vma=False)(q_btnh, k_bskh, v_bskh, segment_ids_bt)
-
-
-def _splash_context_shard(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, layout, *,
-                          sliding_window, interpret):
-  """Splash on one device's zig-zag shard against the whole row's keys (natural order). A
-  splash mask is static, and this device's chunks sit at rows known only from its axis index,
-  so each device index gets its branch of a `lax.switch`, two kernels each (one per chunk),
-  every one skipping the key blocks its chunk cannot see."""
-  chunk = q_btnh.shape[1] // 2
-
-  def branch(device: int):
-    def run(q, k, v, q_segments, kv_segments):
-      outs = []
-      for half, index in enumerate((device, 2 * layout.size - 1 - device)):
-        rows = slice(half * chunk, (half + 1) * chunk)
-        end = (index + 1) * chunk  # the keys this chunk may see: rows [0, end)
-        outs.append(splash_attention(
-            q[:, rows], k[:, :end], v[:, :end], q_segments[:, rows],
-            kv_segment_ids_bs=kv_segments[:, :end], q_offset=index * chunk,
-            sliding_window=sliding_window, interpret=interpret))
-      return jnp.concatenate(outs, axis=1)
-    return run
-
-  return jax.lax.switch(jax.lax.axis_index(layout.axis),
-                        [branch(device) for device in range(layout.size)],
-                        q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids)
-
-
 def index_mask(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
                sliding_window: int | None = None) -> jnp.ndarray:
   """Boolean `[B, 1, T, S]` for queries and keys at the natural rows `q_index_t` / `kv_index_s`
@@ -209,7 +108,7 @@ def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLay
   (GQA makes them `N / K` times smaller than the queries; `docs/design.md` has the arithmetic
   against a ring) and attends its own queries with `kernel`, the mask coming from each token's
   natural row. Returns `[B, T, N, H]`, split like q."""
-  rows, heads = _rows_and_heads(q_btnh, k_bskh)
+  rows, heads = rows_and_heads(q_btnh, k_bskh)
   spec = PartitionSpec(rows, layout.axis, heads, None)
   segment_spec = PartitionSpec(rows, layout.axis)
 
@@ -226,7 +125,7 @@ def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLay
                                            kv_index, sliding_window=sliding_window)
     if kernel == 'splash':  # splash's masks are static: keys in natural order
       natural = np.argsort(layout.positions(length))
-      return _splash_context_shard(q, k_all[:, natural], v_all[:, natural], q_segments,
+      return splash_context_shard(q, k_all[:, natural], v_all[:, natural], q_segments,
                                    kv_segments[:, natural], layout,
                                    sliding_window=sliding_window, interpret=interpret)
     mask = index_mask(q_segments, kv_segments, q_index, kv_index, sliding_window)
@@ -319,14 +218,14 @@ def unsupported_reason(implementation: str, platform: str, q_btnh, k_bskh, q_off
       return f'{implementation} attention serves self-attention over a whole row only (no KV cache)'
   if context is not None:  # blocked: the indexed kernel, which takes any split row
     chunk = t // (2 * context.size)
-    if implementation == 'splash' and chunk % _SPLASH_BLOCK:
+    if implementation == 'splash' and chunk % SPLASH_BLOCK:
       return (f'splash attention over {context.size} context devices needs chunks of a multiple '
-              f'of {_SPLASH_BLOCK} tokens (the row / {2 * context.size}), got {chunk}')
+              f'of {SPLASH_BLOCK} tokens (the row / {2 * context.size}), got {chunk}')
     return None
   if implementation == 'blocked' and blocked_lib.block_size(t) is None:
     return f'blocked attention needs a length that splits into >= 2 blocks, got {t}'
-  if implementation == 'splash' and t % _SPLASH_BLOCK:
-    return f'splash attention needs a sequence length that is a multiple of {_SPLASH_BLOCK}, got {t}'
+  if implementation == 'splash' and t % SPLASH_BLOCK:
+    return f'splash attention needs a sequence length that is a multiple of {SPLASH_BLOCK}, got {t}'
   return None
 
 
@@ -385,7 +284,7 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
         return blocked_lib.blocked_attention(q, k, v, q_segments,
                                              blocked_lib.block_size(q.shape[1]), sliding_window)
       if chosen == 'splash':
-        return _splash_over_mesh(q, k, v, q_segments, sliding_window=sliding_window,
+        return splash_over_mesh(q, k, v, q_segments, sliding_window=sliding_window,
                                  interpret=platform != 'tpu')
       mask = attention_mask(q_segments, kv_segments, q_offset=q_offset,
                             sliding_window=sliding_window)
