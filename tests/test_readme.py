@@ -200,6 +200,11 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
   elif verb == 'plan' and '--platform tpu' in command:  # Qwen3-8B, exported for a TPU here
     assert 'train step lowered for tpu' in result.stdout, result.stdout
     assert re.search(r'attention: splash \(\d+ fused-kernel calls', result.stdout), result.stdout
+  elif verb == 'plan' and '--devices 8' in command:  # LLaMA-3.1-8B, rows split over 8
+    assert result.stdout.startswith('planned for 8 devices'), result.stdout
+    frozen = re.search(r'frozen weights\s+([\d.]+) GiB', result.stdout)
+    assert abs(float(frozen.group(1)) - 14.96 / 8) < 0.01, result.stdout  # 1/8 of the bf16 base
+    assert 'verdict: fits in 80 GiB per device' in result.stdout, result.stdout
   elif verb == 'plan':  # LLaMA-2-7B QLoRA from its preset: NF4 with double quantization
     frozen = re.search(r'frozen weights\s+([\d.]+) GiB\s+\(([\d.]+) bits', result.stdout)
     trained = re.search(r'trained weights\s+([\d.]+) GiB', result.stdout)
