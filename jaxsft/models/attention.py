@@ -54,15 +54,10 @@ INDEXED_FROM = 16384
 
 def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, *, q_offset=0,
                    sliding_window: int | None = None) -> jnp.ndarray:
-  """Boolean `[B, 1, T, S]`: True where query t may attend to key s."""
+  """Boolean `[B, 1, T, S]`: True where query t (row `t + q_offset`) may attend to key s."""
   t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-  q_index = (jnp.arange(t) + q_offset)[:, None]
-  k_index = jnp.arange(s)[None, :]
-  allowed = k_index <= q_index
-  if sliding_window is not None:
-    allowed &= q_index - k_index < sliding_window
-  same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return (same_segment & allowed)[:, None, :, :]
+  return index_mask(q_segment_ids, kv_segment_ids, jnp.arange(t) + q_offset, jnp.arange(s),
+                    sliding_window)
 
 
 def xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts) -> jnp.ndarray:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxsft.parallel.context import ContextLayout
+from jaxsft.parallel.context import ContextLayout, dividing_axes
 
 SPLASH_BLOCK = 128  # splash tiles rows in blocks of at least this many tokens
 
@@ -72,18 +71,10 @@ def rows_and_heads(q_btnh, k_bskh):
   """The mesh axes of the current mesh and logical rules that a kernel under `shard_map` splits
   rows and heads over: each where it divides evenly, heads only where query and KV heads split
   alike (whole GQA groups per device); None where replicated."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = nn.get_logical_axis_rules()
-
-  def mesh_axes(logical: str, size: int):
-    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-  heads = mesh_axes('act_heads', q_btnh.shape[2])
-  if heads != mesh_axes('act_kv_heads', k_bskh.shape[2]):
+  heads = dividing_axes('act_heads', q_btnh.shape[2])
+  if heads != dividing_axes('act_kv_heads', k_bskh.shape[2]):
     heads = None
-  return mesh_axes('act_batch', q_btnh.shape[0]), heads
+  return dividing_axes('act_batch', q_btnh.shape[0]), heads
 
 
 def splash_over_mesh(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, sliding_window, interpret):

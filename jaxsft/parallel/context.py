@@ -65,12 +65,10 @@ def context_layout(length: int) -> ContextLayout | None:
   mesh, one device, no rule for `act_length`, or a `length` that does not split into two
   chunks per device: such rows stay whole per device and XLA partitions their attention, which
   is exact but neither balanced nor light; training checks the length up front)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if jax.sharding.get_abstract_mesh().empty:
     return None
   axes = nn.logical_to_mesh_axes(('act_length',), nn.get_logical_axis_rules())[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  size = math.prod(mesh.shape[name] for name in names)
+  size = _axes_size(axes)
   if size == 1 or length % (2 * size):
     return None
   return ContextLayout(axes, size)
@@ -80,15 +78,24 @@ def _names(axes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
+def _axes_size(axes) -> int:
+  """Devices along the mesh axes `axes` (a name, a tuple of names or None) of the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[name] for name in _names(axes))
+
+
+def dividing_axes(logical: str, size: int):
+  """The mesh axes the current rules map `logical` to, if they split a dimension of `size`
+  evenly; None (replicated) otherwise. For `shard_map` specs, which cannot split unevenly."""
+  axes = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules())[0]
+  return axes if _names(axes) and size % _axes_size(axes) == 0 else None
+
+
 def row_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
   """The `shard_map` spec of a `[B, T, ...]` array of split rows: rows over the batch axes of
   the current rules (where they divide), tokens over the context axes, the rest whole."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rows = nn.logical_to_mesh_axes(('act_batch',), nn.get_logical_axis_rules())[0]
-  names = _names(rows)
-  if names and x.shape[0] % math.prod(mesh.shape[name] for name in names):
-    rows = None
-  return PartitionSpec(rows, layout.axis, *([None] * (x.ndim - 2)))
+  return PartitionSpec(dividing_axes('act_batch', x.shape[0]), layout.axis,
+                       *([None] * (x.ndim - 2)))
 
 
 def shard_sums_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
