@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec
 
 from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models import indexed_attention as indexed_lib
+from jaxsft.models.indexed_attention import index_mask
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 from jaxsft.models.layers import dot
 from jaxsft.models.splash_attention import (
@@ -82,17 +83,6 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, *,
   """
   return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts,
                                       implementation=implementation)
-
-
-def index_mask(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
-               sliding_window: int | None = None) -> jnp.ndarray:
-  """Boolean `[B, 1, T, S]` for queries and keys at the natural rows `q_index_t` / `kv_index_s`
-  (any order): True where query t may attend to key s."""
-  allowed = kv_index_s[None, :] <= q_index_t[:, None]
-  if sliding_window is not None:
-    allowed &= q_index_t[:, None] - kv_index_s[None, :] < sliding_window
-  same_segment = q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
-  return (same_segment & allowed)[:, None, :, :]
 
 
 def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLayout, *,

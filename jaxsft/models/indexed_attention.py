@@ -101,16 +101,24 @@ def _unblocks(x, axis=1):
   return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
+def index_mask(q_segment_ids_bt, kv_segment_ids_bs, q_index_t, kv_index_s,
+               sliding_window: int | None = None) -> jnp.ndarray:
+  """Boolean `[B, 1, T, S]` for queries and keys at the natural rows `q_index_t` / `kv_index_s`
+  (any order): True where query t may attend to key s."""
+  allowed = kv_index_s[None, :] <= q_index_t[:, None]
+  if sliding_window is not None:
+    allowed &= q_index_t[:, None] - kv_index_s[None, :] < sliding_window
+  same_segment = q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
+  return (same_segment & allowed)[:, None, :, :]
+
+
 def _tile(q_bckgh, k_bdkh, seg_q_bc, seg_k_bd, index_q_c, index_k_d, sliding_window):
   """Scaled, masked float32 logits `[B, K, G, C, D]` of one query block against one key block,
   and the mask `[B, 1, 1, C, D]`."""
   scale = 1.0 / math.sqrt(q_bckgh.shape[-1])
   logits = jnp.einsum('bckgh,bdkh->bkgcd', q_bckgh, k_bdkh,
                       preferred_element_type=jnp.float32) * scale
-  allowed = index_k_d[None, :] <= index_q_c[:, None]
-  if sliding_window is not None:
-    allowed &= index_q_c[:, None] - index_k_d[None, :] < sliding_window
-  allowed = (allowed[None] & (seg_q_bc[:, :, None] == seg_k_bd[:, None, :]))[:, None, None]
+  allowed = index_mask(seg_q_bc, seg_k_bd, index_q_c, index_k_d, sliding_window)[:, :, None]
   return jnp.where(allowed, logits, MASKED_LOGIT), allowed
 
 
