@@ -9,8 +9,8 @@ the LLaMA-3 template.
       --find-max-seq-len --device-memory-gib 80      # the longest row on an 8-chip slice
 
 Each device holds 1/8 of every row's tokens and 1/8 of the weights (FSDP over the same
-devices); attention gathers the row's keys and values per layer (docs/design.md). Full remat
-saves one `[T / 8, 4096]` bf16 row per layer, 32 GiB per device at 1M tokens; the MLP runs
+devices); attention passes key/value chunks around the devices (a ring, docs/design.md). Full
+remat saves one `[T / 8, 4096]` bf16 row per layer, 32 GiB per device at 1M tokens; the MLP runs
 8,192 tokens at a time so its `[T, 14336]` intermediates never exist whole.
 """
 

@@ -48,6 +48,8 @@ def main() -> None:
   from jaxsft.config import load_config
   from jaxsft.train import plan
   from jaxsft.train.run import run_settings
+  plan.use_memory_schedule()  # as `jaxsft plan` does
+  print(plan.schedule_note())
   print('| method | devices | ' + ' | '.join(f'{s} GiB' for s in args.sizes.split(',')) + ' |')
   print('| --- | ---: |' + ' ---: |' * len(args.sizes.split(',')))
   for method in args.methods.split(','):

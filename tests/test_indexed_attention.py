@@ -1,5 +1,6 @@
 """`indexed_attention` computes the reference attention for queries and keys in any known order
-(the zig-zag layout of context parallelism), with gradients, and skips invisible blocks."""
+(the zig-zag layout of context parallelism), with gradients, and skips invisible blocks; the
+ring of context parallelism gives the same passing key/value chunks around the devices."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 
 from jaxsft.models import attention as attn
 from jaxsft.models import indexed_attention as ia
+from jaxsft.models.ring_attention import ring_attention
 
 B, ROW, HEADS, KV_HEADS, DIM = 2, 64, 4, 2, 8
 # Row 0: examples [0, 20), [20, 45), [45, 58), padding; row 1: [0, 9), [9, 40), padding.
@@ -187,6 +189,34 @@ def test_traced_indices_inside_shard_map():
       lambda q, k, v: sharded(q, k, v, SEGMENTS[:, order]), q[:, order], k[:, order],
       v[:, order], weights)
   ref = natural_reference(q, k, v, SEGMENTS, order, weights)
+  assert_close(out, ref[0])
+  for actual, reference in zip((dq, dk, dv), ref[1:]):
+    assert_close(actual, reference[:, order])
+
+
+@pytest.mark.parametrize('window', [None, 12])
+def test_ring_passes_chunks_to_the_natural_order_reference(window):
+  """`ring_attention` on four shards, each holding only its own zig-zag chunk of keys and
+  values (the ring passes them around): values and gradients of the whole-row reference; with
+  a window of 12 some chunks lie wholly outside a query's window."""
+  context = 4
+  mesh = jax.make_mesh((context,), ('context',), devices=jax.devices()[:context],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  q, k, v, _ = natural_qkv(seed=7)
+  weights = np.concatenate([natural_qkv(seed=8)[3]] * 2, axis=1)
+  order = gathered(ROW, context)
+  spec = jax.P(None, 'context')
+
+  def local(q, k, v, seg, index):
+    return ring_attention(q, k, v, seg, seg, index, index, axis='context', size=context,
+                          sliding_window=window)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4 + (jax.P('context'),),
+                          out_specs=spec)
+  out, dq, dk, dv = jax.jit(with_grads, static_argnums=0)(
+      lambda q, k, v: sharded(q, k, v, SEGMENTS[:, order], order), q[:, order], k[:, order],
+      v[:, order], weights)
+  ref = natural_reference(q, k, v, SEGMENTS, order, weights, window=window)
   assert_close(out, ref[0])
   for actual, reference in zip((dq, dk, dv), ref[1:]):
     assert_close(actual, reference[:, order])

@@ -135,6 +135,7 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     _use_host_devices(args.devices)  # before the config loads: it imports JAX
   # pylint: disable=import-outside-toplevel
   from jaxsft.train import plan
+  plan.use_memory_schedule()  # before the config loads: it may start JAX's backend
   from jaxsft.train.run import run_settings
   config = load_config(args.config, overrides)
   settings = run_settings(config)
@@ -149,6 +150,8 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     lowering = plan.lower_for_platform(settings, args.platform)
     print(plan.platform_report(lowering, config.model.attention_implementation))
     return 0
+  if plan.schedule_note():
+    print(plan.schedule_note())
   if args.find_max_seq_len:
     length, memory = plan.max_seq_len(settings, args.device_memory_gib)
     if memory is None:

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec
 from jaxsft.models import blocked_attention as blocked_lib
 from jaxsft.models import indexed_attention as indexed_lib
 from jaxsft.models.indexed_attention import index_mask
+from jaxsft.models.ring_attention import ring_attention
 from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS
 from jaxsft.models.layers import dot
 from jaxsft.models.splash_attention import (
@@ -89,25 +90,26 @@ def context_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, layout: ContextLay
                       kernel: str, sliding_window: int | None = None, interpret: bool = False
                       ) -> jnp.ndarray:
   """Self-attention over rows split over `layout.axis` in zig-zag order
-  (`jaxsft.parallel.context`): each device all-gathers the row's keys, values and segment ids
-  (GQA makes them `N / K` times smaller than the queries; `docs/design.md` has the arithmetic
-  against a ring) and attends its own queries with `kernel`, the mask coming from each token's
-  natural row. Returns `[B, T, N, H]`, split like q."""
+  (`jaxsft.parallel.context`), the mask coming from each token's natural row. `blocked` passes
+  key/value chunks around the axis (`ring_attention`); `splash`, `cudnn` and `xla`, whose masks
+  need the whole row's keys, all-gather the row's keys, values and segment ids (GQA makes them
+  `N / K` times smaller than the queries; `docs/design.md` has the arithmetic). Returns
+  `[B, T, N, H]`, split like q."""
   rows, heads = rows_and_heads(q_btnh, k_bskh)
   spec = PartitionSpec(rows, layout.axis, heads, None)
   segment_spec = PartitionSpec(rows, layout.axis)
 
   def local(q, k, v, q_segments):
+    length = q.shape[1] * layout.size
+    # Computed from the axis index rather than a constant: XLA would fold a [T] constant's
+    # block minima at compile time, seconds at 1M tokens.
+    q_index = layout.shard_positions(length)
+    if kernel == 'blocked':
+      return ring_attention(q, k, v, q_segments, q_segments, q_index, q_index,
+                            axis=layout.axis, size=layout.size, sliding_window=sliding_window)
     gather = functools.partial(jax.lax.all_gather, axis_name=layout.axis, axis=1, tiled=True)
     k_all, v_all, kv_segments = gather(k), gather(v), gather(q_segments)
-    length = k_all.shape[1]
-    # Gathered rather than a constant: XLA would fold a [T] constant's block minima at compile
-    # time, seconds at 1M tokens.
-    q_index = layout.shard_positions(length)
     kv_index = jax.lax.all_gather(q_index, layout.axis, axis=0, tiled=True)
-    if kernel == 'blocked':
-      return indexed_lib.indexed_attention(q, k_all, v_all, q_segments, kv_segments, q_index,
-                                           kv_index, sliding_window=sliding_window)
     if kernel == 'splash':  # splash's masks are static: keys in natural order
       natural = np.argsort(layout.positions(length))
       return splash_context_shard(q, k_all[:, natural], v_all[:, natural], q_segments,

@@ -137,17 +137,29 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_w
   return q_side, k_side, visible_ij
 
 
-def _forward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_window,
-             block_q, block_k):
-  """Returns the output `[B, T, N, H]` and the log-sum-exp `[T / block_q, B, K, G, block_q]`."""
+def empty_state(q_btnh, kv_heads: int, block_q: int):
+  """The online softmax's state before any key, per query block: running maximum and sum
+  `[T / block_q, B, K, G, block_q]` and accumulator `[..., block_q, H]`, float32."""
   b, t, n, h = q_btnh.shape
+  # Derived from q: inside shard_map the state then varies over the same axes as the loop's.
+  zero = jnp.zeros_like(q_btnh[:, :1, :1, 0], jnp.float32)[None, :, :, :, None]
+  row = jnp.broadcast_to(zero, (t // block_q, b, kv_heads, n // kv_heads, block_q))
+  return row + MASKED_LOGIT, row, jnp.broadcast_to(row[..., None], row.shape + (h,))
+
+
+def attend(state, q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_window,
+           block_q, block_k):
+  """The forward pass (no custom gradient) over one set of keys, continuing the online
+  softmax `state` (`empty_state`, or a previous call's over other keys): returns the new state.
+  Calling it on disjoint key chunks one after another equals one call on their union, so a
+  ring passes chunks through it (`ring_attention`)."""
   q_side, k_side, visible_ij = _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index,
                                         kv_index, sliding_window, block_q, block_k)
 
   def query_block(_, xs):
-    q_i, seg_q_i, index_q_i, visible_j = xs
+    q_i, seg_q_i, index_q_i, visible_j, *init = xs
 
-    def attend(carry, k_j, v_j, seg_k_j, index_k_j):
+    def update(carry, k_j, v_j, seg_k_j, index_k_j):
       peak, total, acc = carry
       logits, allowed = _tile(q_i, k_j, seg_q_i, seg_k_j, index_q_i, index_k_j, sliding_window)
       new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
@@ -160,37 +172,55 @@ def _forward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, sliding_w
 
     def key_block(carry, ys):
       visible, *operands = ys
-      return jax.lax.cond(visible, attend, lambda c, *_: c, carry, *operands), None
+      return jax.lax.cond(visible, update, lambda c, *_: c, carry, *operands), None
 
-    _, _, kv_heads, group, _ = q_i.shape
-    # Initial carries derived from q_i: inside shard_map they then vary over the same axes as
-    # the loop's outputs.
-    zero = jnp.zeros_like(q_i[:, 0, :, :, 0], jnp.float32)[..., None]  # [B, K, G, 1]
-    row = jnp.broadcast_to(zero, (b, kv_heads, group, block_q))
-    init = (row + MASKED_LOGIT, row, jnp.broadcast_to(row[..., None], row.shape + (h,)))
-    (peak, total, acc), _ = jax.lax.scan(key_block, init, (visible_j, *k_side))
-    total = jnp.where(total > 0, total, 1.0)  # only a query that sees no key (never given)
-    out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).astype(q_btnh.dtype)
-    return None, (out, peak + jnp.log(total))
+    state_i, _ = jax.lax.scan(key_block, tuple(init), (visible_j, *k_side))
+    return None, state_i
 
-  _, (out_i, lse_i) = jax.lax.scan(query_block, None, (*q_side, visible_ij))
-  return _unblocks(out_i).reshape(b, t, n, h), lse_i
+  return jax.lax.scan(query_block, None, (*q_side, visible_ij, *state))[1]
 
 
-def _backward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, out_btnh, lse_i,
-              dout_btnh, sliding_window, block_q, block_k):
+def finish(state, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The output `[B, T, N, H]` in `dtype` and the float32 log-sum-exp of each query's visible
+  logits, `[T / block_q, B, K, G, block_q]`, from the online softmax's final state."""
+  peak, total, acc = state
+  total = jnp.where(total > 0, total, 1.0)  # only a query that sees no key (never given)
+  out_i = (acc / total[..., None]).transpose(0, 1, 4, 2, 3, 5)  # [T/bq, B, bq, K, G, H]
+  blocks, b, block_q, kv_heads, group, h = out_i.shape
+  out = _unblocks(out_i).reshape(b, blocks * block_q, kv_heads * group, h).astype(dtype)
+  return out, peak + jnp.log(total)
+
+
+def output_delta(out_btnh, dout_btnh, kv_heads: int, block_q: int) -> jnp.ndarray:
+  """The flash backward's `delta = rowsum(dout * out)` per query and head, float32, blocked as
+  the log-sum-exp: `[T / block_q, B, K, G, block_q]`."""
+  b, t, n, h = out_btnh.shape
+  delta_bkgt = jnp.einsum('btkgh,btkgh->bkgt',
+                          dout_btnh.astype(jnp.float32).reshape(b, t, kv_heads, -1, h),
+                          out_btnh.astype(jnp.float32).reshape(b, t, kv_heads, -1, h))
+  return _blocks(delta_bkgt, block_q, axis=3)
+
+
+def attention_grads(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, lse_i, delta_i,
+                    dout_btnh, sliding_window, block_q, block_k, dq_i=None, dk_dv=None):
+  """The flash backward against one set of keys, given each query's log-sum-exp and delta over
+  all the keys it sees (`finish`, `output_delta`). Returns dq blocked as the queries
+  (`[T / block_q, B, block_q, K, G, H]`, float32) with these keys' share added to `dq_i`, and
+  dk, dv `[B, S, K, H]` (float32, added to `dk_dv`; else in k's dtype). Passing the
+  accumulators through calls on disjoint key chunks gives the gradients over their union."""
   b, t, n, h = q_btnh.shape
   kv_heads = k_bskh.shape[2]
+  kv_grad_dtype = k_bskh.dtype if dk_dv is None else jnp.float32
+  if dk_dv is None:
+    zero = jnp.zeros_like(k_bskh, jnp.float32)
+    dk_dv = (zero, zero)
   q_side, k_side, visible_ij = _prepare(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index,
                                         kv_index, sliding_window, block_q, block_k)
   dout_btkgh = dout_btnh.astype(q_btnh.dtype).reshape(b, t, kv_heads, n // kv_heads, h)
-  delta_bkgt = jnp.einsum('btkgh,btkgh->bkgt', dout_btkgh.astype(jnp.float32),
-                          out_btnh.astype(jnp.float32).reshape(dout_btkgh.shape))
-  delta_i = _blocks(delta_bkgt, block_q, axis=3)
   scale = 1.0 / math.sqrt(h)
 
   def key_block(dq_i, xs):
-    k_j, v_j, seg_k_j, index_k_j, visible_i = xs
+    k_j, v_j, seg_k_j, index_k_j, visible_i, dk_j, dv_j = xs
 
     def grads(carry, q_i, seg_q_i, index_q_i, dout_i, lse, delta):
       dq, dk, dv = carry
@@ -209,38 +239,52 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, out_btnh
       dq, dk, dv = jax.lax.cond(visible, grads, lambda c, *_: c, (dq, *carry), *operands)
       return (dk, dv), dq
 
-    zero = jnp.zeros_like(k_j, jnp.float32)
     (dk_j, dv_j), dq_i = jax.lax.scan(
-        query_block, (zero, zero), (visible_i, dq_i, *q_side, _blocks(dout_btkgh, block_q),
+        query_block, (dk_j, dv_j), (visible_i, dq_i, *q_side, _blocks(dout_btkgh, block_q),
                                     lse_i, delta_i))
     # Each key block's gradients are complete here: stacking them in the keys' dtype keeps the
-    # whole row's dk/dv (all-gathered keys under context parallelism) at the size of k and v,
-    # not twice that in float32 (8 GiB per device at 1M tokens for LLaMA-3-8B).
-    return dq_i, (dk_j.astype(k_bskh.dtype), dv_j.astype(v_bskh.dtype))
+    # whole row's dk/dv at the size of k and v, not twice that in float32.
+    return dq_i, (dk_j.astype(kv_grad_dtype), dv_j.astype(kv_grad_dtype))
 
-  dq_init = jnp.zeros_like(q_side[0], jnp.float32)
-  dq_i, (dk_j, dv_j) = jax.lax.scan(key_block, dq_init, (*k_side, visible_ij.T))
-  return (_unblocks(dq_i).reshape(b, t, n, h).astype(q_btnh.dtype),
-          _unblocks(dk_j).astype(k_bskh.dtype), _unblocks(dv_j).astype(v_bskh.dtype))
+  dq_i = zero_query_grads(q_btnh, kv_heads, block_q) if dq_i is None else dq_i
+  dq_i, (dk_j, dv_j) = jax.lax.scan(
+      key_block, dq_i, (*k_side, visible_ij.T, *(_blocks(d, block_k) for d in dk_dv)))
+  return dq_i, _unblocks(dk_j), _unblocks(dv_j)
+
+
+def zero_query_grads(q_btnh, kv_heads: int, block_q: int) -> jnp.ndarray:
+  """Float32 zeros blocked as `attention_grads`' dq, derived from q (inside shard_map they vary
+  over q's axes, as the gradients added to them)."""
+  b, t, n, h = q_btnh.shape
+  return jnp.zeros_like(_blocks(q_btnh.reshape(b, t, kv_heads, n // kv_heads, h), block_q),
+                        jnp.float32)
+
+
+def unblock_queries(dq_i) -> jnp.ndarray:
+  """`attention_grads`' blocked dq `[T / block_q, B, block_q, K, G, H]` -> `[B, T, N, H]`."""
+  x = _unblocks(dq_i)
+  return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _indexed(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q, block_k):
-  return _forward(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q,
-                  block_k)[0]
+  return _indexed_fwd(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q,
+                      block_k)[0]
 
 
 def _indexed_fwd(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q, block_k):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, q_index, kv_index, sliding_window, block_q,
-                      block_k)
+  state = attend(empty_state(q, k.shape[2], block_q), q, k, v, q_seg, kv_seg, q_index,
+                 kv_index, sliding_window, block_q, block_k)
+  out, lse = finish(state, q.dtype)
   return out, (q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse)
 
 
 def _indexed_bwd(sliding_window, block_q, block_k, residuals, dout):
   q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_index, kv_index, out, lse, dout,
-                         sliding_window, block_q, block_k)
-  return dq, dk, dv, None, None, None, None
+  delta = output_delta(out, dout, k.shape[2], block_q)
+  dq, dk, dv = attention_grads(q, k, v, q_seg, kv_seg, q_index, kv_index, lse, delta, dout,
+                               sliding_window, block_q, block_k)
+  return unblock_queries(dq).astype(q.dtype), dk, dv, None, None, None, None
 
 
 _indexed.defvjp(_indexed_fwd, _indexed_bwd)

@@ -2,8 +2,9 @@
 
 A row of T tokens on a mesh with `context = c` is held as c shards of T / c tokens. Everything
 that works token by token (embeddings, norms, projections, the MLP, the loss) runs on its shard
-unchanged; only attention needs other shards' tokens, and `jaxsft.models.attention` gathers the
-keys and values it needs across the axis.
+unchanged; only attention needs other shards' tokens: `jaxsft.models.attention` passes each
+shard's keys and values around the axis (a ring), or gathers them for kernels that need the
+whole row.
 
 **Load balance.** Causal attention's work for a query grows with its position: with contiguous
 shards the last device would do 2c - 1 times the work of the first. So inside the decoder the

@@ -19,6 +19,7 @@ on a CPU host): the program a TPU or GPU would compile, with the attention kerne
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,39 @@ def _lowered_step(settings: RunSettings, devices: Any, platforms: Sequence[str] 
     if platforms is None:
       return step.lower(state, batch), state, model_config
     return jax.export.export(step, platforms=list(platforms))(state, batch), state, model_config
+
+
+# XLA:CPU's memory-minimizing schedule. Its default orders independent work for thread
+# parallelism and keeps more of it live at once: the 1M-token LLaMA-3.1-8B plan of
+# `docs/benchmarks.md` is 64.0 GiB per device under the default and 53.0 GiB under this. An
+# accelerator's compiler schedules under the device's memory limit, so the memory-minimizing
+# order is the better model of the program a plan is for (`docs/design.md`).
+MEMORY_SCHEDULE_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def use_memory_schedule() -> bool:
+  """Asks XLA:CPU for the memory-minimizing schedule (`MEMORY_SCHEDULE_FLAG` in `XLA_FLAGS`)
+  where no backend has started yet (XLA reads its flags once, at the first backend); `jaxsft
+  plan` calls it first. Returns whether this process's compiles use it. Training keeps the
+  default schedule: it is the faster one on a CPU."""
+  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge
+  flags = os.environ.get('XLA_FLAGS', '')
+  if MEMORY_SCHEDULE_FLAG not in flags.split() and not xla_bridge.backends_are_initialized():
+    os.environ['XLA_FLAGS'] = f'{flags} {MEMORY_SCHEDULE_FLAG}'.strip()
+  return MEMORY_SCHEDULE_FLAG in os.environ.get('XLA_FLAGS', '').split()
+
+
+def schedule_note() -> str | None:
+  """The line a plan compiled by XLA:CPU prints about the schedule its bytes come from (None on
+  other backends)."""
+  if jax.default_backend() != 'cpu':
+    return None
+  if MEMORY_SCHEDULE_FLAG in os.environ.get('XLA_FLAGS', '').split():
+    return ("schedule: XLA:CPU's memory-minimizing order, as an accelerator's compiler "
+            'schedules under its memory limit')
+  return ("schedule: XLA:CPU's default order (more live at once than an accelerator's; "
+          '`jaxsft plan` in a new process uses the memory-minimizing one)')
 
 
 def plan(settings: RunSettings, devices: Any = None) -> MemoryPlan:
