@@ -48,7 +48,7 @@ def _score(variables: Any, context_bp, context_pos_bp, context_seg_bp, last_bm, 
   cache = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
   hidden_bpd, mutated = model.apply({**variables, 'cache': cache}, context_bp, context_pos_bp,
                                     context_seg_bp, return_hidden=True, mutable=['cache'])
-  cache = _cache_rows(mutated['cache'], owner_q, model_config.scan_layers)
+  cache = _cache_rows(mutated['cache'], owner_q, model_config.scanned)
   hidden_qcd, _ = model.apply({**variables, 'cache': cache}, cont_qc, cont_pos_qc, cont_seg_qc,
                               return_hidden=True, mutable=['cache'])
   kernel = head_kernel(model_config, variables)

@@ -41,14 +41,13 @@ from jaxsft.interop.hf_config import (
 from jaxsft.interop.hf_headers import (
   SAFETENSORS_INDEX,
   SAFETENSORS_SINGLE,
-  ParamEntry,
   SafetensorsReader,
   check_tensors,
-  parameter_entries,
 )
 from jaxsft.interop.hf_headers import TensorInfo as TensorInfo
 from jaxsft.interop.hf_headers import check_checkpoint as check_checkpoint
 from jaxsft.interop.hf_headers import read_safetensors_header as read_safetensors_header
+from jaxsft.interop.hf_names import ParamEntry, parameter_entries
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama
 from jaxsft.parallel.mesh import DEFAULT_RULES, logical_shardings, unboxed
@@ -85,17 +84,25 @@ def _get_path(tree: Mapping, path: Sequence[str]) -> Any:
 
 def _read_shard(reader: SafetensorsReader, entry: ParamEntry, index: tuple[slice, ...],
                 dtype: Any) -> np.ndarray:
-  """Reads the part `index` (in jaxsft layout) of one parameter from the HF tensors."""
-  layer_index, inner = (index[0], index[1:]) if entry.stacked else (slice(None), index)
-  hf_inner = tuple(reversed(inner)) if entry.transpose else tuple(inner)
+  """Reads the part `index` (in jaxsft layout) of one parameter from the HF tensors: the
+  leading layer and expert axes pick tensors, the rest is read from each (only that slice,
+  where one tensor is not concatenated from several parts)."""
+  lead, inner = index[:entry.lead_axes], tuple(index[entry.lead_axes:])
+  names = np.array(entry.hf_names, dtype=object).reshape(entry.name_grid)[lead]
 
-  def one(name):
-    part = reader.read(name, hf_inner)
-    return (part.T if entry.transpose else part).astype(dtype)
+  def one(parts):
+    if len(parts) == 1:
+      hf_inner = tuple(reversed(inner)) if entry.transpose else inner
+      part = reader.read(parts[0], hf_inner)
+      return (part.T if entry.transpose else part).astype(dtype)
+    whole = np.concatenate([reader.read(name).T if entry.transpose else reader.read(name)
+                            for name in parts], axis=-1)
+    return whole[inner].astype(dtype)
 
-  if not entry.stacked:
-    return one(entry.hf_names[0])
-  return np.stack([one(name) for name in entry.hf_names[layer_index]])
+  tensors = [one(list(parts)) for parts in names.reshape(-1, entry.parts)]
+  if not entry.lead_axes:
+    return tensors[0]
+  return np.stack(tensors).reshape(names.shape[:-1] + tensors[0].shape)
 
 
 def abstract_params(config: LlamaConfig) -> Any:
@@ -187,10 +194,12 @@ def hf_tensors(config: LlamaConfig, params: Mapping[str, Any], dtype: Any
   4-bit kernel is dequantized to float32 first, then cast to `dtype` like every tensor."""
   for entry in parameter_entries(config):
     value = _to_host(_dense(_get_path(params, entry.path)))
-    for i, name in enumerate(entry.hf_names):
-      tensor = value[i] if entry.stacked else value
-      tensor = tensor.T if entry.transpose else tensor
-      yield name, np.ascontiguousarray(tensor.astype(dtype))
+    tensors = value.reshape((-1,) + value.shape[entry.lead_axes:])
+    names = np.array(entry.hf_names, dtype=object).reshape(-1, entry.parts)
+    for tensor, parts in zip(tensors, names):
+      for name, part in zip(parts, np.split(tensor, entry.parts, axis=-1)):
+        part = part.T if entry.transpose else part
+        yield name, np.ascontiguousarray(part.astype(dtype))
 
 
 def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *,

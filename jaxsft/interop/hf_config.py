@@ -1,7 +1,8 @@
 """HF `config.json` <-> `LlamaConfig`, and finding an HF checkpoint folder.
 
 `config_from_hf` reads the `config.json` of transformers 4 and 5 for the LLaMA family (LLaMA
-1/2/3, Mistral, Qwen2, Qwen3), `config_to_hf` writes one transformers loads; `resolve_checkpoint_dir`
+1/2/3, Mistral, Qwen2, Qwen3, and the mixture-of-experts Qwen3-MoE and Mixtral),
+`config_to_hf` writes one transformers loads; `resolve_checkpoint_dir`
 takes a local folder or fetches a hub id into the HF cache.
 """
 
@@ -18,11 +19,20 @@ from jaxsft.errors import UserError
 from jaxsft.models.config import LlamaConfig
 
 SUPPORTED_MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                         'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+                         'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                         'qwen3_moe': 'Qwen3MoeForCausalLM', 'mixtral': 'MixtralForCausalLM'}
 # Families whose q/k/v/o biases follow one `attention_bias` flag (Qwen2 always has q/k/v biases
-# and no o bias); the Qwen families' sliding window follows `use_sliding_window`.
-_ONE_ATTENTION_BIAS = ('llama', 'qwen3')
-_QWEN = ('qwen2', 'qwen3')
+# and no o bias); the Qwen families' sliding window follows `use_sliding_window`; Mixtral's as
+# Mistral's. Qwen3 and Qwen3-MoE have per-head q/k norms.
+_ONE_ATTENTION_BIAS = ('llama', 'qwen3', 'qwen3_moe')
+_QWEN = ('qwen2', 'qwen3', 'qwen3_moe')
+_MISTRAL = ('mistral', 'mixtral')
+_QK_NORM = ('qwen3', 'qwen3_moe')
+# transformers' defaults where a config.json leaves a mixture-of-experts field out.
+_MOE_DEFAULTS = {'qwen3_moe': dict(num_experts_per_tok=8, norm_topk_prob=False,
+                                   router_aux_loss_coef=0.001),
+                 'mixtral': dict(num_experts_per_tok=2, norm_topk_prob=True,
+                                 router_aux_loss_coef=0.001)}
 
 
 class _UnsupportedConfig(UserError, NotImplementedError):
@@ -67,8 +77,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
       max_position_embeddings=hf.get('max_position_embeddings', 4096),
       tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
       qkv_bias=qkv_bias, o_bias=attention_bias and model_type in _ONE_ATTENTION_BIAS,
-      mlp_bias=bool(hf.get('mlp_bias', False)), qk_norm=model_type == 'qwen3',
-      sliding_window=sliding_window,
+      mlp_bias=bool(hf.get('mlp_bias', False)), qk_norm=model_type in _QK_NORM,
+      sliding_window=sliding_window, **_moe_fields(hf, model_type),
       model_type=model_type, bos_token_id=hf.get('bos_token_id'),
       eos_token_id=hf.get('eos_token_id'), pad_token_id=hf.get('pad_token_id'))
   fields.update(overrides)
@@ -80,11 +90,42 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     raise UserError(f'config.json: {error}') from None
 
 
+def _moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+  """The mixture-of-experts fields of `LlamaConfig` from a Qwen3-MoE or Mixtral config.json
+  (none for dense families)."""
+  if model_type not in _MOE_DEFAULTS:
+    return {}
+  defaults = _MOE_DEFAULTS[model_type]
+  num_experts = hf.get('num_experts') or hf.get('num_local_experts')
+  if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+    raise UserError(f'config.json of a {model_type} model has num_experts='
+                    f'{num_experts!r} (num_local_experts); it needs the number of experts, '
+                    'a positive integer: use the config.json saved with the weights.')
+  if hf.get('router_jitter_noise'):
+    raise _UnsupportedConfig(
+        f'config.json has router_jitter_noise={hf["router_jitter_noise"]}; jaxsft does not '
+        'jitter the router\'s inputs in training. Set it to 0 (Mixtral ships with 0).')
+  if model_type == 'mixtral':  # the experts are `intermediate_size` wide; every layer sparse
+    return dict(num_experts=num_experts, moe_intermediate_size=hf['intermediate_size'],
+                num_experts_per_tok=hf.get('num_experts_per_tok',
+                                           defaults['num_experts_per_tok']),
+                norm_topk_prob=True, router_aux_loss_coef=float(
+                    hf.get('router_aux_loss_coef', defaults['router_aux_loss_coef'])))
+  return dict(num_experts=num_experts,
+              moe_intermediate_size=hf.get('moe_intermediate_size') or hf['intermediate_size'],
+              num_experts_per_tok=hf.get('num_experts_per_tok', defaults['num_experts_per_tok']),
+              norm_topk_prob=bool(hf.get('norm_topk_prob', defaults['norm_topk_prob'])),
+              decoder_sparse_step=hf.get('decoder_sparse_step', 1),
+              mlp_only_layers=tuple(hf.get('mlp_only_layers') or ()),
+              router_aux_loss_coef=float(hf.get('router_aux_loss_coef',
+                                                defaults['router_aux_loss_coef'])))
+
+
 def _sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
   window = hf.get('sliding_window')
   if model_type == 'llama' or window is None:
     return None
-  if model_type == 'mistral':
+  if model_type in _MISTRAL:
     return int(window)
   # Qwen2/3: a window only where `use_sliding_window`, and then only from `max_window_layers` on.
   layer_types = hf.get('layer_types')
@@ -125,15 +166,33 @@ def config_to_hf(config: LlamaConfig, dtype: Any = jnp.bfloat16) -> dict[str, An
       'pad_token_id': c.pad_token_id, 'torch_dtype': dtype_name, 'dtype': dtype_name,
       'use_cache': True, 'initializer_range': 0.02, 'attention_dropout': 0.0,
   }
-  if c.qk_norm != (c.model_type == 'qwen3'):
+  if c.qk_norm != (c.model_type in _QK_NORM):
     raise UserError(f'model_type={c.model_type!r} with qk_norm={c.qk_norm}: transformers has '
-                    'per-head q/k norms in Qwen3 only.')
+                    'per-head q/k norms in Qwen3 and Qwen3-MoE only.')
+  if bool(c.num_experts) != (c.model_type in _MOE_DEFAULTS):
+    raise UserError(f'model_type={c.model_type!r} with num_experts={c.num_experts}: '
+                    'transformers has experts in Qwen3-MoE and Mixtral only.')
+  if c.model_type == 'qwen3_moe':
+    hf.update(num_experts=c.num_experts, num_local_experts=c.num_experts,
+              num_experts_per_tok=c.num_experts_per_tok,
+              moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+              decoder_sparse_step=c.decoder_sparse_step,
+              mlp_only_layers=list(c.mlp_only_layers),
+              router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=False)
+  elif c.model_type == 'mixtral':
+    if (not c.norm_topk_prob or c.moe_intermediate_size != c.intermediate_size
+        or not all(c.sparse_layers)):
+      raise UserError('Mixtral in transformers renormalizes the top-k weights, has experts '
+                      'of intermediate_size in every layer; this config differs.')
+    hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+              router_aux_loss_coef=c.router_aux_loss_coef, router_jitter_noise=0.0,
+              output_router_logits=False)
   if c.model_type in _ONE_ATTENTION_BIAS:
     if c.qkv_bias != c.o_bias:
       raise UserError(f'{c.model_type} in transformers has one attention_bias for q/k/v/o; '
                       f'this config has qkv_bias={c.qkv_bias}, o_bias={c.o_bias}.')
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-  if c.model_type == 'mistral':
+  if c.model_type in _MISTRAL:
     hf['sliding_window'] = c.sliding_window
   elif c.model_type in _QWEN:
     hf.update(use_sliding_window=c.sliding_window is not None,

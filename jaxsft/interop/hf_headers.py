@@ -1,13 +1,13 @@
 """What an HF checkpoint folder holds, read from its safetensors headers before any tensor is.
 
-Owns the HF tensor names of every jaxsft parameter (`parameter_entries`), the reading and
-checking of safetensors headers and of a shard index (`read_safetensors_header`, `TensorInfo`,
+Owns the reading and checking of safetensors headers and of a shard index (`read_safetensors_header`, `TensorInfo`,
 `SafetensorsReader`, which also reads tensors lazily once opened), and the checks of a folder's
 `config.json` against those headers (`check_tensors`, `check_checkpoint`): the number of layers,
 every name, shape and a float dtype. A damaged, incomplete or mismatched folder fails here,
 naming the file, the tensor and the setting, before a weight is read.
 
-Turning the tensors into jaxsft parameters and back is `interop.hf`'s.
+The HF tensor names of every jaxsft parameter are `interop.hf_names`'s; turning the tensors
+into jaxsft parameters and back is `interop.hf`'s.
 """
 
 from __future__ import annotations
@@ -22,61 +22,12 @@ import numpy as np
 
 from jaxsft.errors import UserError
 from jaxsft.interop.hf_config import config_from_hf, read_hf_config, resolve_checkpoint_dir
+from jaxsft.interop.hf_names import ParamEntry, expected_shapes, parameter_entries
 from jaxsft.models.config import LlamaConfig
 
 SAFETENSORS_SINGLE = 'model.safetensors'
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 
-
-# ---------------------------------------------------------------------------------------------
-# Parameter names
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamEntry:
-  """One leaf of the jaxsft parameter tree and the HF tensor(s) behind it."""
-
-  path: tuple[str, ...]  # path in the params tree, e.g. ('layers', 'mlp', 'up_proj', 'kernel')
-  hf_names: tuple[str, ...]  # one name, or one per layer when stacked by `scan_layers`
-  transpose: bool  # HF [out, in] <-> kernel [in, out]
-  stacked: bool
-
-
-def _layer_tensors(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, bool]]:
-  """(path inside a layer, HF suffix, transpose) for every per-layer tensor."""
-  c = config
-  entries = [(('input_layernorm', 'scale'), 'input_layernorm.weight', False),
-             (('post_attention_layernorm', 'scale'), 'post_attention_layernorm.weight', False)]
-  for name, bias in (('q_proj', c.qkv_bias), ('k_proj', c.qkv_bias), ('v_proj', c.qkv_bias),
-                     ('o_proj', c.o_bias)):
-    entries.append((('self_attn', name, 'kernel'), f'self_attn.{name}.weight', True))
-    if bias:
-      entries.append((('self_attn', name, 'bias'), f'self_attn.{name}.bias', False))
-  if c.qk_norm:
-    entries += [(('self_attn', f'{name}_norm', 'scale'), f'self_attn.{name}_norm.weight', False)
-                for name in ('q', 'k')]
-  for name in ('gate_proj', 'up_proj', 'down_proj'):
-    entries.append((('mlp', name, 'kernel'), f'mlp.{name}.weight', True))
-    if c.mlp_bias:
-      entries.append((('mlp', name, 'bias'), f'mlp.{name}.bias', False))
-  return entries
-
-
-def parameter_entries(config: LlamaConfig, prefix: str = 'model.') -> list[ParamEntry]:
-  """Every parameter of `Llama(config)` with its HF tensor name(s), in HF's order."""
-  entries = [ParamEntry(('embed_tokens', 'embedding'), (f'{prefix}embed_tokens.weight',), False,
-                    False)]
-  for sub_path, suffix, transpose in _layer_tensors(config):
-    names = tuple(f'{prefix}layers.{i}.{suffix}' for i in range(config.num_layers))
-    if config.scan_layers:
-      entries.append(ParamEntry(('layers',) + sub_path, names, transpose, True))
-    else:
-      entries.extend(ParamEntry((f'layers_{i}',) + sub_path, (name,), transpose, False)
-                     for i, name in enumerate(names))
-  entries.append(ParamEntry(('norm', 'scale'), (f'{prefix}norm.weight',), False, False))
-  if not config.tie_word_embeddings:
-    entries.append(ParamEntry(('lm_head', 'kernel'), ('lm_head.weight',), True, False))
-  return entries
 
 # ---------------------------------------------------------------------------------------------
 # Safetensors headers
@@ -254,36 +205,6 @@ class _MissingTensorsError(UserError, KeyError):
   __str__ = BaseException.__str__  # the message as is, not KeyError's quoted repr
 
 
-def _expected_shapes(config: LlamaConfig, entries: list[ParamEntry], prefix: str
-                     ) -> dict[str, tuple[tuple[int, str], ...]]:
-  """The HF shape of each tensor of `entries`: each size with the config.json setting behind it
-  (what a mismatch error names)."""
-  c = config
-  hidden = (c.hidden_size, f'hidden_size {c.hidden_size}')
-  vocab = (c.vocab_size, f'vocab_size {c.vocab_size}')
-  inter = (c.intermediate_size, f'intermediate_size {c.intermediate_size}')
-  head = (c.head_dim, f'head_dim {c.head_dim}')
-  q = (c.num_heads * c.head_dim,
-       f'num_attention_heads x head_dim = {c.num_heads} x {c.head_dim}')
-  kv = (c.num_kv_heads * c.head_dim,
-        f'num_key_value_heads x head_dim = {c.num_kv_heads} x {c.head_dim}')
-  in_layer = {
-      'input_layernorm.weight': (hidden,), 'post_attention_layernorm.weight': (hidden,),
-      'self_attn.q_proj.weight': (q, hidden), 'self_attn.k_proj.weight': (kv, hidden),
-      'self_attn.v_proj.weight': (kv, hidden), 'self_attn.o_proj.weight': (hidden, q),
-      'self_attn.q_proj.bias': (q,), 'self_attn.k_proj.bias': (kv,),
-      'self_attn.v_proj.bias': (kv,), 'self_attn.o_proj.bias': (hidden,),
-      'self_attn.q_norm.weight': (head,), 'self_attn.k_norm.weight': (head,),
-      'mlp.gate_proj.weight': (inter, hidden), 'mlp.up_proj.weight': (inter, hidden),
-      'mlp.down_proj.weight': (hidden, inter), 'mlp.gate_proj.bias': (inter,),
-      'mlp.up_proj.bias': (inter,), 'mlp.down_proj.bias': (hidden,)}
-  whole = {f'{prefix}embed_tokens.weight': (vocab, hidden), f'{prefix}norm.weight': (hidden,),
-           'lm_head.weight': (vocab, hidden)}
-  layers = f'{prefix}layers.'
-  return {name: in_layer[name[len(layers):].split('.', 1)[1]] if name.startswith(layers)
-          else whole[name] for entry in entries for name in entry.hf_names}
-
-
 def _layer_numbers(names: Mapping[str, Any], prefix: str) -> set[int]:
   """The `N` of every `{prefix}layers.N.*` tensor name."""
   start = f'{prefix}layers.'
@@ -316,7 +237,7 @@ def check_tensors(folder: str, reader: SafetensorsReader, config: LlamaConfig
     raise UserError(f'config.json says num_hidden_layers {config.num_layers} but {weights} '
                     f'hold{s} {max(layers) + 1} layers ({prefix}layers.0 to {max(layers)}); '
                     f'{not_theirs}.')
-  shapes = _expected_shapes(config, entries, prefix)
+  shapes = expected_shapes(config, entries, prefix)
   missing = [name for name in shapes if name not in found]
   if missing:
     raise _MissingTensorsError(

@@ -2,7 +2,8 @@
 
 One dataclass covers LLaMA 1/2/3, Mistral, Qwen2 and Qwen3; they differ only in the fields below
 (GQA head counts, rotary scaling, q/k/v biases, per-head q/k norms, tied embeddings, sliding
-window). The HF
+window). Mixture-of-experts models (Qwen3-MoE, Mixtral) are the same decoder with the MLP of
+some layers replaced by a router and `num_experts` expert MLPs (`jaxsft.models.moe`). The HF
 `config.json` mapping lives in `jaxsft.interop.hf_config`; this module knows nothing about files.
 """
 
@@ -46,7 +47,19 @@ class LlamaConfig:
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each head's queries and keys
   sliding_window: int | None = None  # Mistral: a query sees at most this many keys
-  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2' | 'qwen3'; used when exporting
+  # Mixture of experts (0 experts: every layer has the dense MLP). A layer i is sparse, as in
+  # transformers, when `(i + 1) % decoder_sparse_step == 0` and i is not in `mlp_only_layers`.
+  num_experts: int = 0
+  num_experts_per_tok: int = 2  # top-k
+  moe_intermediate_size: int = 0  # each expert's F; 0: intermediate_size
+  norm_topk_prob: bool = True  # renormalize the top-k probabilities (Mixtral always does)
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  # The load-balancing loss's weight in the training loss (transformers' `router_aux_loss_coef`,
+  # added when the router logits are output); 0 logs it without training on it.
+  router_aux_loss_coef: float = 0.0
+  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'qwen3_moe' | 'mixtral'
+
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
   pad_token_id: int | None = None
@@ -78,6 +91,16 @@ class LlamaConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'LlamaConfig.remat_policy={self.remat_policy!r}; '
                        f'choose one of {REMAT_POLICIES}.')
+    object.__setattr__(self, 'mlp_only_layers', tuple(int(i) for i in self.mlp_only_layers))
+    if self.num_experts:
+      if not 1 <= self.num_experts_per_tok <= self.num_experts:
+        raise ValueError(f'LlamaConfig: num_experts_per_tok={self.num_experts_per_tok} must be '
+                         f'between 1 and num_experts={self.num_experts}.')
+      if self.decoder_sparse_step < 1:
+        raise ValueError(f'LlamaConfig: decoder_sparse_step={self.decoder_sparse_step} must be '
+                         '>= 1.')
+      if not self.moe_intermediate_size:
+        object.__setattr__(self, 'moe_intermediate_size', self.intermediate_size)
     if self.mlp_chunk_size < 0:
       raise ValueError(f'LlamaConfig.mlp_chunk_size={self.mlp_chunk_size}; must be >= 0.')
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -100,6 +123,22 @@ class LlamaConfig:
   def heads_per_group(self) -> int:
     return self.num_heads // self.num_kv_heads
 
+  def is_sparse_layer(self, layer: int) -> bool:
+    """Whether layer `layer` (0-based) has experts instead of the dense MLP."""
+    return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+            and layer not in self.mlp_only_layers)
+
+  @property
+  def sparse_layers(self) -> tuple[bool, ...]:
+    return tuple(self.is_sparse_layer(i) for i in range(self.num_layers))
+
+  @property
+  def scanned(self) -> bool:
+    """Whether the layers run as one `nn.scan` (parameters stacked under `layers`): with
+    `scan_layers`, and only where every layer has the same parameters (no mix of dense and
+    sparse layers); else they are `layers_0 ... layers_{L-1}`."""
+    return self.scan_layers and len(set(self.sparse_layers)) == 1
+
   def replace(self, **changes: Any) -> 'LlamaConfig':
     """A copy with `changes` (field names and values) applied."""
     return dataclasses.replace(self, **changes)
@@ -116,7 +155,16 @@ class LlamaConfig:
     q, kv = self.num_heads * h, self.num_kv_heads * h
     attn = d * q + 2 * d * kv + q * d
     attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
-    mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-    layer = attn + mlp + 2 * d + 2 * h * self.qk_norm
+    dense_mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+    sparse_mlp = self.num_experts * (3 * d * self.moe_intermediate_size + d)  # experts, router
+    layer = attn + 2 * d + 2 * h * self.qk_norm
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
-    return self.vocab_size * d + self.num_layers * layer + d + head
+    mlps = sum(sparse_mlp if sparse else dense_mlp for sparse in self.sparse_layers)
+    return self.vocab_size * d + self.num_layers * layer + mlps + d + head
+
+  def num_active_params(self) -> int:
+    """Parameters one token's forward pass uses: `num_params` with only `num_experts_per_tok`
+    of each sparse layer's experts (what FLOP counts of an MoE model are of)."""
+    unused = (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * (
+        self.moe_intermediate_size)
+    return self.num_params() - unused * sum(self.sparse_layers)

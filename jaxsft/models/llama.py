@@ -3,7 +3,8 @@
 Parameter paths mirror HF module names (`layers/self_attn/q_proj/kernel`), so LoRA target
 regexes written for PEFT (`q_proj`, `down_proj`) select the same projections here. With
 `scan_layers` the per-layer parameters are stacked under `layers` with a leading `layers` axis;
-without it they live under `layers_0 ... layers_{L-1}`.
+without it, or where dense and sparse (mixture-of-experts, `jaxsft.models.moe`) layers mix,
+they live under `layers_0 ... layers_{L-1}` (`LlamaConfig.scanned`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.models.attention import attention
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, RMSNorm, default_kernel_init
+from jaxsft.models.moe import SparseMoE
 from jaxsft.models.rope import apply_rotary, rotary_embedding
 from jaxsft.parallel.context import ContextLayout, context_layout, from_zigzag, to_zigzag
 
@@ -170,6 +172,7 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   context: ContextLayout | None = None
+  sparse: bool = False  # experts (`moe.SparseMoE`) instead of the dense MLP
 
   @nn.compact
   def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt):
@@ -179,8 +182,12 @@ class DecoderLayer(nn.Module):
     x_btd = x_btd + Attention(c, self.deterministic, self.decode, self.context,
                               name='self_attn')(
         norm(name='input_layernorm')(x_btd), cos_bth, sin_bth, segment_ids_bt)
-    x_btd = x_btd + chunked_mlp(c, self.deterministic, self.context.size if self.context else 1,
-                                norm(name='post_attention_layernorm')(x_btd))
+    normed_btd = norm(name='post_attention_layernorm')(x_btd)
+    if self.sparse:
+      x_btd = x_btd + SparseMoE(c, name='mlp')(normed_btd, segment_ids_bt)
+    else:
+      x_btd = x_btd + chunked_mlp(c, self.deterministic,
+                                  self.context.size if self.context else 1, normed_btd)
     x_btd = nn.with_logical_constraint(x_btd, ('act_batch', 'act_length', 'act_embed'))
     return x_btd, None
 
@@ -251,18 +258,19 @@ class Llama(nn.Module):
     layer_cls = DecoderLayer
     if c.remat_policy != 'none':
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat_policy],
-                           prevent_cse=not c.scan_layers)
-    if c.scan_layers:
-      stack = nn.scan(layer_cls, variable_axes={'params': 0, 'lora': 0, 'cache': 0},
+                           prevent_cse=not c.scanned)
+    if c.scanned:
+      stack = nn.scan(layer_cls,
+                      variable_axes={'params': 0, 'lora': 0, 'cache': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_btd, _ = stack(c, self.deterministic, self.decode, context, name='layers')(
-          x_btd, cos_bth, sin_bth, segment_ids)
+      x_btd, _ = stack(c, self.deterministic, self.decode, context, c.is_sparse_layer(0),
+                       name='layers')(x_btd, cos_bth, sin_bth, segment_ids)
     else:
       for i in range(c.num_layers):
-        x_btd, _ = layer_cls(c, self.deterministic, self.decode, context, name=f'layers_{i}')(
-            x_btd, cos_bth, sin_bth, segment_ids)
+        x_btd, _ = layer_cls(c, self.deterministic, self.decode, context, c.is_sparse_layer(i),
+                             name=f'layers_{i}')(x_btd, cos_bth, sin_bth, segment_ids)
     if context is not None:
       x_btd = from_zigzag(x_btd, context)
 

@@ -49,6 +49,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
+    ('expert', None),  # the experts of a sparse layer (jaxsft.models.moe)
+    ('expert_router', None),  # the router's output: one logit per expert
     ('norm', None),
     ('lora_rank', None),
 )

@@ -1,0 +1,199 @@
+"""Mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router sends each token to `k` of `E` expert
+MLPs, and the layer's output is their outputs weighted by the router's probabilities.
+
+**Routing.** The router is a linear map `[D, E]` (`mlp/gate/kernel`, transformers' `mlp.gate`)
+whose logits go through a float32 softmax; each token keeps its `k` most probable experts, with
+those probabilities renormalized to sum to 1 where `norm_topk_prob` (Mixtral always; Qwen3-MoE
+per its config). `route` computes exactly what transformers' `TopKRouter` does.
+
+**Dropless grouped matmuls.** The `T * k` (token, expert) assignments are sorted by expert, so
+each expert's tokens are one contiguous group, and every expert projection is one
+`jax.lax.ragged_dot` over the groups (on a TPU it lowers to the grouped-matmul kernel; on other
+backends XLA computes it group by group). No token is dropped and there is no capacity factor:
+a group is as long as the router makes it. The outputs are put back in token order and summed
+over each token's `k` experts with the router's weights (`docs/design.md` has what this was
+measured against: a dense one-hot einsum over every expert, a loop over experts).
+
+**Parameters** mirror transformers 5's modules, each expert's kernels stacked on a leading
+`expert` axis (so `lora.targets` and PEFT's `target_parameters` name the same things):
+  - `mlp/gate/kernel [D, E]`: the router.
+  - `mlp/experts/gate_up_proj/kernel [E, D, 2F]`: gate and up projections side by side (gate
+    first), transformers' `experts.gate_up_proj` transposed.
+  - `mlp/experts/down_proj/kernel [E, F, D]`.
+HF checkpoints store one tensor per expert and projection (`experts.{e}.gate_proj.weight`, or
+Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`); `jaxsft.interop` reads and writes those.
+
+**LoRA on experts** is one adapter per expert, as PEFT's `target_parameters` makes it: the
+kernel `[E, in, out]` gets `a [E, in, r]` and `b [E, r, out]` (`jaxsft.adapters.lora` gives
+any kernel with leading axes adapters with the same leading axes), applied as two more grouped
+matmuls, `scale * ragged_dot(ragged_dot(x, a), b)`. A 4-bit expert kernel is dequantized one
+layer at a time, as every `QuantizedKernel`.
+
+**The load-balancing loss** (Switch Transformer's, as transformers' `load_balancing_loss_func`
+computes it): over the tokens of every sparse layer, `E * sum_e f_e * P_e`, where `f_e` is the
+share of top-k assignments that went to expert e (summing to k) and `P_e` its mean router
+probability. Each layer sows its sums (`router_stats`: assignments and probabilities per expert,
+and the token count, over non-padding tokens) into the `intermediates` collection; they add up
+over layers and devices, and `load_balancing_loss` turns the total into the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsft.adapters.quant import QuantizedKernel, dequantize
+from jaxsft.models.config import LlamaConfig
+from jaxsft.models.layers import Projection, accumulation_dtype, default_kernel_init
+
+ROUTER_STATS = 'router_stats'  # the `intermediates` entry each sparse layer sows
+
+
+def route(logits_te: jnp.ndarray, top_k: int, normalize: bool
+          ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """The router's choice for each token: `(weights [T, k] float32, experts [T, k] int32,
+  probabilities [T, E] float32)`, the softmax over all experts, its top k, renormalized to
+  sum to 1 when `normalize`. Ties go to the lower expert index, as `torch.topk` on a CPU."""
+  probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
+  weights_tk, experts_tk = jax.lax.top_k(probs_te, top_k)
+  if normalize:
+    weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+  return weights_tk, experts_tk.astype(jnp.int32), probs_te
+
+
+def group_by_expert(experts_tk: jnp.ndarray, num_experts: int
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`(order [T * k], group_sizes [E])`: `order` lists the flattened (token, slot) assignments
+  sorted by expert (stable, so tokens keep their order within a group), `group_sizes[e]` how
+  many went to expert e."""
+  flat = experts_tk.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  return order, group_sizes
+
+
+def grouped_matmul(x_mi: jnp.ndarray, kernel_eio: jnp.ndarray,
+                   group_sizes: jnp.ndarray) -> jnp.ndarray:
+  """`x_mi` rows grouped by expert (group e: the next `group_sizes[e]` rows) times each group's
+  kernel: `[M, in] x [E, in, out] -> [M, out]` in x's dtype (`jax.lax.ragged_dot`)."""
+  y = jax.lax.ragged_dot(x_mi, kernel_eio.astype(x_mi.dtype), group_sizes,
+                         preferred_element_type=accumulation_dtype(x_mi.dtype))
+  return y.astype(x_mi.dtype)
+
+
+class ExpertProjection(nn.Module):
+  """Every expert's `[in, out]` projection of the rows grouped by expert: `y = x @ kernel[e]`
+  (+ LoRA `scale * (x @ a[e]) @ b[e]`), kernel `[E, in, out]`.
+
+  Attributes:
+    num_experts, features: E and out.
+    axes: logical names of the kernel's `(in, out)` axes; the expert axis is `expert`.
+  """
+
+  num_experts: int
+  features: int
+  axes: tuple[str, str]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lora_scale: float | None = None
+
+  @nn.compact
+  def __call__(self, x_mi: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
+    if self.has_variable('params', 'kernel') and isinstance(
+        self.get_variable('params', 'kernel'), QuantizedKernel):
+      kernel = dequantize(self.get_variable('params', 'kernel'), self.dtype)
+    else:
+      kernel = self.param('kernel', nn.with_logical_partitioning(
+          default_kernel_init, ('expert',) + tuple(self.axes)),
+                          (self.num_experts, x_mi.shape[-1], self.features), self.param_dtype)
+    x_mi = x_mi.astype(self.dtype)
+    y = grouped_matmul(x_mi, jnp.asarray(kernel), group_sizes)
+    if self.has_variable('lora', 'a'):
+      if self.lora_scale is None:
+        raise ValueError('the variables hold LoRA adapters (a "lora" collection) but the model '
+                         'has no LoRA scale; build it with LlamaConfig.with_lora(LoraSettings('
+                         '...)).')
+      low_rank = grouped_matmul(x_mi, jnp.asarray(self.get_variable('lora', 'a')), group_sizes)
+      y = y + self.lora_scale * grouped_matmul(
+          low_rank, jnp.asarray(self.get_variable('lora', 'b')), group_sizes)
+    return y
+
+
+class Experts(nn.Module):
+  """Every expert's SwiGLU MLP over the rows grouped by expert: `[M, D] -> [M, D]`."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_md: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
+    c = self.config
+    e, f = c.num_experts, c.moe_intermediate_size
+    projection = lambda features, axes, name: ExpertProjection(
+        e, features, axes, c.dtype, c.param_dtype, c.lora_scale, name=name)
+    gate_up_mf = projection(2 * f, ('embed', 'mlp'), 'gate_up_proj')(x_md, group_sizes)
+    hidden_mf = nn.silu(gate_up_mf[:, :f]) * gate_up_mf[:, f:]
+    return projection(x_md.shape[-1], ('mlp', 'embed'), 'down_proj')(hidden_mf, group_sizes)
+
+
+class SparseMoE(nn.Module):
+  """The MLP of a sparse layer: router, then the chosen experts' SwiGLU MLPs, weighted.
+  `__call__(x_btd, segment_ids_bt)` -> `[B, T, D]`; the segment ids only say which tokens are
+  padding, for the load-balancing statistics it sows."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd: jnp.ndarray, segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
+    c = self.config
+    b, t, d = x_btd.shape
+    e, k, f = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
+    x_td = x_btd.reshape(b * t, d).astype(c.dtype)
+    logits_te = Projection(e, ('embed', 'expert_router'), dtype=c.dtype,
+                           param_dtype=c.param_dtype, lora_scale=c.lora_scale,
+                           name='gate')(x_td)
+    weights_tk, experts_tk, probs_te = route(logits_te, k, c.norm_topk_prob)
+    self._sow_stats(experts_tk, probs_te, segment_ids_bt.reshape(-1) > 0)
+
+    order, group_sizes = group_by_expert(experts_tk, e)
+    token_of = order // k  # the token each sorted assignment belongs to
+    y_md = Experts(c, name='experts')(jnp.take(x_td, token_of, axis=0), group_sizes)
+    # Back to (token, slot) order, then each token's experts summed with the router's weights.
+    inverse = jnp.argsort(order)
+    y_tkd = jnp.take(y_md, inverse, axis=0).reshape(b * t, k, d)
+    y_td = jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
+    return y_td.astype(c.dtype).reshape(b, t, d)
+
+  def _sow_stats(self, experts_tk, probs_te, real_t):
+    """Sows `[2 * E + 1]` float32: top-k assignments per expert, summed router probabilities
+    per expert, and the token count, over the tokens `real_t` marks (not padding)."""
+    e = self.config.num_experts
+    mask = real_t.astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(experts_tk, e, dtype=jnp.float32) * mask[:, None, None],
+                     axis=(0, 1))
+    prob_sums = jnp.sum(probs_te * mask[:, None], axis=0)
+    self.sow('intermediates', ROUTER_STATS,
+             jnp.concatenate([counts, prob_sums, jnp.sum(mask)[None]]))
+
+
+def load_balancing_loss(stats: jnp.ndarray, num_experts: int) -> jnp.ndarray:
+  """The load-balancing loss from summed `router_stats` (`[..., 2 * E + 1]`, any leading axes
+  summed first: layers, devices): `E * sum_e (count_e / tokens) * (prob_e / tokens)`, tokens
+  being the (layer, token) pairs counted, as transformers' `load_balancing_loss_func`."""
+  total = jnp.sum(stats.reshape(-1, 2 * num_experts + 1), axis=0)
+  counts, prob_sums, tokens = (total[:num_experts], total[num_experts:2 * num_experts],
+                               total[-1])
+  tokens = jnp.maximum(tokens, 1.0)
+  return num_experts * jnp.sum((counts / tokens) * (prob_sums / tokens))
+
+
+def router_stats(intermediates: Any) -> jnp.ndarray | None:
+  """Every sparse layer's sown `router_stats` from an `intermediates` collection, stacked
+  `[n, 2 * E + 1]`, or None when there are none (a dense model)."""
+  leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates)
+            if any(getattr(key, 'key', None) == ROUTER_STATS for key in path)]
+  if not leaves:
+    return None
+  return jnp.concatenate([jnp.reshape(leaf, (-1, leaf.shape[-1])) for leaf in leaves])
