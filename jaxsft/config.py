@@ -42,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
       'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
       'attention_implementation': 'auto',  # auto | blocked | xla | cudnn | splash
       'mlp_chunk_size': 0,   # tokens per MLP chunk on each device (long rows); 0 = whole row
+      # Mixture of experts: the load-balancing loss's weight in the training loss; -1 = the
+      # checkpoint's router_aux_loss_coef (0.001 for Qwen3-MoE and Mixtral); 0 = log it only.
+      'router_aux_loss_coef': -1.0,
   })
   config.lora = ml_collections.ConfigDict({
       'enabled': False,      # False = full fine-tuning

@@ -80,6 +80,39 @@ def tiny_model(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
   return folder
 
 
+def tiny_moe_model(folder: pathlib.Path, model_type: str = 'qwen3_moe', seed: int = 0,
+                   **config) -> pathlib.Path:
+  """A random 2-layer mixture-of-experts model (`qwen3_moe`: 4 experts of 32, top-2,
+  renormalized; `mixtral`: 4 experts of 64, top-2; `config` overrides) saved by transformers,
+  with the character-level tokenizer of `tiny_model`. Weights are drawn N(0, 0.2) so routers
+  and experts differ visibly (transformers initializes the router to zero)."""
+  import torch
+  import transformers
+
+  from jaxsft import demo
+  tokenizer = demo.build_tokenizer(str(folder))
+  common = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, num_experts_per_tok=2)
+  if model_type == 'qwen3_moe':
+    hf_config = transformers.Qwen3MoeConfig(**{
+        **common, 'intermediate_size': 96, 'moe_intermediate_size': 32, 'head_dim': 16,
+        'num_experts': 4, 'norm_topk_prob': True, **config})
+    model = transformers.Qwen3MoeForCausalLM
+  else:
+    hf_config = transformers.MixtralConfig(**{**common, 'intermediate_size': 64,
+                                              'num_local_experts': 4, **config})
+    model = transformers.MixtralForCausalLM
+  torch.manual_seed(seed)
+  module = model(hf_config)
+  with torch.no_grad():
+    for parameter in module.parameters():
+      parameter.normal_(0.0, 0.2)
+  module.save_pretrained(folder, safe_serialization=True)
+  return folder
+
+
 def write_config(path: pathlib.Path, settings: dict) -> str:
   """A config file as a user writes one: `get_config()` starting from `default_config()` and
   setting each `'section.key': value` of `settings` (values written with `repr`)."""

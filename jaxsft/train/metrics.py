@@ -84,6 +84,8 @@ def format_step(step: int, total: int, m: dict[str, float]) -> str:
   parts = [f'step {step}/{total}', f'loss {m["loss"]:.4f}', f'acc {m["accuracy"]:.3f}',
            f'lr {m["lr"]:.2e}', f'gnorm {m["grad_norm"]:.3f}',
            f'sup_tok {int(m["supervised_tokens"]):,}', f'tok/s {m["tokens_per_s"]:,.0f}']
+  if m.get('router_aux_loss') is not None:  # mixture of experts: the load-balancing loss
+    parts.insert(2, f'aux {m["router_aux_loss"]:.4f}')
   if m.get('mfu') is not None:
     parts.append(f'mfu {100 * m["mfu"]:.1f}%')
   return ' | '.join(parts)

@@ -39,6 +39,7 @@ class ModelSettings:
   remat_policy: str = 'none'
   attention_implementation: str = 'auto'
   mlp_chunk_size: int = 0
+  router_aux_loss_coef: float = -1.0  # -1: the architecture's own (config.json)
 
   def __post_init__(self):
     check_choice('model.dtype', self.dtype, DTYPES)
@@ -47,6 +48,8 @@ class ModelSettings:
     check_choice('model.attention_implementation', self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
     check_number('model.mlp_chunk_size', self.mlp_chunk_size, low=0, integer=True)
+    if self.router_aux_loss_coef != -1.0:
+      check_number('model.router_aux_loss_coef', self.router_aux_loss_coef, low=0)
 
 
 def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
@@ -62,6 +65,8 @@ def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
       'remat_policy': model.remat_policy,
       'attention_implementation': model.attention_implementation,
       'mlp_chunk_size': model.mlp_chunk_size}
+  if model.router_aux_loss_coef >= 0:
+    execution['router_aux_loss_coef'] = model.router_aux_loss_coef
   if model.path and not (shapes_only and model.preset and not os.path.isdir(model.path)):
     folder = resolve_checkpoint_dir(model.path)
     if not shapes_only or glob.glob(os.path.join(folder, '*.safetensors')):

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 
 from jaxsft.data.packing import ROW_KEYS
 from jaxsft.errors import check_number
+from jaxsft.models import moe
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
 from jaxsft.parallel.batch import global_batch
@@ -52,10 +53,22 @@ class StepSettings:
     check_number('train.loss_chunk_size', self.loss_chunk_size, low=0, integer=True)
 
 
+def _apply(model: Llama, variables: dict[str, Any], *args: Any, **kwargs: Any
+           ) -> tuple[jax.Array, jax.Array]:
+  """`model.apply(...)` and the load-balancing loss of its sparse layers (0 for a dense model:
+  `jaxsft.models.moe.load_balancing_loss` over every sparse layer's sown router statistics)."""
+  if not model.config.num_experts:
+    return model.apply(variables, *args, **kwargs), jnp.zeros((), jnp.float32)
+  out, state = model.apply(variables, *args, mutable=['intermediates'], **kwargs)
+  stats = moe.router_stats(state['intermediates'])
+  return out, moe.load_balancing_loss(stats, model.config.num_experts)
+
+
 def loss_terms(model: Llama, variables: dict[str, Any], batch: Batch, rngs: dict[str, Any],
                neftune_alpha: float = 0.0, loss_chunk_size: int = DEFAULT_CHUNK_SIZE
-               ) -> tuple[jax.Array, jax.Array]:
-  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens)`.
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(summed cross-entropy over loss_mask, correctly predicted supervised tokens,
+  load-balancing loss)`, the last 0 for a dense model.
 
   With `loss_chunk_size` > 0 the LM head and the loss are fused and chunked
   (`jaxsft.train.loss.fused_cross_entropy`: logits of supervised tokens only, never all at once);
@@ -65,19 +78,19 @@ def loss_terms(model: Llama, variables: dict[str, Any], batch: Batch, rngs: dict
   args = (batch['inputs'], batch['positions'], batch['segment_ids'])
   kernel = head_kernel(model.config, variables) if loss_chunk_size > 0 else None
   if kernel is not None:
-    hidden_btd = model.apply(variables, *args, neftune_alpha=neftune_alpha, rngs=rngs,
+    hidden_btd, aux = _apply(model, variables, *args, neftune_alpha=neftune_alpha, rngs=rngs,
                              return_hidden=True)
     chunk = chunk_size(hidden_btd.shape[1], loss_chunk_size)
-    return fused_cross_entropy(hidden_btd, kernel, batch['targets'],
-                                        batch['loss_mask'], chunk)
-  logits_btv = model.apply(variables, *args, neftune_alpha=neftune_alpha, rngs=rngs)
+    return (*fused_cross_entropy(hidden_btd, kernel, batch['targets'], batch['loss_mask'],
+                                 chunk), aux)
+  logits_btv, aux = _apply(model, variables, *args, neftune_alpha=neftune_alpha, rngs=rngs)
   logits_btv = logits_btv.astype(jnp.float32)
   mask_bt = batch['loss_mask'].astype(jnp.float32)
   log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, batch['targets'][..., None], axis=-1)[..., 0]
   loss_sum = jnp.sum((log_z_bt - target_logit_bt) * mask_bt)
   correct = jnp.sum((target_logit_bt >= jnp.max(logits_btv, axis=-1)) * mask_bt)
-  return loss_sum, correct
+  return loss_sum, correct, aux
 
 
 def split_micro_batches(batch: Batch, count: int) -> Batch:
@@ -97,42 +110,54 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
   it with shardings. `batch` holds `[rows, T]` int arrays under `jaxsft.data.packing.ROW_KEYS`;
   the model applies the state's adapters (`TrainState.lora`). Metrics: `loss` (mean nats per
   supervised token of the whole batch), `accuracy`, `supervised_tokens`, `grad_norm`, and `lr`
-  when `schedule` (the optimizer's, for logging only) is given."""
+  when `schedule` (the optimizer's, for logging only) is given. A mixture-of-experts model also
+  logs `router_aux_loss` (the load-balancing loss, the mean over micro-batches) and trains on
+  `loss + router_aux_loss_coef * router_aux_loss`, as transformers does with
+  `output_router_logits`."""
   grad_accum_steps = settings.grad_accum_steps
   neftune_alpha, loss_chunk_size = settings.neftune_alpha, settings.loss_chunk_size
+  aux_coef = model_config.router_aux_loss_coef if model_config.num_experts else 0.0
 
-  def micro_step(state: TrainState, micro: Batch, rng: jax.Array):
+  def micro_step(state: TrainState, micro: Batch, rng: jax.Array, denominator: jax.Array):
     model = Llama(state.model_config(model_config), deterministic=False)
     rngs = dict(zip(('dropout', 'neftune'), jax.random.split(rng)))
 
     def objective(trained):
       variables = dataclasses.replace(state, params=trained).variables()
-      return loss_terms(model, variables, micro, rngs, neftune_alpha, loss_chunk_size)
+      loss_sum, correct, aux = loss_terms(model, variables, micro, rngs, neftune_alpha,
+                                          loss_chunk_size)
+      # The step divides the summed objective by the batch's supervised tokens: the auxiliary
+      # term is scaled up by them so that it enters the mean loss with its own weight.
+      objective_sum = loss_sum + aux_coef * aux * denominator / grad_accum_steps
+      return objective_sum, (loss_sum, correct, aux)
 
-    (loss_sum, correct), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (_, (loss_sum, correct, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
     grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
-    return loss_sum, correct, grads
+    return loss_sum, correct, aux, grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
     supervised = jnp.sum(batch['loss_mask'].astype(jnp.float32))
+    denominator = jnp.maximum(supervised, 1.0)
     if grad_accum_steps == 1:
-      loss_sum, correct, grads = micro_step(state, batch, step_rng)
+      loss_sum, correct, aux, grads = micro_step(state, batch, step_rng, denominator)
     else:
       micro_batches = split_micro_batches(batch, grad_accum_steps)
       rngs = jax.random.split(step_rng, grad_accum_steps)
 
       def accumulate(carry, inputs):
         micro, micro_rng = inputs
-        loss_sum, correct, grads = micro_step(state, micro, micro_rng)
-        total_loss, total_correct, total_grads = carry
-        return (total_loss + loss_sum, total_correct + correct,
+        loss_sum, correct, aux, grads = micro_step(state, micro, micro_rng, denominator)
+        total_loss, total_correct, total_aux, total_grads = carry
+        return (total_loss + loss_sum, total_correct + correct, total_aux + aux,
                 jax.tree_util.tree_map(jnp.add, total_grads, grads)), None
 
       zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      (loss_sum, correct, grads), _ = jax.lax.scan(
-          accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro_batches, rngs))
-    denominator = jnp.maximum(supervised, 1.0)
+      (loss_sum, correct, aux, grads), _ = jax.lax.scan(
+          accumulate, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros),
+          (micro_batches, rngs))
+      aux = aux / grad_accum_steps
     grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads,
                                    state.params)
     grad_norm = optax.global_norm(grads)
@@ -146,6 +171,8 @@ def make_train_step(model_config: LlamaConfig, optimizer: optax.GradientTransfor
     params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
     metrics = {'loss': loss_sum / denominator, 'accuracy': correct / denominator,
                'supervised_tokens': supervised, 'grad_norm': grad_norm}
+    if model_config.num_experts:
+      metrics['router_aux_loss'] = aux
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     new_state = dataclasses.replace(state, step=state.step + 1, params=params,
@@ -163,7 +190,7 @@ def make_eval_step(model_config: LlamaConfig, loss_chunk_size: int = DEFAULT_CHU
   model = Llama(model_config)
 
   def eval_step(variables: dict, batch: Batch) -> dict:
-    loss_sum, correct = loss_terms(model, variables, batch, {}, 0.0, loss_chunk_size)
+    loss_sum, correct, _ = loss_terms(model, variables, batch, {}, 0.0, loss_chunk_size)
     return {'loss_sum': loss_sum, 'correct': correct,
             'supervised_tokens': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 

@@ -1,0 +1,149 @@
+"""Mixture-of-experts models (issue 27): Qwen3-MoE and Mixtral against transformers (logits,
+the load-balancing loss), HF folders in and out bitwise, and the grouped matmul against a dense
+one-hot reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from user_path import tiny_moe_model
+
+from jaxsft.interop import hf
+from jaxsft.models import moe
+from jaxsft.models.llama import Llama
+
+# (model type, transformers config overrides): experts, top-k, renormalization, and a dense
+# layer among sparse ones (unscanned layers) all vary.
+CASES = {
+    'qwen3_moe-8x3-unnormalized': ('qwen3_moe', dict(num_experts=8, num_experts_per_tok=3,
+                                                     norm_topk_prob=False)),
+    'qwen3_moe-dense-layer-1': ('qwen3_moe', dict(num_hidden_layers=3, mlp_only_layers=[1])),
+    'mixtral-4x2': ('mixtral', {}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _folder(case, tmp_root):
+  model_type, overrides = CASES[case]
+  folder = tmp_root / case
+  folder.mkdir()
+  return tiny_moe_model(folder, model_type, **overrides)
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+  root = tmp_path_factory.mktemp('moe')
+  return lambda case: _folder(case, root)
+
+
+def _hf_model(folder):
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_packed_logits_and_aux_loss_equal_transformers(models, case):
+  """A packed row of three examples and a row with padding: each example's logits equal
+  transformers' on that example alone within 1e-4, and the load-balancing loss over the
+  non-padding tokens equals transformers' `output_router_logits=True` value with the
+  attention mask within 1e-5."""
+  folder = models(case)
+  config, params = hf.load_checkpoint(folder, config_overrides={'dtype': 'float32'})
+  assert config.num_experts == (8 if '8x3' in case else 4)
+  assert config.scanned == ('dense-layer' not in case)
+  model = _hf_model(folder)
+  rng = np.random.default_rng(1)
+  lengths = [(7, 12, 5), (15,)]  # row 1: 15 tokens, then 9 of padding
+  tokens = rng.integers(3, config.vocab_size, (2, 24)).astype(np.int32)
+  segments, positions = np.zeros((2, 24), np.int32), np.zeros((2, 24), np.int32)
+  for row, row_lengths in enumerate(lengths):
+    start = 0
+    for segment, length in enumerate(row_lengths, 1):
+      segments[row, start:start + length] = segment
+      positions[row, start:start + length] = np.arange(length)
+      start += length
+  logits, state = Llama(config).apply({'params': params}, tokens, positions, segments,
+                                      mutable=['intermediates'])
+  logits = np.asarray(logits)
+  with torch.no_grad():
+    for row, row_lengths in enumerate(lengths):
+      start = 0
+      for length in row_lengths:
+        expected = model(torch.tensor(tokens[row:row + 1, start:start + length],
+                                      dtype=torch.long)).logits[0].numpy()
+        np.testing.assert_allclose(logits[row, start:start + length], expected, atol=1e-4)
+        start += length
+    # transformers' loss over a padded batch: the same tokens, rows laid out unpacked.
+    reference = model(torch.tensor(tokens, dtype=torch.long),
+                      attention_mask=torch.tensor(segments > 0, dtype=torch.long),
+                      output_router_logits=True)
+  # Packed row 0 attends within examples, transformers' row 0 across them: the routers see
+  # other hidden states, so the aux loss is compared on a batch laid out as transformers has it.
+  unpacked_positions = np.where(segments > 0, np.arange(24)[None], 0).astype(np.int32)
+  _, state = Llama(config).apply({'params': params}, tokens, unpacked_positions,
+                                 (segments > 0).astype(np.int32), mutable=['intermediates'])
+  aux = moe.load_balancing_loss(moe.router_stats(state['intermediates']), config.num_experts)
+  np.testing.assert_allclose(float(aux), float(reference.aux_loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_hf_folder_round_trip_is_bitwise(models, case, tmp_path):
+  """Load then save: the same tensor names and bytes as transformers wrote, a config.json
+  transformers reads back as the same architecture."""
+  folder = models(case)
+  config, params = hf.load_checkpoint(folder)
+  hf.save_checkpoint(tmp_path, config, params)
+  original, saved = load_file(folder / 'model.safetensors'), load_file(
+      tmp_path / 'model.safetensors')
+  assert sorted(original) == sorted(saved)
+  for name in original:
+    assert original[name].dtype == saved[name].dtype and np.array_equal(original[name],
+                                                                         saved[name]), name
+  import transformers
+  before = transformers.AutoConfig.from_pretrained(folder).to_dict()
+  after = transformers.AutoConfig.from_pretrained(tmp_path).to_dict()
+  for key in ('num_local_experts', 'num_experts_per_tok', 'norm_topk_prob', 'mlp_only_layers',
+              'decoder_sparse_step', 'moe_intermediate_size', 'router_aux_loss_coef'):
+    assert before.get(key) == after.get(key), key
+
+
+def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference():
+  """The dropless ragged path (sort by expert, `ragged_dot`, unsort, weight) against every
+  expert applied to every token and masked with the routing weights: values and gradients of
+  the input and the kernels, float32."""
+  rng = np.random.default_rng(0)
+  t, d, f, e, k = 20, 8, 6, 5, 2
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((e, d, f)), jnp.float32)
+  w_out = jnp.asarray(rng.standard_normal((e, f, d)), jnp.float32)
+  logits = jnp.asarray(rng.standard_normal((t, e)), jnp.float32)
+  weights, experts, _ = moe.route(logits, k, True)
+
+  def grouped(x, w_in, w_out):
+    order, sizes = moe.group_by_expert(experts, e)
+    x_m = jnp.take(x, order // k, axis=0)
+    y_m = moe.grouped_matmul(jnp.tanh(moe.grouped_matmul(x_m, w_in, sizes)), w_out, sizes)
+    y_tkd = jnp.take(y_m, jnp.argsort(order), axis=0).reshape(t, k, d)
+    return jnp.einsum('tkd,tk->td', y_tkd, weights)
+
+  def dense(x, w_in, w_out):  # every expert on every token
+    every_etd = jnp.einsum('etf,efd->etd', jnp.tanh(jnp.einsum('td,edf->etf', x, w_in)), w_out)
+    gate_te = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)
+    return jnp.einsum('etd,te->td', every_etd, gate_te)
+
+  probe = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  for a, b in zip(jax.value_and_grad(lambda *w: jnp.sum(grouped(*w) * probe), (0, 1, 2))(
+      x, w_in, w_out), jax.value_and_grad(lambda *w: jnp.sum(dense(*w) * probe), (0, 1, 2))(
+          x, w_in, w_out)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+  # Routing: the top-k of the softmax, renormalized; transformers' torch.topk picks the same.
+  probs = torch.softmax(torch.tensor(np.asarray(logits)), -1)
+  top, index = torch.topk(probs, k, dim=-1)
+  np.testing.assert_array_equal(np.asarray(experts), index.numpy())
+  np.testing.assert_allclose(np.asarray(weights), (top / top.sum(-1, keepdim=True)).numpy(),
+                             rtol=1e-6)
