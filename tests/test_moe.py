@@ -147,3 +147,53 @@ def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference():
   np.testing.assert_array_equal(np.asarray(experts), index.numpy())
   np.testing.assert_allclose(np.asarray(weights), (top / top.sum(-1, keepdim=True)).numpy(),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize('case', ['qwen3_moe-8x3-unnormalized', 'mixtral-4x2'])
+def test_lora_on_experts_and_router_equals_peft(models, case, tmp_path):
+  """Random adapters on q_proj, the router and both expert projections, saved by jaxsft as a
+  PEFT adapter (`target_parameters` for the experts and the router) and loaded by
+  `PeftModel`: the same logits (1e-4) and the same gradients of every adapter (tolerances of
+  tests/test_lora.py), compared by PEFT's tensor names."""
+  import peft
+  from jaxsft.adapters import lora
+  from jaxsft.interop import peft as peft_io
+  folder = models(case)
+  config, params = hf.load_checkpoint(folder, config_overrides={'dtype': 'float32'})
+  settings = lora.LoraSettings(rank=4, alpha=8.0, dropout=0.0,
+                               targets=('q_proj', 'gate', 'gate_up_proj', 'down_proj'))
+  abstract = lora.abstract_lora(hf.abstract_params(config), settings)
+  rng = np.random.default_rng(3)
+  adapters = jax.tree_util.tree_map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32),
+                                    flax_unbox(abstract))
+  peft_io.save_peft_adapter(str(tmp_path / 'adapter'), adapters, config.num_layers, settings)
+  peft_model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path / 'adapter',
+                                                 is_trainable=True)
+  adapter_config = peft_model.peft_config['default']
+  assert sorted(adapter_config.target_parameters) == [
+      'mlp.experts.down_proj', 'mlp.experts.gate_up_proj', 'mlp.gate.weight']
+  tokens = np.random.default_rng(4).integers(3, config.vocab_size, (2, 10))
+  logits = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits
+  torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                    torch.as_tensor(tokens[:, 1:].reshape(-1))).backward()
+  adapted = Llama(config.with_lora(settings))
+
+  def loss(adapters):
+    out = adapted.apply({'params': params, 'lora': adapters}, tokens)
+    log_probs = jax.nn.log_softmax(out[:, :-1], axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], -1))
+
+  np.testing.assert_allclose(
+      np.asarray(adapted.apply({'params': params, 'lora': adapters}, tokens)),
+      logits.detach().numpy(), atol=1e-4)
+  grads = peft_io.peft_tensors(jax.grad(loss)(adapters), config.num_layers)
+  peft_grads = {name.replace('.default', ''): p.grad.numpy()
+                for name, p in peft_model.named_parameters() if p.grad is not None}
+  assert sorted(grads) == sorted(peft_grads)
+  for name, grad in grads.items():
+    np.testing.assert_allclose(grad, peft_grads[name], atol=2e-6, rtol=1e-4, err_msg=name)
+
+
+def flax_unbox(tree):
+  import flax
+  return flax.core.unfreeze(flax.linen.unbox(tree))

@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.adapters import quant
-from jaxsft.adapters.targets import DEFAULT_TARGETS, module_path, target_matcher
+from jaxsft.adapters.targets import (
+  DEFAULT_TARGETS,
+  is_expert,
+  is_router,
+  module_path,
+  target_matcher,
+)
 from jaxsft.errors import UserError, check_number
 from jaxsft.parallel.mesh import unboxed
 
@@ -109,10 +115,23 @@ def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any
     out[module + ('b',)] = nn.LogicallyPartitioned(
         jax.ShapeDtypeStruct((*lead, rank, d_out), param_dtype),
         (*lead_names, LORA_RANK_AXIS, out_name))
+  kernel_paths = [p for p in _flat(abstract_params) if p[-1] == 'kernel']
   if not out:
-    kernels = sorted(module_path(p) for p in _flat(abstract_params) if p[-1] == 'kernel')
+    kernels = sorted(module_path(p) for p in kernel_paths)
     raise UserError(f'lora.targets={list(targets)} match no kernel; kernels are e.g. '
                     f'{kernels[:6]}.')
+  if tuple(targets) != DEFAULT_TARGETS:  # the defaults span dense and sparse families
+    unmatched = [t for t in targets if not any(target_matcher([t])(p) for p in kernel_paths)]
+    if unmatched:
+      names = sorted({p[-2] for p in kernel_paths})
+      raise UserError(f'lora.targets {unmatched} match no kernel of this model, whose '
+                      f'projections are {names}; name those (a mixture-of-experts model\'s '
+                      'experts are gate_up_proj and down_proj), or drop the others.')
+  if settings.dropout and any(is_expert(p) or is_router(p) for p in kernel_paths
+                              if matches(p)):
+    raise UserError(f'lora.dropout={settings.dropout} with adapters on experts or the router: '
+                    'PEFT adapts those as parameters (target_parameters), without dropout, so '
+                    'the adapter could not load in PEFT; set lora.dropout=0.')
   if modules_to_save and not any(path[-1] == 'scale' for path in out):
     norms = sorted({p[-2] for p in _flat(abstract_params) if p[-1] == 'scale'})
     raise UserError(f'lora.modules_to_save={list(modules_to_save)} match no norm; jaxsft '

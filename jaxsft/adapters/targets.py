@@ -5,7 +5,10 @@ A target is matched against a kernel's module path (`layers/mlp/down_proj` for t
 `('layers', 'mlp', 'down_proj', 'kernel')`):
   - a plain name (`q_proj`, PEFT's `target_modules` style) matches that path component;
   - anything else is a regular expression searched in the module path (`self_attn/(q|v)_proj`);
-  - `all-linear` is every projection but the LM head (PEFT's meaning).
+  - `all-linear` is every projection but the LM head and a mixture-of-experts router. PEFT's
+    `all-linear` is every `nn.Linear` but the LM head, which in transformers leaves out the
+    experts (stored as one `[E, out, in]` parameter per projection) and the router (a bare
+    weight) alike; jaxsft's includes the experts, and `gate` adapts the router.
 Only `kernel` leaves are ever targets (embeddings, norms and biases are not), except for
 `lora.modules_to_save`, which reads the same way over RMSNorm `scale` leaves.
 """
@@ -19,9 +22,22 @@ from jaxsft.errors import UserError
 
 ALL_LINEAR = 'all-linear'
 # The default of `lora.targets` and `quant.targets`: every linear projection of the decoder
-# (embeddings, norms and the LM head stay as they are).
-DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+# (embeddings, norms, the LM head and a router stay as they are); `gate_up_proj` is the experts'
+# gate and up projections of a mixture-of-experts layer (`jaxsft.models.moe`).
+DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj',
+                   'gate_up_proj')
 _PLAIN_NAME = re.compile(r'^[A-Za-z0-9_]+$')
+
+
+def is_router(path: Sequence[str]) -> bool:
+  """Whether `path` is a mixture-of-experts router's kernel (`.../mlp/gate/kernel`)."""
+  return tuple(path[-3:]) == ('mlp', 'gate', 'kernel')
+
+
+def is_expert(path: Sequence[str]) -> bool:
+  """Whether `path` is an expert projection's kernel (`.../mlp/experts/down_proj/kernel`),
+  one `[E, in, out]` array for every expert of the layer."""
+  return len(path) >= 3 and path[-3] == 'experts'
 
 
 def module_path(path: Sequence[str]) -> str:
@@ -42,7 +58,7 @@ def target_matcher(targets: Sequence[str] | str, setting: str = 'lora.targets',
   patterns = []
   for target in targets:
     if target == ALL_LINEAR:
-      patterns.append(lambda path: path[-2] != 'lm_head')
+      patterns.append(lambda path: path[-2] != 'lm_head' and not is_router(path))
     elif _PLAIN_NAME.match(target):
       patterns.append(lambda path, t=target: t in path[:-1])
     else:

@@ -3,6 +3,11 @@ PEFT's names (`base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`
 `lora_B.weight`, `[out, r]`; norms trained whole under `modules_to_save` as
 `....self_attn.q_norm.weight`), which `peft.PeftModel.from_pretrained` loads, and back into a
 jaxsft LoRA tree (scanned or unrolled layers).
+
+Mixture-of-experts models: transformers keeps each expert projection of a layer as one
+`[E, out, in]` parameter and the router as a bare weight, which PEFT adapts through
+`target_parameters` (its `ParamWrapper`: one rank-r adapter per expert, A `[E * r, in]`, B
+`[out, r * E]`); jaxsft's per-expert `a [E, in, r]`, `b [E, r, out]` map onto them exactly.
 """
 
 from __future__ import annotations
@@ -18,20 +23,51 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jaxsft.adapters.lora import LoraSettings
+from jaxsft.adapters.targets import is_expert, is_router
 from jaxsft.errors import UserError
 from jaxsft.parallel.mesh import unboxed
 
 _PEFT_PREFIX = 'base_model.model.model.'
 _PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight'}
+# Kernels PEFT reaches with `target_parameters` (parameters, not `nn.Linear` modules): each
+# expert projection, stored by transformers as one `[E, out, in]` tensor, and the router's
+# weight. Their parameter names, and the order transformers defines an experts module's
+# parameters in (PEFT nests one wrapper per targeted parameter of a module, the first defined
+# innermost, so an inner one's tensors sit under `base_layer.`).
+_EXPERT_PARAMETERS = ('gate_up_proj', 'down_proj')
+_ROUTER = ('mlp', 'gate')
 
 
-def _peft_names(path: tuple[str, ...], num_layers: int) -> list[str]:
+def is_parameter_target(path: tuple[str, ...]) -> bool:
+  """Whether the LoRA leaf at `path` adapts what PEFT targets as a parameter
+  (`target_parameters`: an expert projection or the router) rather than a module."""
+  kernel = path[:-1] + ('kernel',)
+  return is_expert(kernel) or is_router(kernel)
+
+
+def _module(path: tuple[str, ...]) -> tuple[str, ...]:
+  """The module path inside a layer (or at the top) of a LoRA leaf's path."""
+  top = 1 if path[0] == 'layers' or path[0].startswith('layers_') else 0
+  return tuple(path[top:-1])
+
+
+def _peft_names(path: tuple[str, ...], num_layers: int,
+                targeted: frozenset[tuple[str, ...]] = frozenset()) -> list[str]:
   """PEFT's tensor names for one leaf of a LoRA tree, one per layer it holds (a scanned leaf
   holds every layer): `('layers', 'self_attn', 'q_proj', 'a')` ->
   `base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`; a saved norm's
   `('layers', 'self_attn', 'q_norm', 'scale')` -> `....self_attn.q_norm.weight` (how PEFT saves
-  `modules_to_save`); the final `('norm', 'scale')` -> `base_model.model.model.norm.weight`."""
+  `modules_to_save`); the final `('norm', 'scale')` -> `base_model.model.model.norm.weight`.
+  An expert projection is named after its experts module, with one `base_layer.` per targeted
+  parameter of that module defined after it (`targeted`: the module paths the tree adapts):
+  `mlp.experts.base_layer.lora_A.weight` for `gate_up_proj` when `down_proj` is adapted too;
+  the router after its module, `mlp.gate.lora_A.weight`."""
   top, *inner, leaf = path
+  if len(inner) >= 2 and inner[-2] == 'experts':
+    module = tuple(inner[:-1])
+    later = _EXPERT_PARAMETERS[_EXPERT_PARAMETERS.index(inner[-1]) + 1:]
+    wrappers = sum(module + (name,) in targeted for name in later)
+    inner = list(module) + ['base_layer'] * wrappers
   suffix = '.'.join(inner + [_PEFT_LEAF[leaf]])
   if top == 'layers':
     return [f'{_PEFT_PREFIX}layers.{i}.{suffix}' for i in range(num_layers)]
@@ -41,24 +77,67 @@ def _peft_names(path: tuple[str, ...], num_layers: int) -> list[str]:
 
 
 def _to_peft(leaf: str, value: np.ndarray) -> np.ndarray:
-  """jaxsft `[in, r]` / `[r, out]` -> PEFT's torch layout `[r, in]` / `[out, r]`."""
-  return np.ascontiguousarray(value if leaf == 'scale' else value.T)
+  """jaxsft `[in, r]` / `[r, out]` -> PEFT's torch layout `[r, in]` / `[out, r]`. Experts'
+  `[E, in, r]` / `[E, r, out]` -> PEFT's `[E * r, in]` (rows expert-major) / `[out, r * E]`
+  (columns rank-major), the layout of its `ParamWrapper`."""
+  if leaf == 'scale':
+    return np.ascontiguousarray(value)
+  if value.ndim == 2:
+    return np.ascontiguousarray(value.T)
+  if leaf == 'a':
+    return np.ascontiguousarray(value.transpose(0, 2, 1).reshape(-1, value.shape[1]))
+  return np.ascontiguousarray(value.transpose(2, 1, 0).reshape(value.shape[2], -1))
+
+
+def _from_peft(leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """The inverse of `_to_peft` for one layer's leaf of `shape` (jaxsft layout)."""
+  if leaf == 'scale':
+    return value
+  if len(shape) == 2:
+    return value.T
+  experts, rows, columns = shape
+  if leaf == 'a':  # [E * r, in] -> [E, in, r]
+    return value.reshape(experts, columns, rows).transpose(0, 2, 1)
+  return value.reshape(columns, rows, experts).transpose(2, 1, 0)  # [out, r * E] -> [E, r, out]
 
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep=None)
 
 
+def _targeted(paths) -> frozenset[tuple[str, ...]]:
+  return frozenset(_module(path) for path in paths if path[-1] in ('a', 'b'))
+
+
 def peft_tensors(lora_tree: Any, num_layers: int) -> dict[str, np.ndarray]:
   """PEFT's state dict (float32) of a LoRA tree."""
   tensors = {}
-  for path, value in _flat(jax.device_get(lora_tree)).items():
+  flat = _flat(jax.device_get(lora_tree))
+  targeted = _targeted(flat)
+  for path, value in flat.items():
     value = np.asarray(value, np.float32)
-    names = _peft_names(path, num_layers)
+    names = _peft_names(path, num_layers, targeted)
     parts = value if path[0] == 'layers' else [value]
     for name, part in zip(names, parts):
       tensors[name] = _to_peft(path[-1], part)
   return dict(sorted(tensors.items()))
+
+
+def _targets(lora_tree: Any) -> tuple[list[str], list[str]]:
+  """PEFT's `target_modules` (module names) and `target_parameters` (`mlp.experts.down_proj`,
+  `mlp.gate.weight`) for the kernels a LoRA tree adapts."""
+  modules, parameters = set(), set()
+  for path in _flat(lora_tree):
+    if path[-1] != 'a':
+      continue
+    module = _module(path)
+    if not is_parameter_target(path):
+      modules.add(module[-1])
+    elif module[-2:] == _ROUTER:
+      parameters.add('.'.join(module) + '.weight')
+    else:
+      parameters.add('.'.join(module))
+  return sorted(modules), sorted(parameters)
 
 
 def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraSettings,
@@ -72,7 +151,7 @@ def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraS
   if jax.process_index() != 0:
     return
   os.makedirs(out, exist_ok=True)
-  modules = sorted({key.split('.')[-3] for key in tensors if '.lora_' in key})
+  modules, parameters = _targets(lora_tree)
   saved = sorted({key.split('.')[-2] for key in tensors if '.lora_' not in key})
   adapter_config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank, 'lora_alpha': alpha,
@@ -80,6 +159,8 @@ def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraS
       'bias': 'none', 'fan_in_fan_out': False, 'init_lora_weights': True,
       'modules_to_save': saved or None, 'inference_mode': True,
       'base_model_name_or_path': base_model}
+  if parameters:
+    adapter_config['target_parameters'] = parameters
   with open(os.path.join(out, 'adapter_config.json'), 'w') as f:
     json.dump(adapter_config, f, indent=2)
   save_file(tensors, os.path.join(out, 'adapter_model.safetensors'))
@@ -100,9 +181,12 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
   tensors = {key.replace('.default.', '.').replace('.modules_to_save.', '.'): value
              for key, value in load_file(os.path.join(folder, files[0])).items()}
   out, used = {}, set()
-  for path, leaf in _flat(unboxed(abstract_lora_tree)).items():
+  flat = _flat(unboxed(abstract_lora_tree))
+  targeted = _targeted(flat)
+  for path, leaf in flat.items():
     parts = []
-    for name in _peft_names(path, num_layers):
+    layer_shape = tuple(leaf.shape[1:] if path[0] == 'layers' else leaf.shape)
+    for name in _peft_names(path, num_layers, targeted):
       if name not in tensors:
         raise UserError(f'{folder}: no tensor {name}; set lora.targets to the adapter\'s '
                         f'target_modules ({adapter_config.get("target_modules")}) and '
@@ -110,7 +194,11 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
                         f'({adapter_config.get("modules_to_save")}).')
       used.add(name)
       value = tensors[name].astype(np.float32)
-      parts.append(value if path[-1] == 'scale' else value.T)
+      if len(layer_shape) == 3 and value.size != int(np.prod(layer_shape)):
+        raise UserError(f'{folder}: {name} has shape {value.shape}, which does not hold '
+                        f'{layer_shape} (lora.rank must equal the adapter\'s r='
+                        f'{adapter_config.get("r")}).')
+      parts.append(_from_peft(path[-1], value, layer_shape))
     value = np.stack(parts) if path[0] == 'layers' else parts[0]
     if value.shape != tuple(leaf.shape):
       raise UserError(f'{folder}: {"/".join(path)} has shape {value.shape}, expected '
