@@ -111,24 +111,30 @@ def test_hf_folder_round_trip_is_bitwise(models, case, tmp_path):
     assert before.get(key) == after.get(key), key
 
 
-def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference():
-  """The dropless ragged path (sort by expert, `ragged_dot`, unsort, weight) against every
-  expert applied to every token and masked with the routing weights: values and gradients of
-  the input and the kernels, float32."""
+@pytest.mark.parametrize('tokens', [20, 3])
+def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference(tokens):
+  """The dropless grouped path (assignments grouped by expert in tiles, one grouped matmul per
+  projection, back to token order, weighted) against every expert applied to every token and
+  masked with the routing weights: values and gradients of the input and the kernels, float32;
+  the tile scan (CPU, GPU) and `ragged_dot` over the same layout (TPU) alike."""
   rng = np.random.default_rng(0)
-  t, d, f, e, k = 20, 8, 6, 5, 2
+  t, d, f, e, k = tokens, 8, 6, 5, 2
   x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
   w_in = jnp.asarray(rng.standard_normal((e, d, f)), jnp.float32)
   w_out = jnp.asarray(rng.standard_normal((e, f, d)), jnp.float32)
   logits = jnp.asarray(rng.standard_normal((t, e)), jnp.float32)
   weights, experts, _ = moe.route(logits, k, True)
+  layout = moe.group_by_expert(experts, e)
+  assert layout.length % layout.tile == 0 and int(jnp.sum(layout.group_sizes)) <= layout.length
 
-  def grouped(x, w_in, w_out):
-    order, sizes = moe.group_by_expert(experts, e)
-    x_m = jnp.take(x, order // k, axis=0)
-    y_m = moe.grouped_matmul(jnp.tanh(moe.grouped_matmul(x_m, w_in, sizes)), w_out, sizes)
-    y_tkd = jnp.take(y_m, jnp.argsort(order), axis=0).reshape(t, k, d)
+  def grouped(x, w_in, w_out, matmul=moe.grouped_matmul):
+    x_n = moe.scatter_rows(jnp.repeat(x, k, axis=0), layout)
+    y_n = matmul(jnp.tanh(matmul(x_n, w_in, layout)), w_out, layout)
+    y_tkd = jnp.take(y_n, layout.rows, axis=0).reshape(t, k, d)
     return jnp.einsum('tkd,tk->td', y_tkd, weights)
+
+  def ragged(x, kernel, layout):
+    return jax.lax.ragged_dot(x, kernel, layout.group_sizes)
 
   def dense(x, w_in, w_out):  # every expert on every token
     every_etd = jnp.einsum('etf,efd->etd', jnp.tanh(jnp.einsum('td,edf->etf', x, w_in)), w_out)
@@ -136,10 +142,11 @@ def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference():
     return jnp.einsum('etd,te->td', every_etd, gate_te)
 
   probe = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
-  for a, b in zip(jax.value_and_grad(lambda *w: jnp.sum(grouped(*w) * probe), (0, 1, 2))(
-      x, w_in, w_out), jax.value_and_grad(lambda *w: jnp.sum(dense(*w) * probe), (0, 1, 2))(
-          x, w_in, w_out)):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  expected = jax.value_and_grad(lambda *w: jnp.sum(dense(*w) * probe), (0, 1, 2))(x, w_in,
+                                                                                   w_out)
+  for path in (grouped, functools.partial(grouped, matmul=ragged)):
+    got = jax.value_and_grad(lambda *w: jnp.sum(path(*w) * probe), (0, 1, 2))(x, w_in, w_out)
+    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
   # Routing: the top-k of the softmax, renormalized; transformers' torch.topk picks the same.
   probs = torch.softmax(torch.tensor(np.asarray(logits)), -1)
@@ -197,3 +204,50 @@ def test_lora_on_experts_and_router_equals_peft(models, case, tmp_path):
 def flax_unbox(tree):
   import flax
   return flax.core.unfreeze(flax.linen.unbox(tree))
+
+
+def test_lora_run_through_the_executable_exports_for_peft_and_transformers(tmp_path):
+  """`jaxsft train` of a tiny Qwen3-MoE folder with LoRA on attention and experts logs the
+  load-balancing loss next to the loss; `jaxsft export` writes a PEFT adapter (experts under
+  `target_parameters`) and a merged folder whose logits in `PeftModel` and
+  `AutoModelForCausalLM` agree (1e-4), and differ from the base model's (the adapters
+  trained)."""
+  import json
+
+  import peft
+  import transformers
+  from user_path import ALPACA, REPO, run, write_config, write_json
+  model = tiny_moe_model(tmp_path / 'model')
+  data = write_json(tmp_path / 'alpaca.json', ALPACA * 2)
+  config = write_config(tmp_path / 'run.py', {
+      'model.path': str(model), 'model.dtype': 'float32', 'lora.enabled': True,
+      'lora.rank': 4, 'lora.dropout': 0.0, 'lora.targets': ['q_proj', 'v_proj', 'gate_up_proj',
+                                                            'down_proj'],
+      'data.datasets': [{'path': str(data)}], 'data.template': 'chatml',
+      'data.max_seq_len': 128, 'data.cache_dir': str(tmp_path / 'cache'), 'batch_size': 2,
+      'optim.learning_rate': 0.05, 'optim.warmup_steps': 0, 'train.num_steps': 4,
+      'train.log_every': 1})
+  trained = run(['train', '--config', config, '--workdir', str(tmp_path / 'run')], REPO)
+  assert ' | aux ' in trained.stderr
+  records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text()
+             .splitlines()]
+  aux = [r['train/router_aux_loss'] for r in records if 'train/router_aux_loss' in r]
+  assert len(aux) == 4 and all(np.isfinite(aux))
+  for fmt in ('peft', 'merged'):
+    run(['export', '--workdir', str(tmp_path / 'run'), '--format', fmt, '--out',
+         str(tmp_path / fmt), '--dtype', 'float32'], REPO)
+  adapter_config = json.loads((tmp_path / 'peft' / 'adapter_config.json').read_text())
+  assert adapter_config['target_parameters'] == ['mlp.experts.down_proj',
+                                                 'mlp.experts.gate_up_proj']
+  assert adapter_config['target_modules'] == ['q_proj', 'v_proj']
+  tokens = torch.as_tensor(np.random.default_rng(5).integers(3, 90, (2, 12)))
+  with torch.no_grad():
+    base = _hf_model(model)
+    base_logits = base(tokens).logits.numpy()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / 'peft').eval()
+    adapted_logits = adapted(tokens).logits.numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / 'merged', dtype=torch.float32).eval()
+    merged_logits = merged(tokens).logits.numpy()
+  np.testing.assert_allclose(adapted_logits, merged_logits, atol=1e-4)
+  assert np.abs(adapted_logits - base_logits).max() > 1e-3

@@ -6,13 +6,14 @@ whose logits go through a float32 softmax; each token keeps its `k` most probabl
 those probabilities renormalized to sum to 1 where `norm_topk_prob` (Mixtral always; Qwen3-MoE
 per its config). `route` computes exactly what transformers' `TopKRouter` does.
 
-**Dropless grouped matmuls.** The `T * k` (token, expert) assignments are sorted by expert, so
-each expert's tokens are one contiguous group, and every expert projection is one
-`jax.lax.ragged_dot` over the groups (on a TPU it lowers to the grouped-matmul kernel; on other
-backends XLA computes it group by group). No token is dropped and there is no capacity factor:
-a group is as long as the router makes it. The outputs are put back in token order and summed
-over each token's `k` experts with the router's weights (`docs/design.md` has what this was
-measured against: a dense one-hot einsum over every expert, a loop over experts).
+**Dropless grouped matmuls.** The `T * k` (token, expert) assignments are grouped by expert,
+each expert's group padded to whole tiles (`group_by_expert`), and every expert projection is
+one grouped matmul over them (`grouped_matmul`): `jax.lax.ragged_dot` on a TPU, where it lowers
+to the grouped-matmul kernel, a scan of one dense dot per tile elsewhere. No token is dropped
+and there is no capacity factor: a group is as long as the router makes it. The outputs are
+put back in token order and summed over each token's `k` experts with the router's weights
+(`docs/design.md` has what this was measured against: `ragged_dot` on a CPU, a dense one-hot
+einsum over every expert).
 
 **Parameters** mirror transformers 5's modules, each expert's kernels stacked on a leading
 `expert` axis (so `lora.targets` and PEFT's `target_parameters` name the same things):
@@ -41,9 +42,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.models.config import LlamaConfig
@@ -64,24 +67,80 @@ def route(logits_te: jnp.ndarray, top_k: int, normalize: bool
   return weights_tk, experts_tk.astype(jnp.int32), probs_te
 
 
-def group_by_expert(experts_tk: jnp.ndarray, num_experts: int
-                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """`(order [T * k], group_sizes [E])`: `order` lists the flattened (token, slot) assignments
-  sorted by expert (stable, so tokens keep their order within a group), `group_sizes[e]` how
-  many went to expert e."""
+MAX_TILE = 128  # rows of one expert's tile in the grouped layout
+
+
+@flax.struct.dataclass
+class GroupedLayout:
+  """Where each (token, slot) assignment sits when the rows are grouped by expert.
+
+  Each expert's group is padded to a whole number of tiles of `tile` rows, so every tile
+  belongs to one expert: `rows [T * k]` is each assignment's row in the `[tiles * tile, ...]`
+  buffer, `tile_experts [tiles]` each tile's expert, `group_sizes [E]` the padded group lengths
+  (padding rows are zeros and are never read back). The buffer's length is static: at most
+  `T * k + min(E, T * k) * (tile - 1)` rows, rounded up to tiles."""
+
+  rows: jnp.ndarray
+  tile_experts: jnp.ndarray
+  group_sizes: jnp.ndarray
+  tile: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def length(self) -> int:
+    return self.tile_experts.shape[0] * self.tile
+
+
+def group_by_expert(experts_tk: jnp.ndarray, num_experts: int) -> GroupedLayout:
+  """The grouped layout of the router's choices `experts_tk [T, k]` (stable: tokens keep
+  their order within a group). The tile is `MAX_TILE` rows, less where there are few
+  assignments per expert (at least 8), so the padding stays a fraction of the rows."""
   flat = experts_tk.reshape(-1)
+  m = flat.shape[0]
+  tile = int(min(MAX_TILE, max(8, 2 ** int(np.ceil(np.log2(max(m / num_experts, 1)))))))
+  tiles = -(-(m + min(num_experts, m) * (tile - 1)) // tile)
+  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  padded = -(-counts // tile) * tile
+  starts = jnp.cumsum(padded) - padded
   order = jnp.argsort(flat, stable=True)
-  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-  return order, group_sizes
+  sorted_experts = flat[order]
+  rank = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[sorted_experts]
+  rows = jnp.zeros((m,), jnp.int32).at[order].set(starts[sorted_experts] + rank)
+  tile_starts = jnp.arange(tiles, dtype=jnp.int32) * tile
+  tile_experts = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_starts, side='right'),
+                             num_experts - 1).astype(jnp.int32)
+  return GroupedLayout(rows, tile_experts, padded, tile)
 
 
-def grouped_matmul(x_mi: jnp.ndarray, kernel_eio: jnp.ndarray,
-                   group_sizes: jnp.ndarray) -> jnp.ndarray:
-  """`x_mi` rows grouped by expert (group e: the next `group_sizes[e]` rows) times each group's
-  kernel: `[M, in] x [E, in, out] -> [M, out]` in x's dtype (`jax.lax.ragged_dot`)."""
-  y = jax.lax.ragged_dot(x_mi, kernel_eio.astype(x_mi.dtype), group_sizes,
-                         preferred_element_type=accumulation_dtype(x_mi.dtype))
-  return y.astype(x_mi.dtype)
+def scatter_rows(x_md: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
+  """`[T * k, D]` in assignment order -> the grouped buffer `[length, D]` (zeros elsewhere)."""
+  return jnp.zeros((layout.length, x_md.shape[-1]), x_md.dtype).at[layout.rows].set(
+      x_md, unique_indices=True)
+
+
+def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
+                   layout: GroupedLayout) -> jnp.ndarray:
+  """The grouped buffer's rows times their expert's kernel: `[N, in] x [E, in, out] ->
+  [N, out]` in x's dtype. On a TPU `jax.lax.ragged_dot` over the padded groups (its grouped
+  matmul kernel); elsewhere a `lax.scan` over the tiles, one `[tile, in] x [in, out]` dot each,
+  as XLA computes `ragged_dot` on CPUs (and GPUs) as a dense product masked per group, E times
+  the work (`docs/design.md`)."""
+  kernel_eio = kernel_eio.astype(x_ni.dtype)
+  accumulate = accumulation_dtype(x_ni.dtype)
+
+  def ragged(x, kernel):
+    return jax.lax.ragged_dot(x, kernel, layout.group_sizes,
+                              preferred_element_type=accumulate).astype(x.dtype)
+
+  def tiled(x, kernel):
+    def tile_product(_, inputs):
+      x_ci, expert = inputs
+      return None, jnp.einsum('ci,io->co', x_ci, kernel[expert],
+                              preferred_element_type=accumulate).astype(x.dtype)
+    _, y = jax.lax.scan(tile_product, None,
+                        (x.reshape(-1, layout.tile, x.shape[-1]), layout.tile_experts))
+    return y.reshape(x.shape[0], -1)
+
+  return jax.lax.platform_dependent(x_ni, kernel_eio, tpu=ragged, default=tiled)
 
 
 class ExpertProjection(nn.Module):
@@ -101,41 +160,41 @@ class ExpertProjection(nn.Module):
   lora_scale: float | None = None
 
   @nn.compact
-  def __call__(self, x_mi: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_ni: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
     if self.has_variable('params', 'kernel') and isinstance(
         self.get_variable('params', 'kernel'), QuantizedKernel):
       kernel = dequantize(self.get_variable('params', 'kernel'), self.dtype)
     else:
       kernel = self.param('kernel', nn.with_logical_partitioning(
           default_kernel_init, ('expert',) + tuple(self.axes)),
-                          (self.num_experts, x_mi.shape[-1], self.features), self.param_dtype)
-    x_mi = x_mi.astype(self.dtype)
-    y = grouped_matmul(x_mi, jnp.asarray(kernel), group_sizes)
+                          (self.num_experts, x_ni.shape[-1], self.features), self.param_dtype)
+    x_ni = x_ni.astype(self.dtype)
+    y = grouped_matmul(x_ni, jnp.asarray(kernel), layout)
     if self.has_variable('lora', 'a'):
       if self.lora_scale is None:
         raise ValueError('the variables hold LoRA adapters (a "lora" collection) but the model '
                          'has no LoRA scale; build it with LlamaConfig.with_lora(LoraSettings('
                          '...)).')
-      low_rank = grouped_matmul(x_mi, jnp.asarray(self.get_variable('lora', 'a')), group_sizes)
+      low_rank = grouped_matmul(x_ni, jnp.asarray(self.get_variable('lora', 'a')), layout)
       y = y + self.lora_scale * grouped_matmul(
-          low_rank, jnp.asarray(self.get_variable('lora', 'b')), group_sizes)
+          low_rank, jnp.asarray(self.get_variable('lora', 'b')), layout)
     return y
 
 
 class Experts(nn.Module):
-  """Every expert's SwiGLU MLP over the rows grouped by expert: `[M, D] -> [M, D]`."""
+  """Every expert's SwiGLU MLP over the grouped buffer: `[N, D] -> [N, D]`."""
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_md: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_nd: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
     c = self.config
     e, f = c.num_experts, c.moe_intermediate_size
     projection = lambda features, axes, name: ExpertProjection(
         e, features, axes, c.dtype, c.param_dtype, c.lora_scale, name=name)
-    gate_up_mf = projection(2 * f, ('embed', 'mlp'), 'gate_up_proj')(x_md, group_sizes)
-    hidden_mf = nn.silu(gate_up_mf[:, :f]) * gate_up_mf[:, f:]
-    return projection(x_md.shape[-1], ('mlp', 'embed'), 'down_proj')(hidden_mf, group_sizes)
+    gate_up_nf = projection(2 * f, ('embed', 'mlp'), 'gate_up_proj')(x_nd, layout)
+    hidden_nf = nn.silu(gate_up_nf[:, :f]) * gate_up_nf[:, f:]
+    return projection(x_nd.shape[-1], ('mlp', 'embed'), 'down_proj')(hidden_nf, layout)
 
 
 class SparseMoE(nn.Module):
@@ -157,12 +216,11 @@ class SparseMoE(nn.Module):
     weights_tk, experts_tk, probs_te = route(logits_te, k, c.norm_topk_prob)
     self._sow_stats(experts_tk, probs_te, segment_ids_bt.reshape(-1) > 0)
 
-    order, group_sizes = group_by_expert(experts_tk, e)
-    token_of = order // k  # the token each sorted assignment belongs to
-    y_md = Experts(c, name='experts')(jnp.take(x_td, token_of, axis=0), group_sizes)
+    layout = group_by_expert(experts_tk, e)
+    x_md = jnp.repeat(x_td, k, axis=0)  # one row per (token, slot) assignment
+    y_nd = Experts(c, name='experts')(scatter_rows(x_md, layout), layout)
     # Back to (token, slot) order, then each token's experts summed with the router's weights.
-    inverse = jnp.argsort(order)
-    y_tkd = jnp.take(y_md, inverse, axis=0).reshape(b * t, k, d)
+    y_tkd = jnp.take(y_nd, layout.rows, axis=0).reshape(b * t, k, d)
     y_td = jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
     return y_td.astype(c.dtype).reshape(b, t, d)
 

@@ -45,11 +45,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('act_vocab', 'tensor'),
     ('layers', None),
     ('vocab', 'tensor'),
+    # Mixture of experts: each device of the fsdp axis holds its own experts (a kernel
+    # `[E, D, F]` is split on E, then D over `context`), before `embed` takes `fsdp` for the
+    # dense kernels (the first rule whose mesh axes are free wins).
+    ('expert', 'fsdp'),
     ('embed', ('fsdp', 'context')),
+    ('embed', 'context'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
-    ('expert', None),  # the experts of a sparse layer (jaxsft.models.moe)
     ('expert_router', None),  # the router's output: one logit per expert
     ('norm', None),
     ('lora_rank', None),
