@@ -15,8 +15,8 @@ Each (side, method) runs in its own process, so peaks and thread pools never mix
   python scripts/bench_train.py --model llama3.2-1b --methods full,lora,qlora --seq 2048 \
       --batch 8 --dtype bfloat16 --compare-hf
 
-`--model` is a `jaxsft.presets` name, `cpu-512`, `tiny` (seconds per method on a CPU: the dry
-run of scripts/device_check.sh), or an HF checkpoint folder. Without `--data`
+`--model` is a `jaxsft.presets` name, `cpu-512`, `cpu-moe` (Qwen3-MoE layout, 8 experts, top-2),
+`tiny` (seconds per method on a CPU: the dry run of scripts/device_check.sh), or an HF folder. Without `--data`
 the rows are synthetic: Alpaca-like example lengths (log-normal, median ~160 tokens) with the
 first 20-60 % of each example unsupervised (the prompt), packed with jaxsft's bfd packing.
 """
@@ -46,11 +46,26 @@ TINY = dict(model_type='llama', vocab_size=512, hidden_size=128, intermediate_si
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
             rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-_LOCAL_MODELS = {'cpu-512': CPU_512, 'tiny': TINY}
+# Issue 27's CPU comparison of a mixture-of-experts model: Qwen3-MoE's layout (q/k norms, top-k
+# renormalized as Qwen3-30B-A3B's config), hidden 512, 4 layers of 8 experts of 512, top-2.
+CPU_MOE = dict(model_type='qwen3_moe', vocab_size=32000, hidden_size=512, intermediate_size=1536,
+               moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2,
+               norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
+               max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+               tie_word_embeddings=False)
+_LOCAL_MODELS = {'cpu-512': CPU_512, 'tiny': TINY, 'cpu-moe': CPU_MOE}
 _ARCH_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
                 'num_kv_heads', 'head_dim', 'rms_norm_eps', 'rope_theta', 'rope_scaling',
-                'max_position_embeddings', 'tie_word_embeddings', 'sliding_window')
+                'max_position_embeddings', 'tie_word_embeddings', 'sliding_window',
+                'model_type', 'qk_norm', 'num_experts', 'num_experts_per_tok',
+                'moe_intermediate_size', 'norm_topk_prob', 'decoder_sparse_step',
+                'mlp_only_layers', 'router_aux_loss_coef')
+# LoRA on every projection; a mixture-of-experts model's experts are `gate_up_proj` and
+# `down_proj` (PEFT reaches them with `target_parameters`).
 _LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+_MOE_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_up_proj', 'down_proj']
+_PEFT_EXPERTS = ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']
 
 
 # ----------------------------------------------------------------------------- data
@@ -142,7 +157,8 @@ def worker_jax(spec: dict) -> dict:
   method = spec['method']
   config.lora.enabled = method in ('lora', 'qlora')
   config.lora.rank, config.lora.alpha, config.lora.dropout = spec['lora_rank'], 32.0, 0.0
-  config.lora.targets = list(_LORA_TARGETS)
+  targets = _MOE_TARGETS if spec['fields'].get('num_experts') else _LORA_TARGETS
+  config.lora.targets = list(targets)
   config.quant.kind = 'nf4' if method == 'qlora' else 'none'
   config.optim.learning_rate = 1e-4
   config.batch_size = spec['batch']
@@ -188,7 +204,7 @@ def worker_jax(spec: dict) -> dict:
         jax.block_until_ready(metrics)
   per_token = flops.train_flops_per_token(
       model_config, spec['seq'], lora_rank=spec['lora_rank'] if settings.lora else 0,
-      lora_targets=_LORA_TARGETS)
+      lora_targets=targets)
   memory, memory_kind = _peak_memory_jax()
   return {'first_loss': first_loss, 'step_s': elapsed / spec['steps'],
           'tokens_per_s': timed_tokens / elapsed, 'compile_s': compile_s,
@@ -218,9 +234,11 @@ def worker_hf(spec: dict) -> dict:
     model.to(device)
   if spec['remat'] != 'none':
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+  moe = bool(spec['fields'].get('num_experts'))
   if method in ('lora', 'qlora'):
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=spec['lora_rank'], lora_alpha=32, lora_dropout=0.0, target_modules=_LORA_TARGETS))
+        r=spec['lora_rank'], lora_alpha=32, lora_dropout=0.0, target_modules=_LORA_TARGETS,
+        target_parameters=_PEFT_EXPERTS if moe else None))
   model.train()
   trained = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=cuda)
@@ -268,7 +286,7 @@ def worker_hf(spec: dict) -> dict:
   model_config = hf_config.config_from_hf(spec['fields'])
   per_token = flops.train_flops_per_token(
       model_config, spec['seq'], lora_rank=spec['lora_rank'] if method != 'full' else 0,
-      lora_targets=_LORA_TARGETS)
+      lora_targets=_MOE_TARGETS if moe else _LORA_TARGETS)
   return {'first_loss': first_loss, 'step_s': elapsed / spec['steps'],
           'tokens_per_s': timed_tokens / elapsed, 'compile_s': 0.0,
           'flops_per_token': per_token.total, 'peak_memory_gib': memory,

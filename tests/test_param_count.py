@@ -16,7 +16,10 @@ from jaxsft.interop import hf, presets
                                             ('mistral-7b', 7_241_732_096),
                                             ('qwen2.5-7b', 7_615_616_512),
                                             ('qwen3-0.6b', 596_049_920),
-                                            ('qwen3-8b', 8_190_735_360)])
+                                            ('qwen3-8b', 8_190_735_360),
+                                            # mixtures of experts: every expert counted
+                                            ('qwen3-30b-a3b', 30_532_122_624),
+                                            ('mixtral-8x7b', 46_702_792_704)])
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_eval_shape_parameter_count(name, expected, scan_layers):
   config = presets.preset(name, scan_layers=scan_layers, param_dtype=jnp.bfloat16)

@@ -61,6 +61,24 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
                      tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
                      sliding_window=None, max_window_layers=36, bos_token_id=151643,
                      eos_token_id=151645),
+    # Mixture of experts: 128 experts of 768 in every layer, 8 per token (3.3B of 30.5B active).
+    'qwen3-30b-a3b': dict(model_type='qwen3_moe', vocab_size=151936, hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], router_aux_loss_coef=0.001,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          max_position_embeddings=40960, tie_word_embeddings=False,
+                          attention_bias=False, use_sliding_window=False, sliding_window=None,
+                          max_window_layers=48, bos_token_id=151643, eos_token_id=151645),
+    # 8 experts of 14336 in every layer, 2 per token (12.9B of 46.7B active).
+    'mixtral-8x7b': dict(model_type='mixtral', vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                         router_aux_loss_coef=0.02, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         rope_theta=1000000.0, max_position_embeddings=32768,
+                         sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2),
 }
 
 

@@ -81,14 +81,24 @@ def mean_visible_keys(seq_len: int, sliding_window: int | None = None,
   return float(visible.mean())
 
 
-_MLP = ('gate_proj', 'up_proj', 'down_proj')
-
-
-def _layer_kernels(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+def _layer_kernels(config: LlamaConfig, sparse: bool
+                   ) -> dict[tuple[str, ...], tuple[int, int, int]]:
+  """Each matmul kernel of a layer one token goes through: path -> (in, out, how many times):
+  a sparse layer's router once and `num_experts_per_tok` experts' projections."""
   d, h = config.hidden_size, config.head_dim
-  q, kv, f = config.num_heads * h, config.num_kv_heads * h, config.intermediate_size
-  return {'q_proj': (d, q), 'k_proj': (d, kv), 'v_proj': (d, kv), 'o_proj': (q, d),
-          'gate_proj': (d, f), 'up_proj': (d, f), 'down_proj': (f, d)}
+  q, kv = config.num_heads * h, config.num_kv_heads * h
+  kernels = {('layers', 'self_attn', name, 'kernel'): (i, o, 1) for name, (i, o) in
+             (('q_proj', (d, q)), ('k_proj', (d, kv)), ('v_proj', (d, kv)), ('o_proj', (q, d)))}
+  if sparse:
+    f, k = config.moe_intermediate_size, config.num_experts_per_tok
+    kernels[('layers', 'mlp', 'gate', 'kernel')] = (d, config.num_experts, 1)
+    kernels[('layers', 'mlp', 'experts', 'gate_up_proj', 'kernel')] = (d, 2 * f, k)
+    kernels[('layers', 'mlp', 'experts', 'down_proj', 'kernel')] = (f, d, k)
+  else:
+    f = config.intermediate_size
+    kernels.update({('layers', 'mlp', name, 'kernel'): (i, o, 1) for name, (i, o) in
+                    (('gate_proj', (d, f)), ('up_proj', (d, f)), ('down_proj', (f, d)))})
+  return kernels
 
 
 def train_flops_per_token(config: LlamaConfig, seq_len: int, *, lora_rank: int = 0,
@@ -97,18 +107,20 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int, *, lora_rank: int =
   """Model FLOPs per token of a training step on rows of `seq_len` tokens.
 
   `lora_rank` > 0: LoRA (or QLoRA) on the kernels `lora_targets` selects (the same rules as
-  `lora.targets`), every base weight frozen; else full fine-tuning.
+  `lora.targets`), every base weight frozen; else full fine-tuning. A mixture-of-experts layer
+  counts the router and the `num_experts_per_tok` experts a token goes through (with their
+  adapters), not the others.
   """
-  kernels = {('layers', 'mlp' if name in _MLP else 'self_attn', name, 'kernel'): shape
-             for name, shape in _layer_kernels(config).items()}
-  head = {('lm_head', 'kernel'): (config.hidden_size, config.vocab_size)}
-  base_per_layer = sum(i * o for i, o in kernels.values())
-  base = config.num_layers * base_per_layer + config.hidden_size * config.vocab_size
+  matches = target_matcher(lora_targets) if lora_rank > 0 else (lambda path: False)
+  base = adapters = 0
+  for layer in range(config.num_layers):
+    for path, (i, o, count) in _layer_kernels(config, config.is_sparse_layer(layer)).items():
+      base += count * i * o
+      adapters += count * lora_rank * (i + o) if matches(path) else 0
+  base += config.hidden_size * config.vocab_size
+  if matches(('lm_head', 'kernel')):
+    adapters += lora_rank * (config.hidden_size + config.vocab_size)
   if lora_rank > 0:
-    matches = target_matcher(lora_targets)
-    adapters = sum(config.num_layers * lora_rank * (i + o)
-                   for path, (i, o) in kernels.items() if matches(path))
-    adapters += sum(lora_rank * (i + o) for path, (i, o) in head.items() if matches(path))
     trained, frozen = 6.0 * adapters, 4.0 * base
   else:
     trained, frozen = 6.0 * base, 0.0
