@@ -284,6 +284,7 @@ class PlatformLowering:
   stablehlo_bytes: int
   devices: int = 1  # the devices the exported program is partitioned for (the mesh's)
   context_devices: int = 1  # the devices each row's tokens are split over
+  grouped_matmuls: int = 0  # `ragged_dot`s of mixture-of-experts layers (the TPU's kernel)
 
 
 def lower_for_platform(settings: RunSettings, platform: str, devices: Any = None
@@ -309,7 +310,9 @@ def lower_for_platform(settings: RunSettings, platform: str, devices: Any = None
   return PlatformLowering(platform=platform, attention=chosen, fallback_reason=reason,
                           kernel_calls=text.count(_KERNEL_CALLS.get(chosen, '\0')),
                           stablehlo_bytes=len(text.encode()), devices=exported.nr_devices,
-                          context_devices=context.size if context else 1)
+                          context_devices=context.size if context else 1,
+                          grouped_matmuls=text.count('stablehlo.ragged_dot') + text.count(
+                              'chlo.ragged_dot'))
 
 
 def platform_report(lowering: PlatformLowering, implementation: str) -> str:
@@ -321,6 +324,9 @@ def platform_report(lowering: PlatformLowering, implementation: str) -> str:
               if lowering.attention in _KERNEL_CALLS else '')
            + (f', context parallel: each row split over {lowering.context_devices} devices'
               if lowering.context_devices > 1 else '')]
+  if lowering.grouped_matmuls:
+    lines.append(f'  experts: {lowering.grouped_matmuls} grouped matmuls (ragged_dot) in the '
+                 'program')
   if lowering.fallback_reason:
     lines.append(f'  model.attention_implementation={implementation!r} does not serve here: '
                  f'{lowering.fallback_reason}')
