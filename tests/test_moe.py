@@ -251,3 +251,62 @@ def test_lora_run_through_the_executable_exports_for_peft_and_transformers(tmp_p
     merged_logits = merged(tokens).logits.numpy()
   np.testing.assert_allclose(adapted_logits, merged_logits, atol=1e-4)
   assert np.abs(adapted_logits - base_logits).max() > 1e-3
+
+
+def test_peft_adapter_on_experts_imports_with_peft_logits(models, tmp_path):
+  """An adapter PEFT made (`target_parameters` on both expert projections and the router,
+  random A and B) loads into jaxsft's LoRA tree with PEFT's logits; KV-cache greedy decoding
+  with it equals PEFT's `generate`."""
+  import importlib
+
+  import peft
+  from jaxsft.adapters import lora
+  from jaxsft.interop import peft as peft_io
+  generate = importlib.import_module('jaxsft.eval.generate')
+  folder = models('qwen3_moe-8x3-unnormalized')
+  config, params = hf.load_checkpoint(folder, config_overrides={'dtype': 'float32'})
+  torch.manual_seed(0)
+  peft_model = peft.get_peft_model(_hf_model(folder), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=['q_proj'], lora_dropout=0.0, init_lora_weights=False,
+      target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj',
+                         'mlp.gate.weight'])).eval()
+  peft_model.save_pretrained(tmp_path / 'adapter')
+  settings = lora.LoraSettings(rank=4, alpha=8.0, dropout=0.0,
+                               targets=('q_proj', 'gate', 'gate_up_proj', 'down_proj'))
+  abstract = lora.abstract_lora(hf.abstract_params(config), settings)
+  adapters, _ = peft_io.load_peft_adapter(str(tmp_path / 'adapter'), abstract,
+                                          config.num_layers)
+  config = config.with_lora(settings)
+  tokens = np.random.default_rng(6).integers(3, config.vocab_size, (2, 9))
+  ours = Llama(config).apply({'params': params, 'lora': adapters}, tokens)
+  with torch.no_grad():
+    expected = peft_model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
+  prompts = [tokens[0].tolist(), tokens[1, :4].tolist()]
+  greedy = generate.generate(config, {'params': params, 'lora': adapters}, prompts,
+                             generate.SamplingConfig(max_new_tokens=10))
+  for prompt, got in zip(prompts, greedy):
+    with torch.no_grad():
+      out = peft_model.generate(torch.as_tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert got == out[0, len(prompt):].tolist()
+
+
+def test_lora_targets_that_match_no_kernel_name_the_experts(models):
+  """Axolotl #3515's trap: dense MLP names on an MoE model would adapt attention only; jaxsft
+  refuses, naming the model's projections. Dropout on expert adapters is refused (PEFT could
+  not load the adapter)."""
+  from jaxsft.adapters import lora
+  from jaxsft.errors import UserError
+  config, _ = hf.load_checkpoint(models('mixtral-4x2'))
+  abstract = hf.abstract_params(config)
+  with pytest.raises(UserError, match=r"lora.targets \['gate_proj', 'up_proj'\] match no "
+                     r"kernel of this model.*'gate_up_proj'"):
+    lora.abstract_lora(abstract, lora.LoraSettings(
+        targets=('q_proj', 'gate_proj', 'up_proj', 'down_proj'), dropout=0.0))
+  with pytest.raises(UserError, match='lora.dropout=0.05 with adapters on experts'):
+    lora.abstract_lora(abstract, lora.LoraSettings(targets=('all-linear',), dropout=0.05))
+  adapted = lora.abstract_lora(abstract, lora.LoraSettings(targets=('all-linear',),
+                                                           dropout=0.0))
+  assert set(adapted['layers']['mlp']) == {'experts'}  # all-linear: experts, not the router
