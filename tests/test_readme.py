@@ -205,6 +205,14 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
     frozen = re.search(r'frozen weights\s+([\d.]+) GiB', result.stdout)
     assert abs(float(frozen.group(1)) - 14.96 / 8) < 0.01, result.stdout  # 1/8 of the bf16 base
     assert 'verdict: fits in 80 GiB per device' in result.stdout, result.stdout
+  elif verb == 'plan' and 'qwen3_30b_a3b' in command:  # 30.5B parameters, 128 experts in NF4
+    frozen = re.search(r'frozen weights\s+([\d.]+) GiB\s+\(([\d.]+) bits', result.stdout)
+    # Everything but the embeddings, LM head, routers and norms (bf16) in NF4, at its bits.
+    bf16 = 2 * 151936 * 2048 + 48 * (2048 * 128 + 2 * 2048 + 2 * 128) + 2048
+    quantized = 30_532_122_624 - bf16
+    expected = (quantized * float(frozen.group(2)) / 8 + 2 * bf16) / 2**30
+    assert abs(float(frozen.group(1)) - expected) < 0.01, (result.stdout, expected)
+    assert 'verdict: fits in 24 GiB' in result.stdout, result.stdout
   elif verb == 'plan':  # LLaMA-2-7B QLoRA from its preset: NF4 with double quantization
     frozen = re.search(r'frozen weights\s+([\d.]+) GiB\s+\(([\d.]+) bits', result.stdout)
     trained = re.search(r'trained weights\s+([\d.]+) GiB', result.stdout)

@@ -92,11 +92,13 @@ class GroupedLayout:
 
 def group_by_expert(experts_tk: jnp.ndarray, num_experts: int) -> GroupedLayout:
   """The grouped layout of the router's choices `experts_tk [T, k]` (stable: tokens keep
-  their order within a group). The tile is `MAX_TILE` rows, less where there are few
-  assignments per expert (at least 8), so the padding stays a fraction of the rows."""
+  their order within a group). The tile is a power of two near a quarter of the mean group
+  (8 to `MAX_TILE` rows): the padding, under a tile per expert, stays a small share of the
+  rows, and the tiles few enough that each dot is worth its step."""
   flat = experts_tk.reshape(-1)
   m = flat.shape[0]
-  tile = int(min(MAX_TILE, max(8, 2 ** int(np.ceil(np.log2(max(m / num_experts, 1)))))))
+  quarter_group = max(m / (4 * num_experts), 1.0)
+  tile = int(min(MAX_TILE, max(8, 2 ** int(np.floor(np.log2(quarter_group))))))
   tiles = -(-(m + min(num_experts, m) * (tile - 1)) // tile)
   counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
   padded = -(-counts // tile) * tile
