@@ -47,10 +47,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxsft.adapters.quant import QuantizedKernel, dequantize
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.layers import Projection, accumulation_dtype, default_kernel_init
+from jaxsft.parallel.context import dividing_axes
 
 ROUTER_STATS = 'router_stats'  # the `intermediates` entry each sparse layer sows
 
@@ -145,64 +147,106 @@ def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
   return jax.lax.platform_dependent(x_ni, kernel_eio, tpu=ragged, default=tiled)
 
 
-class ExpertProjection(nn.Module):
-  """Every expert's `[in, out]` projection of the rows grouped by expert: `y = x @ kernel[e]`
-  (+ LoRA `scale * (x @ a[e]) @ b[e]`), kernel `[E, in, out]`.
+@flax.struct.dataclass
+class ExpertWeights:
+  """One expert projection's arrays: the dense kernel `[E, in, out]` in the compute dtype and
+  its LoRA factors `a [E, in, r]`, `b [E, r, out]` (None without adapters)."""
 
-  Attributes:
-    num_experts, features: E and out.
-    axes: logical names of the kernel's `(in, out)` axes; the expert axis is `expert`.
-  """
+  kernel: jnp.ndarray
+  lora_a: jnp.ndarray | None = None
+  lora_b: jnp.ndarray | None = None
+
+
+class ExpertProjection(nn.Module):
+  """The parameters of every expert's `[in, out]` projection (kernel `[E, in, out]`, 4-bit or
+  dense; LoRA factors in the `lora` collection); `__call__(d_in)` returns them as
+  `ExpertWeights`, for `project` to apply inside or outside `shard_map`."""
 
   num_experts: int
   features: int
-  axes: tuple[str, str]
+  axes: tuple[str, str]  # logical names of (in, out); the expert axis is `expert`
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  lora_scale: float | None = None
 
   @nn.compact
-  def __call__(self, x_ni: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
+  def __call__(self, d_in: int) -> ExpertWeights:
     if self.has_variable('params', 'kernel') and isinstance(
         self.get_variable('params', 'kernel'), QuantizedKernel):
       kernel = dequantize(self.get_variable('params', 'kernel'), self.dtype)
     else:
       kernel = self.param('kernel', nn.with_logical_partitioning(
           default_kernel_init, ('expert',) + tuple(self.axes)),
-                          (self.num_experts, x_ni.shape[-1], self.features), self.param_dtype)
-    x_ni = x_ni.astype(self.dtype)
-    y = grouped_matmul(x_ni, jnp.asarray(kernel), layout)
-    if self.has_variable('lora', 'a'):
-      if self.lora_scale is None:
-        raise ValueError('the variables hold LoRA adapters (a "lora" collection) but the model '
-                         'has no LoRA scale; build it with LlamaConfig.with_lora(LoraSettings('
-                         '...)).')
-      low_rank = grouped_matmul(x_ni, jnp.asarray(self.get_variable('lora', 'a')), layout)
-      y = y + self.lora_scale * grouped_matmul(
-          low_rank, jnp.asarray(self.get_variable('lora', 'b')), layout)
+                          (self.num_experts, d_in, self.features), self.param_dtype)
+    if not self.has_variable('lora', 'a'):
+      return ExpertWeights(jnp.asarray(kernel, self.dtype))
+    return ExpertWeights(jnp.asarray(kernel, self.dtype),
+                         jnp.asarray(self.get_variable('lora', 'a')),
+                         jnp.asarray(self.get_variable('lora', 'b')))
+
+
+def project(x_ni: jnp.ndarray, weights: ExpertWeights, layout: GroupedLayout,
+            lora_scale: float | None) -> jnp.ndarray:
+  """`x @ kernel[e]` (+ `lora_scale * (x @ a[e]) @ b[e]`) for the grouped buffer's rows."""
+  y = grouped_matmul(x_ni, weights.kernel, layout)
+  if weights.lora_a is None:
     return y
+  if lora_scale is None:
+    raise ValueError('the variables hold LoRA adapters (a "lora" collection) but the model has '
+                     'no LoRA scale; build it with LlamaConfig.with_lora(LoraSettings(...)).')
+  low_rank = grouped_matmul(x_ni, weights.lora_a, layout)
+  return y + lora_scale * grouped_matmul(low_rank, weights.lora_b, layout)
+
+
+def experts_forward(x_td: jnp.ndarray, logits_te: jnp.ndarray, real_t: jnp.ndarray,
+                    gate_up: ExpertWeights, down: ExpertWeights, *, top_k: int,
+                    normalize: bool, lora_scale: float | None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The sparse MLP of tokens `x_td [T, D]` given their router logits `[T, E]`: route, group
+  by expert, the experts' SwiGLU, back to token order weighted. Returns `(y [T, D] in x's
+  dtype, router statistics [2 * E + 1] over the tokens `real_t` marks)`: top-k assignments
+  and summed probabilities per expert, and the token count (`load_balancing_loss`)."""
+  t, d = x_td.shape
+  e = logits_te.shape[-1]
+  f = down.kernel.shape[1]
+  weights_tk, experts_tk, probs_te = route(logits_te, top_k, normalize)
+  mask = real_t.astype(jnp.float32)
+  counts = jnp.sum(jax.nn.one_hot(experts_tk, e, dtype=jnp.float32) * mask[:, None, None],
+                   axis=(0, 1))
+  stats = jnp.concatenate([counts, jnp.sum(probs_te * mask[:, None], axis=0),
+                           jnp.sum(mask)[None]])
+  layout = group_by_expert(experts_tk, e)
+  rows = scatter_rows(jnp.repeat(x_td, top_k, axis=0), layout)  # a row per assignment
+  gate_up_nf = project(rows, gate_up, layout, lora_scale)
+  y_nd = project(nn.silu(gate_up_nf[:, :f]) * gate_up_nf[:, f:], down, layout, lora_scale)
+  y_tkd = jnp.take(y_nd, layout.rows, axis=0).reshape(t, top_k, d)
+  y_td = jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
+  return y_td.astype(x_td.dtype), stats
 
 
 class Experts(nn.Module):
-  """Every expert's SwiGLU MLP over the grouped buffer: `[N, D] -> [N, D]`."""
+  """The experts' parameters (`gate_up_proj`, `down_proj`), as `ExpertWeights`."""
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_nd: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
+  def __call__(self, d: int) -> tuple[ExpertWeights, ExpertWeights]:
     c = self.config
     e, f = c.num_experts, c.moe_intermediate_size
-    projection = lambda features, axes, name: ExpertProjection(
-        e, features, axes, c.dtype, c.param_dtype, c.lora_scale, name=name)
-    gate_up_nf = projection(2 * f, ('embed', 'mlp'), 'gate_up_proj')(x_nd, layout)
-    hidden_nf = nn.silu(gate_up_nf[:, :f]) * gate_up_nf[:, f:]
-    return projection(x_nd.shape[-1], ('mlp', 'embed'), 'down_proj')(hidden_nf, layout)
+    gate_up = ExpertProjection(e, 2 * f, ('embed', 'mlp'), c.dtype, c.param_dtype,
+                               name='gate_up_proj')(d)
+    return gate_up, ExpertProjection(e, d, ('mlp', 'embed'), c.dtype, c.param_dtype,
+                                     name='down_proj')(f)
 
 
 class SparseMoE(nn.Module):
   """The MLP of a sparse layer: router, then the chosen experts' SwiGLU MLPs, weighted.
   `__call__(x_btd, segment_ids_bt)` -> `[B, T, D]`; the segment ids only say which tokens are
-  padding, for the load-balancing statistics it sows."""
+  padding, for the load-balancing statistics it sows (`ROUTER_STATS`).
+
+  On a mesh whose batch or context axes split the tokens, each device routes, groups and
+  computes its own tokens (`experts_forward` under `shard_map`): the grouping is per device,
+  and the experts' weights, split over the fsdp devices at rest, are gathered for it as any
+  FSDP weight is (`docs/design.md`)."""
 
   config: LlamaConfig
 
@@ -210,32 +254,41 @@ class SparseMoE(nn.Module):
   def __call__(self, x_btd: jnp.ndarray, segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
     c = self.config
     b, t, d = x_btd.shape
-    e, k, f = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
-    x_td = x_btd.reshape(b * t, d).astype(c.dtype)
-    logits_te = Projection(e, ('embed', 'expert_router'), dtype=c.dtype,
-                           param_dtype=c.param_dtype, lora_scale=c.lora_scale,
-                           name='gate')(x_td)
-    weights_tk, experts_tk, probs_te = route(logits_te, k, c.norm_topk_prob)
-    self._sow_stats(experts_tk, probs_te, segment_ids_bt.reshape(-1) > 0)
+    x_btd = x_btd.astype(c.dtype)
+    logits_bte = Projection(c.num_experts, ('embed', 'expert_router'), dtype=c.dtype,
+                            param_dtype=c.param_dtype, lora_scale=c.lora_scale,
+                            name='gate')(x_btd)
+    gate_up, down = Experts(c, name='experts')(d)
 
-    layout = group_by_expert(experts_tk, e)
-    x_md = jnp.repeat(x_td, k, axis=0)  # one row per (token, slot) assignment
-    y_nd = Experts(c, name='experts')(scatter_rows(x_md, layout), layout)
-    # Back to (token, slot) order, then each token's experts summed with the router's weights.
-    y_tkd = jnp.take(y_nd, layout.rows, axis=0).reshape(b * t, k, d)
-    y_td = jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
-    return y_td.astype(c.dtype).reshape(b, t, d)
+    def tokens(x_btd, logits_bte, segment_ids_bt, gate_up, down):
+      local_b, local_t = x_btd.shape[:2]
+      y_td, stats = experts_forward(
+          x_btd.reshape(-1, d), logits_bte.reshape(local_b * local_t, -1),
+          segment_ids_bt.reshape(-1) > 0, gate_up, down, top_k=c.num_experts_per_tok,
+          normalize=c.norm_topk_prob, lora_scale=c.lora_scale)
+      return y_td.reshape(local_b, local_t, d), stats
 
-  def _sow_stats(self, experts_tk, probs_te, real_t):
-    """Sows `[2 * E + 1]` float32: top-k assignments per expert, summed router probabilities
-    per expert, and the token count, over the tokens `real_t` marks (not padding)."""
-    e = self.config.num_experts
-    mask = real_t.astype(jnp.float32)
-    counts = jnp.sum(jax.nn.one_hot(experts_tk, e, dtype=jnp.float32) * mask[:, None, None],
-                     axis=(0, 1))
-    prob_sums = jnp.sum(probs_te * mask[:, None], axis=0)
-    self.sow('intermediates', ROUTER_STATS,
-             jnp.concatenate([counts, prob_sums, jnp.sum(mask)[None]]))
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = length = None
+    if not mesh.empty:
+      rows, length = dividing_axes('act_batch', b), dividing_axes('act_length', t)
+    if rows is None and length is None:
+      y_btd, stats = tokens(x_btd, logits_bte, segment_ids_bt, gate_up, down)
+    else:
+      token_axes = tuple(a for axes in (rows, length) if axes is not None
+                         for a in ((axes,) if isinstance(axes, str) else axes))
+
+      def local(*args):
+        y_btd, stats = tokens(*args)
+        return y_btd, jax.lax.psum(stats, token_axes)
+
+      spec = PartitionSpec(rows, length, None)
+      y_btd, stats = jax.shard_map(
+          local, mesh=mesh, in_specs=(spec, spec, PartitionSpec(rows, length),
+                                      PartitionSpec(), PartitionSpec()),
+          out_specs=(spec, PartitionSpec()))(x_btd, logits_bte, segment_ids_bt, gate_up, down)
+    self.sow('intermediates', ROUTER_STATS, stats)
+    return y_btd
 
 
 def load_balancing_loss(stats: jnp.ndarray, num_experts: int) -> jnp.ndarray:
