@@ -251,6 +251,14 @@ def test_lora_run_through_the_executable_exports_for_peft_and_transformers(tmp_p
     merged_logits = merged(tokens).logits.numpy()
   np.testing.assert_allclose(adapted_logits, merged_logits, atol=1e-4)
   assert np.abs(adapted_logits - base_logits).max() > 1e-3
+  # `jaxsft eval` of the run (adapters on experts applied) and of the merged folder agree.
+  perplexity = {}
+  for name, source in (('run', ['--workdir', str(tmp_path / 'run')]),
+                       ('merged', ['--hf', str(tmp_path / 'merged'), '--template', 'chatml',
+                                   '--max-seq-len', '128'])):
+    run(['eval', *source, '--data', str(data), '--out', str(tmp_path / f'{name}.json')], REPO)
+    perplexity[name] = json.loads((tmp_path / f'{name}.json').read_text())['perplexity']
+  np.testing.assert_allclose(perplexity['run'], perplexity['merged'], rtol=1e-4)
 
 
 def test_peft_adapter_on_experts_imports_with_peft_logits(models, tmp_path):

@@ -2,6 +2,8 @@
 devices give the one-device step (full, LoRA, QLoRA with NF4 experts), and a run resumes after
 SIGTERM bitwise."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -29,15 +31,19 @@ def moe_config(method):
   return config
 
 
+@functools.lru_cache(maxsize=None)
+def one_device_run(method):
+  batches = [packed_batch(rows=8, length=32, seed=seed) for seed in (0, 1)]
+  return run_steps(moe_config(method), (1, 1, 1, 1), batches, jax.devices()[:1]), batches
+
+
 @pytest.mark.parametrize('method,mesh_shape', [('full', (1, 8, 1, 1)), ('lora', (1, 8, 1, 1)),
                                                ('lora', (2, 2, 2, 1)), ('qlora', (1, 4, 1, 2))])
 def test_expert_parallel_step_equals_one_device(method, mesh_shape):
   """Two train steps with each device of the fsdp axis holding its own experts: losses, the
   load-balancing loss, gradient norms, updated weights and Adam state within 1e-5 of one
   device (float32)."""
-  batches = [packed_batch(rows=8, length=32, seed=seed) for seed in (0, 1)]
-  reference, reference_metrics = run_steps(moe_config(method), (1, 1, 1, 1), batches,
-                                           jax.devices()[:1])
+  (reference, reference_metrics), batches = one_device_run(method)
   split, metrics = run_steps(moe_config(method), mesh_shape, batches, jax.devices()[:8])
   for m, n in zip(metrics, reference_metrics):
     for key in ('loss', 'router_aux_loss', 'grad_norm'):
