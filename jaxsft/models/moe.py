@@ -27,8 +27,13 @@ Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`); `jaxsft.interop` reads and w
 **LoRA on experts** is one adapter per expert, as PEFT's `target_parameters` makes it: the
 kernel `[E, in, out]` gets `a [E, in, r]` and `b [E, r, out]` (`jaxsft.adapters.lora` gives
 any kernel with leading axes adapters with the same leading axes), applied as two more grouped
-matmuls, `scale * ragged_dot(ragged_dot(x, a), b)`. A 4-bit expert kernel is dequantized one
-layer at a time, as every `QuantizedKernel`.
+matmuls, `scale * grouped(grouped(x, a), b)`. A 4-bit expert kernel is dequantized one layer
+at a time, as every `QuantizedKernel`.
+
+**On a mesh** each device routes, groups and computes its own tokens (`experts_forward` under
+`shard_map`); the experts, split over the fsdp devices at rest, are gathered per layer as every
+FSDP weight is (`docs/design.md` says why, and what expert parallelism with an all-to-all would
+change).
 
 **The load-balancing loss** (Switch Transformer's, as transformers' `load_balancing_loss_func`
 computes it): over the tokens of every sparse layer, `E * sum_e f_e * P_e`, where `f_e` is the
