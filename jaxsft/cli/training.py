@@ -150,8 +150,9 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     lowering = plan.lower_for_platform(settings, args.platform)
     print(plan.platform_report(lowering, config.model.attention_implementation))
     return 0
-  if plan.schedule_note():
-    print(plan.schedule_note())
+  schedule = plan.schedule_note()
+  if schedule:
+    print(schedule)
   if args.find_max_seq_len:
     length, memory = plan.max_seq_len(settings, args.device_memory_gib)
     if memory is None:

@@ -35,14 +35,11 @@ _PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight'}
 # parameters in (PEFT nests one wrapper per targeted parameter of a module, the first defined
 # innermost, so an inner one's tensors sit under `base_layer.`).
 _EXPERT_PARAMETERS = ('gate_up_proj', 'down_proj')
-_ROUTER = ('mlp', 'gate')
 
 
-def is_parameter_target(path: tuple[str, ...]) -> bool:
-  """Whether the LoRA leaf at `path` adapts what PEFT targets as a parameter
-  (`target_parameters`: an expert projection or the router) rather than a module."""
-  kernel = path[:-1] + ('kernel',)
-  return is_expert(kernel) or is_router(kernel)
+def _kernel(path: tuple[str, ...]) -> tuple[str, ...]:
+  """The path of the kernel a LoRA leaf adapts (`targets.is_expert`/`is_router` read it)."""
+  return path[:-1] + ('kernel',)
 
 
 def _module(path: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,7 +60,7 @@ def _peft_names(path: tuple[str, ...], num_layers: int,
   `mlp.experts.base_layer.lora_A.weight` for `gate_up_proj` when `down_proj` is adapted too;
   the router after its module, `mlp.gate.lora_A.weight`."""
   top, *inner, leaf = path
-  if len(inner) >= 2 and inner[-2] == 'experts':
+  if is_expert(_kernel(path)):
     module = tuple(inner[:-1])
     later = _EXPERT_PARAMETERS[_EXPERT_PARAMETERS.index(inner[-1]) + 1:]
     wrappers = sum(module + (name,) in targeted for name in later)
@@ -131,12 +128,12 @@ def _targets(lora_tree: Any) -> tuple[list[str], list[str]]:
     if path[-1] != 'a':
       continue
     module = _module(path)
-    if not is_parameter_target(path):
-      modules.add(module[-1])
-    elif module[-2:] == _ROUTER:
+    if is_router(_kernel(path)):
       parameters.add('.'.join(module) + '.weight')
-    else:
+    elif is_expert(_kernel(path)):
       parameters.add('.'.join(module))
+    else:
+      modules.add(module[-1])
   return sorted(modules), sorted(parameters)
 
 
