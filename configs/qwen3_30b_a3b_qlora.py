@@ -8,8 +8,8 @@ Fits one 24 GB GPU at 2,048 tokens per row with full remat (`docs/benchmarks.md`
       --config.model.path=/models/Qwen3-30B-A3B
 
 Adapters on the experts too (`lora.targets` + `gate_up_proj`, `down_proj`: one adapter per
-expert, PEFT's `target_parameters`) add 1.2 GiB of weights and 2.4 GiB of Adam state at r=8,
-past 24 GiB: give them a 40 GiB device. The router trains on the load-balancing loss as well
+expert, PEFT's `target_parameters`) add 1.2 GiB of weights and 2.4 GiB of Adam state at r=8:
+23.9 GiB in all, at the edge of 24 GiB; give them a 40 GiB device. The router trains on the load-balancing loss as well
 (`model.router_aux_loss_coef`, the checkpoint's 0.001), which each log line shows as `aux`.
 """
 
