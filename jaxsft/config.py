@@ -88,7 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
       'seed': 0,             # model init, LoRA init, dropout, NEFTune
       'log_every': 10,       # steps between log lines
       'eval_every': 0,       # steps between eval-loss passes; 0 = only at the end
-      'tensorboard': True,   # event files in workdir/tensorboard (metrics.jsonl always)
+      # Trackers fed each logged step: 'tensorboard', 'wandb', 'mlflow' (extras of those
+      # names; where each writes: jaxsft/train/trackers.py). [] = metrics.jsonl only.
+      'report_to': ['tensorboard'],
+      'run_name': '',        # the trackers' run name; '' = the work directory's name
       'sample_prompts': [],  # user prompts answered greedily every sample_every steps, logged
       'sample_every': 0,     # 0 = never
       'sample_max_new_tokens': 64,

@@ -198,7 +198,7 @@ def worker_jax(spec: dict) -> dict:
     elapsed = time.perf_counter() - start
     if spec['profile']:
       # After the timing, so the trace's overhead never enters the figures.
-      with jax.profiler.trace(os.path.join(spec['profile'], method)):
+      with jax.profiler.trace(os.path.join(spec["profile"], method), create_perfetto_trace=True):
         for i in range(2):
           state, metrics = compiled(state, batches[i % count])
         jax.block_until_ready(metrics)

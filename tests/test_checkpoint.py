@@ -46,7 +46,7 @@ def run_config(tmp_path, lora=False, mesh=(8, 1, 1), steps=12):
   config.train.neftune_alpha = 5.0
   config.train.log_every = 1
   config.train.progress_bar = False
-  config.train.tensorboard = False
+  config.train.report_to = []
   config.checkpoint.save_every = 4
   config.checkpoint.async_save = True
   return config

@@ -27,7 +27,7 @@ MARKER = 'jaxsft_export.json'
 SETTINGS = {
     'model.dtype': 'float32', 'model.attention_implementation': 'xla', 'lora.enabled': True,
     'lora.rank': 4, 'lora.alpha': 8.0, 'data.template': 'chatml', 'data.max_seq_len': 64,
-    'batch_size': 2, 'train.num_steps': 2, 'train.tensorboard': False,
+    'batch_size': 2, 'train.num_steps': 2, 'train.report_to': [],
     'checkpoint.save_every': 0}
 
 

@@ -47,7 +47,7 @@ def settings(root: pathlib.Path) -> dict:
       'batch_size': 8, 'mesh.shape': (2, 2, 2),
       'optim.learning_rate': 1e-2, 'optim.warmup_steps': 1,
       'train.num_steps': NUM_STEPS, 'train.log_every': 1, 'train.progress_bar': False,
-      'train.tensorboard': False,
+      'train.report_to': [],
   }
 
 

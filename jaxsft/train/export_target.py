@@ -34,7 +34,8 @@ EXPORT_FILES = frozenset({
 _SHARD = re.compile(r'model-\d{5}-of-\d{5}\.safetensors')
 # What a run writes in its work directory; an export goes into none of them.
 RUN_FILES = ('checkpoints', 'checkpoints_bad', 'config.json', 'metrics.jsonl', 'tensorboard',
-             'summary.json', 'samples.jsonl', 'benchmarks', 'demo', '.jaxsft.lock')
+             'summary.json', 'samples.jsonl', 'benchmarks', 'demo', '.jaxsft.lock',
+             'trackers.json', 'wandb', 'mlruns')
 
 _T = TypeVar('_T')
 

@@ -1,20 +1,23 @@
-"""Run metrics: one log line per log step, `metrics.jsonl`, TensorBoard events."""
+"""Run metrics: one log line per log step, `metrics.jsonl`, and the run's experiment trackers
+(`jaxsft.train.trackers`: TensorBoard, W&B, MLflow)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 
 import jax
 from etils import epath
 
+from jaxsft.train.trackers import open_trackers
+
 _LOG = logging.getLogger('jaxsft')
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).
+  """Writes scalars to `workdir/metrics.jsonl` and the trackers of `report_to` (process 0
+  only; `config` is the resolved config they record, `run_name` their run's name).
 
   A local work directory gets an appended file; a bucket (`gs://`), where objects cannot be
   appended to, gets the file rewritten at each write through `etils.epath`. A run that resumes
@@ -22,10 +25,11 @@ class MetricWriter:
   that checkpoint, before the run stopped), so no step appears twice.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
+  def __init__(self, workdir: str, report_to: tuple[str, ...] = ('tensorboard',),
+               resume_step: int = 0, run_name: str = '', config: dict | None = None):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
-    self._tb = None
+    self._trackers = []
     self._remote_path, self._remote_lines = None, []
     if not self.enabled:
       return
@@ -38,9 +42,9 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       path.write_text(''.join(kept))
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(str(workdir), 'tensorboard'))
+    self._trackers = open_trackers(tuple(report_to), str(workdir),
+                                   run_name or os.path.basename(str(workdir).rstrip('/')),
+                                   config or {})
 
   def write(self, step: int, scalars: dict[str, float], prefix: str = 'train') -> None:
     if not self.enabled:
@@ -53,16 +57,22 @@ class MetricWriter:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
-    if self._tb is not None:
-      for key, value in scalars.items():
-        if value is not None and math.isfinite(value):
-          self._tb.add_scalar(f'{prefix}/{key}', value, step)
+    for tracker in self._trackers:
+      tracker.log(step, {k: v for k, v in record.items() if k != 'step'})
 
-  def close(self) -> None:
+  def summary(self, values: dict) -> None:
+    """The run's final summary (`summary.json`'s content) to every tracker."""
+    for tracker in self._trackers:
+      tracker.summary(values)
+
+  def close(self, finished: bool = True) -> None:
+    """Closes the file and the trackers; `finished` False marks their runs as stopped early
+    (a resume continues them)."""
     if self._jsonl and not self._jsonl.closed:
       self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    for tracker in self._trackers:
+      tracker.close(finished)
+    self._trackers = []
 
 
 def _lines_up_to(text: str, step: int) -> list[str]:

@@ -97,7 +97,8 @@ def run_settings(config: Any) -> RunSettings:
         loop=LoopSettings(log_every=t.log_every, eval_every=t.eval_every,
                           progress_bar=t.progress_bar),
         checkpoint=CheckpointSettings(**config.checkpoint.to_dict()),
-        num_steps=t.num_steps, num_epochs=t.num_epochs, seed=t.seed, tensorboard=t.tensorboard)
+        num_steps=t.num_steps, num_epochs=t.num_epochs, seed=t.seed,
+        report_to=tuple(t.report_to), run_name=t.run_name)
   except UserError as error:
     message = str(error)
     key = _SETTING.match(message)
@@ -226,7 +227,9 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
     if jax.process_index() == 0:
       (epath.Path(workdir) / 'config.json').write_text(
           config.to_json_best_effort(indent=2, sort_keys=True))
-    writer = MetricWriter(workdir, settings.tensorboard, resume_step=int(state.step))
+    writer = MetricWriter(workdir, settings.report_to, resume_step=int(state.step),
+                          run_name=settings.run_name,
+                          config=json.loads(config.to_json_best_effort()))
     run = RunContext(config, model_config, tokenizer, workdir, settings.data.template)
     for callback in callbacks:
       callback.start(run, state)
@@ -241,7 +244,7 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
         raise Preempted(int(state.step), interrupted=sigterm.interrupted)
     except BaseException:
       checkpointer.wait()
-      writer.close()
+      writer.close(finished=False)
       raise
     eval_metrics = evaluate_loss(eval_fn, state.variables(), data, rows)
     if eval_metrics:
@@ -254,6 +257,7 @@ def _train(config: Any, workdir: str, sigterm: SigtermFlag, callbacks: list[Call
       outcome = callback.end(run, state)
       if callback.name and outcome is not None:
         result[callback.name] = outcome
+    writer.summary(summary_of(result))
   writer.close()
   checkpointer.close()
   return result
@@ -280,10 +284,15 @@ def _total_steps(settings: RunSettings, data: Any) -> int:
   return max(1, math.ceil(settings.num_epochs * rows / settings.batch_size))
 
 
+def summary_of(result: dict[str, Any]) -> dict[str, Any]:
+  """What `summary.json` holds of `train`'s result: all but the state and the model config."""
+  return {k: v for k, v in result.items() if k not in ('state', 'model_config')}
+
+
 def write_summary(workdir: str, result: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    summary = {k: v for k, v in result.items() if k not in ('state', 'model_config')}
-    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
+    (epath.Path(workdir) / 'summary.json').write_text(
+        json.dumps(summary_of(result), indent=2, default=str))
 
 
 def load_run(workdir: str) -> tuple[RunSettings, LlamaConfig, str | None, TrainState,
