@@ -53,9 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
       'dropout': 0.05,
       'targets': list(DEFAULT_TARGETS),
       'rslora': False,       # scale alpha / sqrt(rank) instead of alpha / rank
+      'dora': False,         # DoRA (PEFT's use_dora): a learned magnitude per output feature
       'init_from': '',       # a PEFT adapter folder to start from (same rank and targets)
-      # Norms trained whole next to the adapters (PEFT's modules_to_save), e.g. Qwen3's
-      # ['q_norm', 'k_norm']; names or regexes over RMSNorm module paths.
+      # Norms trained whole (PEFT's modules_to_save), e.g. ['q_norm', 'k_norm'] (Qwen3).
       'modules_to_save': [],
   })
   config.quant = ml_collections.ConfigDict({
@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
       'b1': 0.9,
       'b2': 0.999,
       'eps': 1e-8,
-      'weight_decay': 0.0,   # AdamW; never on norms and biases
+      'weight_decay': 0.0,   # AdamW; never on norms, biases and DoRA magnitudes
       'max_grad_norm': 1.0,  # global-norm clipping; 0 = off
   })
   config.train = ml_collections.ConfigDict({

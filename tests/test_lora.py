@@ -29,18 +29,24 @@ def adapting(targets, rank):
   return lora.LoraSettings(rank=rank, targets=tuple(targets))
 
 
-def peft_with_random_adapters(model, config, targets, rank, alpha, rslora=False, seed=0):
+def peft_with_random_adapters(model, config, targets, rank, alpha, rslora=False, seed=0,
+                              dora=False):
   """Random (non-zero) jaxsft adapters for `targets` of the 2-layer model, and a PEFT model
-  over `model` holding the same ones. Returns `(adapters, peft_model, named_modules)`."""
+  over `model` holding the same ones (DoRA: magnitudes U(0.4, 0.9), near the kernels' column
+  norms of ~0.64). Returns `(adapters, peft_model, named_modules)`."""
   abstract = lora.abstract_lora(hf.abstract_params(config), lora.LoraSettings(
-      rank=rank, alpha=alpha, rslora=rslora, targets=tuple(targets)))
+      rank=rank, alpha=alpha, rslora=rslora, targets=tuple(targets), dora=dora))
   rng = np.random.default_rng(seed)
   adapters = jax.tree_util.tree_map(
       lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), flax.core.unfreeze(
           flax.linen.unbox(abstract)))
+  if dora:
+    flat = flax.traverse_util.flatten_dict(adapters, sep=None)
+    adapters = flax.traverse_util.unflatten_dict({path: rng.uniform(0.4, 0.9, x.shape).astype(
+        np.float32) if path[-1] == 'magnitude' else x for path, x in flat.items()})
   peft_model = peft.get_peft_model(model, peft.LoraConfig(
       r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
-      init_lora_weights=False))
+      init_lora_weights=False, use_dora=dora))
   modules = dict(peft_model.named_modules())
   with torch.no_grad():
     for layer in range(2):
@@ -50,6 +56,9 @@ def peft_with_random_adapters(model, config, targets, rank, alpha, rslora=False,
         pair = adapters[f'layers_{layer}'][group][name]
         module.lora_A['default'].weight.copy_(torch.from_numpy(pair['a'].T.copy()))
         module.lora_B['default'].weight.copy_(torch.from_numpy(pair['b'].T.copy()))
+        if dora:
+          module.lora_magnitude_vector['default'].weight.copy_(torch.from_numpy(
+              pair['magnitude']))
   return adapters, peft_model, modules
 
 

@@ -29,6 +29,7 @@ import shlex
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 from user_path import ALPACA, REPO, SHAREGPT, run, tiny_model, write_json
 
@@ -242,6 +243,8 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
   elif verb == 'eval':
     report = json.loads((root / 'eval.json').read_text())
     assert report['perplexity'] > 1 and 'rouge_l' in report
+  elif verb == 'export' and '--format gguf' in command:
+    _check_gguf_export(command, root)
   elif verb == 'export':
     out = root / shlex.split(command)[shlex.split(command).index('--out') + 1]
     assert (out / 'chat_template.jinja').exists()
@@ -275,6 +278,40 @@ def _check_output(command: str, result, root: pathlib.Path, placeholders) -> Non
     assert (workdir / 'summary.json').exists(), result.stderr[-2000:]
   # Quiet by default: no library INFO chatter.
   assert 'INFO absl' not in result.stderr and "Unable to initialize backend" not in result.stderr
+
+
+def _check_gguf_export(command: str, root: pathlib.Path) -> None:
+  """The GGUF file holds the run's merged weights in f16 (the merged export in float32, then
+  rounded), the chat template of the merged export and the run's vocabulary."""
+  import gguf
+  from safetensors.numpy import load_file
+  args = shlex.split(command)
+  workdir, out = root / args[args.index('--workdir') + 1], root / args[args.index('--out') + 1]
+  merged = root / 'merged-f32'
+  run(['export', '--workdir', str(workdir), '--format', 'merged', '--dtype', 'float32', '--out',
+       str(merged)], root)
+  expected = load_file(str(merged / 'model.safetensors'))
+  hf_config = json.loads((merged / 'config.json').read_text())
+  reader = gguf.GGUFReader(str(out))
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hf_config['num_hidden_layers'])
+  tensors = {t.name: t for t in reader.tensors}
+  assert len(tensors) == len(expected)
+  for hf_name, value in expected.items():
+    stem, suffix = hf_name.rsplit('.', 1)
+    tensor = tensors[f'{names.get_name(stem)}.{suffix}']
+    got = np.asarray(tensor.data).reshape(value.shape)
+    if stem.endswith(('q_proj', 'k_proj')):  # llama.cpp's interleaved pairs, undone
+      heads = hf_config['num_attention_heads' if stem.endswith('q_proj') else
+                        'num_key_value_heads']
+      got = got.reshape(heads, -1, 2, value.shape[-1]).swapaxes(1, 2).reshape(value.shape)
+    np.testing.assert_array_equal(got, value if value.ndim == 1 else value.astype(np.float16))
+  assert reader.fields['tokenizer.chat_template'].contents() == \
+      (merged / 'chat_template.jinja').read_text()
+  tokens = reader.fields['tokenizer.ggml.tokens'].contents()
+  vocab = json.loads((merged / 'tokenizer.json').read_text())['model']['vocab']
+  spelled = {' ': 'Ġ', '\n': 'Ċ'}  # byte-level BPE's spelling of the two
+  assert [spelled.get(t, t) for t in sorted(vocab, key=vocab.get)] == \
+      tokens[:len(vocab)]
 
 
 def test_readme_python_blocks(stage):

@@ -124,7 +124,9 @@ def one_error_line(result):
 # missing): `jaxsft benchmark`'s (the `eval` extra) and the trackers (`wandb`, `mlflow`);
 # nothing else may.
 EXTRA_MODULES = {'eval/harness.py': ('eval',), 'eval/benchmark.py': ('eval',),
-                 'eval/humaneval.py': ('eval',), 'train/trackers.py': ('wandb', 'mlflow')}
+                 'eval/humaneval.py': ('eval',), 'train/trackers.py': ('wandb', 'mlflow'),
+                 'interop/gguf_file.py': ('gguf',), 'train/export_target.py': ('gguf',),
+                 'cli/training.py': ('gguf',)}
 
 
 def _requirements(extra=None):

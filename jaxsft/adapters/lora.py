@@ -5,6 +5,11 @@ kernels it adapts: `layers/self_attn/q_proj/kernel [L, D, N*H]` gets
 `layers/self_attn/q_proj/{a: [L, D, R], b: [L, R, N*H]}` (the leading `layers` axis only with
 `scan_layers`). `Projection` finds them there and adds `scale * (dropout(x) @ a) @ b`.
 
+DoRA (`dora=True`, Liu et al. 2024; PEFT's `use_dora`) adds `magnitude [L, N*H]`, one learned
+length per output feature: the layer computes with `magnitude * V / ||V||`, where
+`V = W + scale * A @ B` and the norm is over each kernel column (each output feature; a row of
+PEFT's `[out, in]` weight). It starts at `||W||`, so the adapted model starts as the base model.
+
 Targets (`lora.targets`) are read by `jaxsft.adapters.targets.target_matcher`, as `quant.targets` are:
 plain names (`q_proj`), regular expressions over the module path, or `all-linear`.
 
@@ -48,7 +53,8 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
 class LoraSettings:
   """What a LoRA adapter is: `rank` r, `alpha`, rsLoRA scaling, dropout on the adapter's input
   (training only), the kernels it adapts (`targets`: names, regexes over module paths, or
-  `all-linear`) and the norms trained whole next to it (`modules_to_save`).
+  `all-linear`), the norms trained whole next to it (`modules_to_save`), and whether it is
+  DoRA (`dora`: a learned magnitude per output feature, PEFT's `use_dora`).
 
   Invalid values raise `UserError` when the settings are made. `scale` is the factor of the
   update `x @ W + scale * (x @ A) @ B`; a model applying adapters takes it from here
@@ -61,6 +67,7 @@ class LoraSettings:
   dropout: float = 0.0
   targets: tuple[str, ...] = DEFAULT_TARGETS
   modules_to_save: tuple[str, ...] = ()
+  dora: bool = False
 
   def __post_init__(self):
     for name in ('targets', 'modules_to_save'):
@@ -90,7 +97,8 @@ def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any
   """The LoRA tree's shapes as `nn.LogicallyPartitioned` ShapeDtypeStructs, from the boxed
   abstract params (`jax.eval_shape` of `init`, or `jaxsft.interop.hf.abstract_params`): for a
   kernel `[..., in, out]`, `a [..., in, r]` takes the kernel's input axis and `b [..., r, out]`
-  its output axis, so adapters shard like the kernels they adapt. Norm scales matched by
+  its output axis, so adapters shard like the kernels they adapt; with `settings.dora`,
+  `magnitude [..., out]` takes the output axis too. Norm scales matched by
   `settings.modules_to_save` are copied whole, with their own axes. Targets that match no
   kernel raise `UserError` naming the kernels there are."""
   targets, rank, modules_to_save = settings.targets, settings.rank, settings.modules_to_save
@@ -115,6 +123,9 @@ def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any
     out[module + ('b',)] = nn.LogicallyPartitioned(
         jax.ShapeDtypeStruct((*lead, rank, d_out), param_dtype),
         (*lead_names, LORA_RANK_AXIS, out_name))
+    if settings.dora:
+      out[module + ('magnitude',)] = nn.LogicallyPartitioned(
+          jax.ShapeDtypeStruct((*lead, d_out), param_dtype), (*lead_names, out_name))
   kernel_paths = [p for p in _flat(abstract_params) if p[-1] == 'kernel']
   if not out:
     kernels = sorted(module_path(p) for p in kernel_paths)
@@ -132,6 +143,10 @@ def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any
     raise UserError(f'lora.dropout={settings.dropout} with adapters on experts or the router: '
                     'PEFT adapts those as parameters (target_parameters), without dropout, so '
                     'the adapter could not load in PEFT; set lora.dropout=0.')
+  if settings.dora and any(is_expert(p) or is_router(p) for p in kernel_paths if matches(p)):
+    raise UserError('lora.dora=True with adapters on experts or the router: PEFT adapts those as '
+                    'parameters (target_parameters), which have no DoRA; drop them from '
+                    'lora.targets or set lora.dora=False.')
   if modules_to_save and not any(path[-1] == 'scale' for path in out):
     norms = sorted({p[-2] for p in _flat(abstract_params) if p[-1] == 'scale'})
     raise UserError(f'lora.modules_to_save={list(modules_to_save)} match no norm; jaxsft '
@@ -139,15 +154,41 @@ def abstract_lora(abstract_params: Any, settings: LoraSettings, param_dtype: Any
   return flax.traverse_util.unflatten_dict(out)
 
 
+def dora_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """`||W + scale * A @ B||` of each output feature, float32: kernel `[..., in, out]`, a
+  `[..., in, r]`, b `[..., r, out]` -> `[..., out]` (the norm over `in`: PEFT's norm of each row
+  of its `[out, in]` weight). Formed whole, as PEFT does: DoRA's cost over LoRA."""
+  weight = kernel.astype(jnp.float32) + scale * jnp.einsum(
+      '...ir,...ro->...io', a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.sqrt(jnp.sum(weight * weight, axis=-2))
+
+
+def _column_norm(kernel: Any) -> jax.Array:
+  """`||W||` of each output feature (float32) of a dense or 4-bit `[..., in, out]` kernel."""
+  if isinstance(kernel, quant.QuantizedKernel):
+    kernel = quant.dequantize(kernel, jnp.float32)
+  kernel = jnp.asarray(kernel, jnp.float32)
+  return jnp.sqrt(jnp.sum(kernel * kernel, axis=-2))
+
+
 def init_lora(rng: jax.Array, abstract: Any, base_params: Any = None) -> Any:
   """PEFT's initialisation: A Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B zeros, so
-  the adapted model starts as the base model; a saved norm's scale starts as `base_params`'s.
-  `abstract` is from `abstract_lora`; the result has its shapes, unboxed."""
+  the adapted model starts as the base model; a saved norm's scale starts as `base_params`'s,
+  a DoRA magnitude as the norm of each output feature of the `base_params` kernel (a 4-bit one
+  dequantized, as PEFT does). `abstract` is from `abstract_lora`; the result has its shapes,
+  unboxed."""
   flat = _flat(unboxed(abstract))
   base = _flat(base_params) if base_params is not None else {}
   out = {}
-  keys = jax.random.split(rng, max(len(flat), 1))
-  for key, (path, leaf) in zip(keys, sorted(flat.items())):
+  magnitudes = [path for path in flat if path[-1] == 'magnitude']
+  if magnitudes and base_params is None:
+    raise ValueError('DoRA adapters start from the base kernels\' norms; pass base_params.')
+  for path in magnitudes:
+    out[path] = _column_norm(base[path[:-1] + ('kernel',)]).astype(flat[path].dtype)
+  # Keys as without DoRA (magnitudes draw none): the same seed gives LoRA and DoRA the same A.
+  rest = sorted((path, leaf) for path, leaf in flat.items() if path[-1] != 'magnitude')
+  keys = jax.random.split(rng, max(len(rest), 1))
+  for key, (path, leaf) in zip(keys, rest):
     if path[-1] == 'scale':
       out[path] = jnp.asarray(base[path], leaf.dtype)
     elif path[-1] == 'a':
@@ -161,10 +202,11 @@ def init_lora(rng: jax.Array, abstract: Any, base_params: Any = None) -> Any:
 def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.float32
                ) -> Any:
   """Params with `W + scale * A @ B` folded into each adapted kernel (for export), computed in
-  float32. A 4-bit base kernel is dequantized first (float32) and every quantized kernel comes
-  out in `quantized_dtype` (float32 by default: no rounding on top of the 4-bit codes; pass
-  `jnp.bfloat16` for half the bytes); dense kernels keep their dtype. The result is a plain
-  dense tree, e.g. for `jaxsft.interop.hf.save_checkpoint`."""
+  float32; under DoRA `magnitude * V / ||V||` of `V = W + scale * A @ B`. A 4-bit base kernel
+  is dequantized first (float32) and every quantized kernel comes out in `quantized_dtype`
+  (float32 by default: no rounding on top of the 4-bit codes; pass `jnp.bfloat16` for half the
+  bytes); dense kernels keep their dtype. The result is a plain dense tree, e.g. for
+  `jaxsft.interop.hf.save_checkpoint`."""
   flat_params = _flat(params)
   flat_lora = _flat(lora)
   merged = {}
@@ -179,7 +221,12 @@ def merge_lora(params: Any, lora: Any, scale: float, quantized_dtype: Any = jnp.
     kernel = merged[path + ('kernel',)]
     delta = jnp.einsum('...ir,...ro->...io', flat_lora[path + ('a',)].astype(jnp.float32),
                        flat_lora[path + ('b',)].astype(jnp.float32))
-    merged[path + ('kernel',)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+    weight = kernel.astype(jnp.float32) + scale * delta
+    if path + ('magnitude',) in flat_lora:  # DoRA: each output feature's column to its length
+      magnitude = flat_lora[path + ('magnitude',)].astype(jnp.float32)
+      norm = jnp.sqrt(jnp.sum(weight * weight, axis=-2, keepdims=True))
+      weight = weight * (magnitude[..., None, :] / norm)
+    merged[path + ('kernel',)] = weight.astype(kernel.dtype)
   return flax.traverse_util.unflatten_dict(merged)
 
 

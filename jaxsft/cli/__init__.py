@@ -10,7 +10,8 @@
   jaxsft plan --config FILE [--device-memory-gib N] [--find-max-seq-len] [--platform P]
         [--devices N]   per-device memory from shapes alone; --devices plans for N devices
         (a slice) on N fake CPU host devices
-  jaxsft export --workdir DIR --format merged|peft --out OUT [--dtype bfloat16]
+  jaxsft export --workdir DIR --format merged|peft|gguf --out OUT [--dtype bfloat16]
+                [--gguf-type f32|f16|bf16|q8_0]
   jaxsft eval --workdir DIR | --hf PATH [--data FILE] [--generate N]   NLL, perplexity, ...
   jaxsft generate --workdir DIR | --hf PATH --prompt "..."   (or --prompts file.jsonl, with
         MT-Bench questions too; --out answers.jsonl)
@@ -87,11 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     'devices of this machine: the mesh, the shardings and the per-device bytes '
                     'of N devices, measured on the XLA:CPU compile')
   plan.set_defaults(run=training.plan)
-  export = add_parser('export', help='a run as a merged HF folder or a PEFT adapter')
+  export = add_parser('export', help='a run as a merged HF folder, a PEFT adapter or a GGUF '
+                      'file (llama.cpp)')
   export.add_argument('--workdir', required=True)
-  export.add_argument('--format', choices=('merged', 'peft'), required=True)
-  export.add_argument('--out', required=True)
-  export.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'))
+  export.add_argument('--format', choices=('merged', 'peft', 'gguf'), required=True)
+  export.add_argument('--out', required=True, help='a folder (merged, peft) or a .gguf file')
+  export.add_argument('--dtype', default=None, choices=('bfloat16', 'float16', 'float32'),
+                      help='merged: the weights\' dtype (default bfloat16)')
+  export.add_argument('--gguf-type', default=None, choices=('f32', 'f16', 'bf16', 'q8_0'),
+                      help='gguf: the 2-D weights\' type (default f16; norms stay f32)')
   export.set_defaults(run=training.export)
   eval_parser = add_parser('eval', help='NLL / perplexity / accuracy (+ exact match, '
                                    'ROUGE-L) of a run or HF checkpoint on a data file')

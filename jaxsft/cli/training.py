@@ -177,11 +177,26 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   del overrides
   # pylint: disable=import-outside-toplevel
+  from jaxsft.errors import UserError
   from jaxsft.train import export_target
+  gguf = args.format == 'gguf'
+  if (args.dtype and gguf) or (args.gguf_type and not gguf):
+    raise UserError(f'--{"dtype" if gguf else "gguf-type"} does not apply to --format '
+                    f'{args.format}; {"--gguf-type" if gguf else "--dtype"} sets its precision.')
+  if gguf:
+    try:
+      import gguf as _  # noqa: F401  # the extra, checked before anything loads
+    except ImportError:
+      raise UserError("--format gguf needs the gguf package; install it with pip install "
+                      "'jaxsft[gguf]'.") from None
   # Before JAX loads, so a refusal is immediate (argparse has checked --format).
-  export_target.check_target(args.out, args.format, args.workdir,
-                             export_target.recorded_folders(args.workdir))
+  folders = export_target.recorded_folders(args.workdir)
+  if gguf:
+    export_target.check_file_target(args.out, args.workdir, folders)
+  else:
+    export_target.check_target(args.out, args.format, args.workdir, folders)
   from jaxsft.train import export
-  export.export_run(args.workdir, args.format, args.out, args.dtype)
+  export.export_run(args.workdir, args.format, args.out, args.dtype or 'bfloat16',
+                    gguf_type=args.gguf_type or 'f16')
   print(f'wrote {args.format} export of {args.workdir} to {args.out}')
   return 0

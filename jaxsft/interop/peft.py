@@ -1,8 +1,9 @@
 """PEFT LoRA adapters in and out: `adapter_config.json` + `adapter_model.safetensors` with
 PEFT's names (`base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight`, `[r, in]`;
 `lora_B.weight`, `[out, r]`; norms trained whole under `modules_to_save` as
-`....self_attn.q_norm.weight`), which `peft.PeftModel.from_pretrained` loads, and back into a
-jaxsft LoRA tree (scanned or unrolled layers).
+`....self_attn.q_norm.weight`; DoRA's magnitudes, `use_dora`, as
+`....q_proj.lora_magnitude_vector`, `[out]`), which `peft.PeftModel.from_pretrained` loads, and
+back into a jaxsft LoRA tree (scanned or unrolled layers).
 
 Mixture-of-experts models: transformers keeps each expert projection of a layer as one
 `[E, out, in]` parameter and the router as a bare weight, which PEFT adapts through
@@ -28,7 +29,8 @@ from jaxsft.errors import UserError
 from jaxsft.parallel.mesh import unboxed
 
 _PEFT_PREFIX = 'base_model.model.model.'
-_PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight'}
+_PEFT_LEAF = {'a': 'lora_A.weight', 'b': 'lora_B.weight', 'scale': 'weight',
+              'magnitude': 'lora_magnitude_vector'}  # PEFT saves the last without `.weight`
 # Kernels PEFT reaches with `target_parameters` (parameters, not `nn.Linear` modules): each
 # expert projection, stored by transformers as one `[E, out, in]` tensor, and the router's
 # weight. Their parameter names, and the order transformers defines an experts module's
@@ -76,8 +78,9 @@ def _peft_names(path: tuple[str, ...], num_layers: int,
 def _to_peft(leaf: str, value: np.ndarray) -> np.ndarray:
   """jaxsft `[in, r]` / `[r, out]` -> PEFT's torch layout `[r, in]` / `[out, r]`. Experts'
   `[E, in, r]` / `[E, r, out]` -> PEFT's `[E * r, in]` (rows expert-major) / `[out, r * E]`
-  (columns rank-major), the layout of its `ParamWrapper`."""
-  if leaf == 'scale':
+  (columns rank-major), the layout of its `ParamWrapper`. Norm scales and DoRA magnitudes
+  (`[out]`, one layer's) are the same in both."""
+  if leaf in ('scale', 'magnitude'):
     return np.ascontiguousarray(value)
   if value.ndim == 2:
     return np.ascontiguousarray(value.T)
@@ -88,7 +91,7 @@ def _to_peft(leaf: str, value: np.ndarray) -> np.ndarray:
 
 def _from_peft(leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """The inverse of `_to_peft` for one layer's leaf of `shape` (jaxsft layout)."""
-  if leaf == 'scale':
+  if leaf in ('scale', 'magnitude'):
     return value
   if len(shape) == 2:
     return value.T
@@ -140,8 +143,9 @@ def _targets(lora_tree: Any) -> tuple[list[str], list[str]]:
 def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraSettings,
                       base_model: str = '') -> None:
   """Writes the LoRA tree as a PEFT adapter folder, `adapter_config.json` (rank, alpha, rsLoRA,
-  dropout of `settings`; the target modules the tree holds) and `adapter_model.safetensors`
-  (process 0 only), that `peft.PeftModel.from_pretrained` loads over `base_model`."""
+  dropout and DoRA of `settings`; the target modules the tree holds) and
+  `adapter_model.safetensors` (process 0 only), that `peft.PeftModel.from_pretrained` loads
+  over `base_model`."""
   rank, alpha, dropout, rslora = (settings.rank, settings.alpha, settings.dropout,
                                   settings.rslora)
   tensors = peft_tensors(lora_tree, num_layers)
@@ -152,8 +156,8 @@ def save_peft_adapter(out: str, lora_tree: Any, num_layers: int, settings: LoraS
   saved = sorted({key.split('.')[-2] for key in tensors if '.lora_' not in key})
   adapter_config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank, 'lora_alpha': alpha,
-      'lora_dropout': dropout, 'use_rslora': rslora, 'target_modules': modules,
-      'bias': 'none', 'fan_in_fan_out': False, 'init_lora_weights': True,
+      'lora_dropout': dropout, 'use_rslora': rslora, 'use_dora': settings.dora,
+      'target_modules': modules, 'bias': 'none', 'fan_in_fan_out': False, 'init_lora_weights': True,
       'modules_to_save': saved or None, 'inference_mode': True,
       'base_model_name_or_path': base_model}
   if parameters:
@@ -167,9 +171,15 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
                       ) -> tuple[Any, dict[str, Any]]:
   """A PEFT adapter folder -> (LoRA tree shaped like `abstract_lora_tree`, from
   `jaxsft.adapters.lora.abstract_lora`, and the adapter's config as a dict). Tensors the tree
-  does not ask for, or missing ones, are a `UserError` naming the adapter's target modules."""
+  does not ask for, or missing ones, are a `UserError` naming the adapter's target modules;
+  so is a DoRA adapter (`use_dora`) for a tree without magnitudes, or the other way round."""
   with open(os.path.join(folder, 'adapter_config.json')) as f:
     adapter_config = json.load(f)
+  flat = _flat(unboxed(abstract_lora_tree))
+  dora = any(path[-1] == 'magnitude' for path in flat)
+  if bool(adapter_config.get('use_dora', False)) != dora:
+    raise UserError(f'{folder} has use_dora={bool(adapter_config.get("use_dora", False))} but '
+                    f'lora.dora={dora}; make them equal.')
   files = [name for name in ('adapter_model.safetensors',) if
            os.path.exists(os.path.join(folder, name))]
   if not files:
@@ -178,7 +188,6 @@ def load_peft_adapter(folder: str, abstract_lora_tree: Any, num_layers: int
   tensors = {key.replace('.default.', '.').replace('.modules_to_save.', '.'): value
              for key, value in load_file(os.path.join(folder, files[0])).items()}
   out, used = {}, set()
-  flat = _flat(unboxed(abstract_lora_tree))
   targeted = _targeted(flat)
   for path, leaf in flat.items():
     parts = []

@@ -1,7 +1,8 @@
 """Building blocks with logical axis names: the linear projection and RMSNorm.
 
 `Projection` is the one place a kernel meets activations, so every kind of kernel (plain, LoRA
-adapters from the `lora` collection, quantized pytree nodes) plugs in here and nowhere else.
+or DoRA adapters from the `lora` collection, quantized pytree nodes) plugs in here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsft.adapters.lora import dora_norm
 from jaxsft.adapters.quant import QuantizedKernel, dequantize
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -129,10 +131,13 @@ class Projection(nn.Module):
       kernel = self.param('kernel', nn.with_logical_partitioning(default_kernel_init, self.axes),
                           (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    if accumulation_dtype(self.dtype) is None:
-      y = jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
-    else:
-      y = dense(x, jnp.asarray(kernel))
+
+    def base(x):
+      if accumulation_dtype(self.dtype) is None:
+        return jnp.einsum('...i,io->...o', x, jnp.asarray(kernel, self.dtype))
+      return dense(x, jnp.asarray(kernel))
+
+    y = base(x)
     if self.has_variable('lora', 'a'):
       # x @ W + scale * (dropout(x) @ A) @ B: the frozen W never enters a weight gradient.
       if self.lora_scale is None:
@@ -142,13 +147,31 @@ class Projection(nn.Module):
       a_ir = jnp.asarray(self.get_variable('lora', 'a'))
       b_ro = jnp.asarray(self.get_variable('lora', 'b'))
       x_lora = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
-      y = y + self.lora_scale * low_rank_update(x_lora, a_ir, b_ro)
+      update = low_rank_update(x_lora, a_ir, b_ro)
+      if self.has_variable('lora', 'magnitude'):
+        y = self._dora(y, base, x_lora, kernel, a_ir, b_ro, update)
+      else:
+        y = y + self.lora_scale * update
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[1:]),
                         (self.features,), self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
     return y
+
+  def _dora(self, y, base, x_lora, kernel, a_ir, b_ro, update):
+    """DoRA's output as PEFT computes it: `y + (g - 1) * dropout(x) @ W + g * scale * update`,
+    `g = magnitude / ||W + scale * A @ B||` `[out]` (float32) with the norm a constant in the
+    backward (the paper's section 4.3, PEFT's `detach`): A and B get gradients only through
+    `update`. Without dropout this is `g * (x @ W + scale * update)`; with it, the dropped
+    input reaches W only through the `g - 1` term, so the frozen matmul runs twice."""
+    norm = jax.lax.stop_gradient(dora_norm(jnp.asarray(kernel), a_ir, b_ro, self.lora_scale))
+    g = jnp.asarray(self.get_variable('lora', 'magnitude'), jnp.float32) / norm
+    dropped = self.lora_dropout > 0 and not self.deterministic
+    y_dropped = base(x_lora) if dropped else y
+    dora = (g - 1) * y_dropped.astype(jnp.float32) + (
+        g * self.lora_scale) * update.astype(jnp.float32)
+    return (y.astype(jnp.float32) + dora).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -5,6 +5,10 @@ it trained with.
            4-bit bases dequantized first, written in bf16 (or fp32/fp16).
   peft     `adapter_config.json` + `adapter_model.safetensors` (`jaxsft.interop.peft`),
            loadable with `peft.PeftModel.from_pretrained` on the original base.
+  gguf     one `.gguf` file for llama.cpp / Ollama / LM Studio: the merged weights in f32,
+           f16, bf16 or q8_0, the tokenizer and the chat template (`jaxsft.interop.gguf_file`;
+           the `gguf` extra). Its `--out` is a file path: a new one, or an earlier jaxsft GGUF
+           export (recognised by the record in its metadata), which is replaced whole.
 
 An export writes only what it owns. `--out` is a new folder, an empty one, or an earlier jaxsft
 export of the same format, recognised by the `jaxsft_export.json` it wrote (format, the files
@@ -26,6 +30,8 @@ writes, and its refusal stops every process.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -34,12 +40,14 @@ from jaxsft.adapters.lora import dense_params
 from jaxsft.data.templates import load_template
 from jaxsft.data.tokenizer import load_tokenizer
 from jaxsft.errors import UserError
-from jaxsft.interop import hf, peft
+from jaxsft.interop import gguf_file, hf, peft
 from jaxsft.train.export_target import (
   EXPORT_FILES,
   FORMATS,
+  GGUF_MARKER_KEY,
   MARKER,
   Staging,
+  check_file_target,
   check_target,
   on_writer,
   recorded_folders,
@@ -49,14 +57,19 @@ from jaxsft.train.export_target import (
 from jaxsft.train.run import load_run
 from jaxsft.train.workdir import absolute_workdir
 
-__all__ = ['EXPORT_FILES', 'FORMATS', 'MARKER', 'check_target', 'export_run']
+__all__ = ['EXPORT_FILES', 'FORMATS', 'GGUF_MARKER_KEY', 'MARKER', 'check_target',
+           'export_run']
 
 
-def export_run(workdir: str, fmt: str, out: str, dtype: Any = 'bfloat16') -> None:
-  """A run's newest checkpoint as a merged HF folder or a PEFT adapter in `out`, under the
-  rules of the module docstring."""
+def export_run(workdir: str, fmt: str, out: str, dtype: Any = 'bfloat16',
+               gguf_type: str = 'f16') -> None:
+  """A run's newest checkpoint as a merged HF folder, a PEFT adapter or a GGUF file (of
+  `gguf_type`) in `out`, under the rules of the module docstring."""
   if fmt not in FORMATS:
-    raise UserError(f'unknown export format {fmt!r}; use merged or peft.')
+    raise UserError(f'unknown export format {fmt!r}; use merged, peft or gguf.')
+  if fmt == 'gguf':
+    _export_gguf(workdir, out, gguf_type)
+    return
   # Before the run loads: the base and tokenizer folders its config.json names, for a fast and
   # specific refusal. The checkpoint's own record (which a later failed start cannot rewrite)
   # is checked again once the run is loaded.
@@ -70,6 +83,44 @@ def export_run(workdir: str, fmt: str, out: str, dtype: Any = 'bfloat16') -> Non
   finally:
     if staging is not None:
       staging.clean_up()
+
+
+def _dense_run_params(settings, state):
+  """The run's parameters with its adapters folded in (the merged export's weights)."""
+  if settings.lora is not None:
+    return dense_params(state.frozen, state.params, settings.lora.scale)
+  return dense_params(state.params, None, 1.0)
+
+
+def _export_gguf(workdir: str, out: str, gguf_type: str) -> None:
+  on_writer(lambda: check_file_target(out, workdir, recorded_folders(workdir)))
+  settings, model_config, folder, state, meta = load_run(workdir)
+  gguf_file.check_gguf_model(model_config)
+  tokenizer_dir = settings.data.tokenizer or folder
+  on_writer(lambda: check_file_target(out, workdir, [
+      (folder, "the run's base model folder"), (settings.data.tokenizer, "the run's tokenizer "
+                                                 'folder')]))
+  chat_template = meta.get('chat_template')
+  if chat_template is None and tokenizer_dir:
+    chat_template = load_template(settings.data.template, load_tokenizer(tokenizer_dir)).source
+  params = _dense_run_params(settings, state)
+  if jax.process_index() != 0:  # the tensors are gathered inside; process 0 writes
+    gguf_file.save_gguf(os.devnull, model_config, params, tokenizer_dir=tokenizer_dir,
+                        chat_template=chat_template, gguf_type=gguf_type)
+    return
+  temp = staging_path(out)
+  source = {'workdir': absolute_workdir(workdir), 'step': int(state.step), 'type': gguf_type}
+  try:
+    with write_errors(out):
+      os.makedirs(os.path.dirname(os.path.realpath(out)), exist_ok=True)
+      gguf_file.save_gguf(temp, model_config, params, tokenizer_dir=tokenizer_dir,
+                          chat_template=chat_template, gguf_type=gguf_type,
+                          name=os.path.basename(absolute_workdir(workdir).rstrip('/')),
+                          metadata={GGUF_MARKER_KEY: json.dumps(source, sort_keys=True)})
+      os.replace(temp, os.path.realpath(out))
+  finally:
+    if os.path.lexists(temp):
+      os.remove(temp)
 
 
 def _export(workdir: str, fmt: str, out: str, dtype: Any, staging: Staging | None) -> None:
@@ -89,10 +140,7 @@ def _export(workdir: str, fmt: str, out: str, dtype: Any, staging: Staging | Non
   temp = staging_path(out)
   with write_errors(out):
     if fmt == 'merged':
-      if settings.lora is not None:
-        params = dense_params(state.frozen, state.params, settings.lora.scale)
-      else:
-        params = dense_params(state.params, None, 1.0)
+      params = _dense_run_params(settings, state)
       hf.save_checkpoint(temp, model_config, params, dtype=dtype, tokenizer_dir=tokenizer_dir)
     else:
       peft.save_peft_adapter(temp, state.params, model_config.num_layers, settings.lora,

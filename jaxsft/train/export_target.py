@@ -3,7 +3,9 @@
 target whose files become the export (`Staging`).
 
 Standard library only (numpy and JAX only for the multi-process broadcast of a refusal, once JAX
-is loaded), so the CLI checks `--out` before it imports JAX: a refusal costs no model load.
+is loaded; `gguf` to recognise an earlier GGUF export), so the CLI checks `--out` before it
+imports JAX: a refusal costs no model load. `--format gguf` writes one file (`check_file_target`),
+staged beside it and renamed into place.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any, TypeVar
 
 from jaxsft.errors import UserError
 
-FORMATS = ('merged', 'peft')
+FORMATS = ('merged', 'peft', 'gguf')
 MARKER = 'jaxsft_export.json'
+GGUF_MARKER_KEY = 'jaxsft.export'  # a jaxsft GGUF export's record, in the file's metadata
 # The files an export writes, and those that change how transformers or PEFT read a folder: one
 # of these that no earlier export of the same format wrote would be overwritten or loaded with
 # the export (a stale `tokenizer.model` beside a new `tokenizer.json`, an `adapter_config.json`
@@ -64,27 +67,7 @@ def check_target(out: str, fmt: str, workdir: str,
   if os.path.lexists(out) and not os.path.isdir(out):
     raise UserError(f'--out {out} is a file, not a folder; pass a new folder (or an earlier '
                     f'jaxsft {fmt} export), e.g. {suggestion}.')
-  ancestor = os.path.dirname(target)
-  while not os.path.lexists(ancestor):
-    ancestor = os.path.dirname(ancestor)
-  if not os.path.isdir(ancestor):
-    raise UserError(f'--out {out} lies under {ancestor}, which is a file, not a folder; pass a '
-                    f'folder path, e.g. {suggestion}.')
-  if '://' not in workdir:  # a bucket work directory holds no local folder
-    run_dir = os.path.realpath(workdir)
-    if target == run_dir:
-      raise UserError(f'--out {out} is the work directory {workdir} itself, whose files are the '
-                      f"run's; pass a new folder, e.g. {suggestion}.")
-    if _inside(target, run_dir):
-      top = os.path.relpath(target, run_dir).split(os.sep)[0]
-      if top in RUN_FILES:
-        raise UserError(f'--out {out} lies in {os.path.join(workdir, top)}, which the run '
-                        f'writes; pass a new folder, e.g. {suggestion}.')
-  for folder, what in protected:
-    if folder and os.path.isdir(folder) and _inside(target, os.path.realpath(folder)):
-      where = 'is' if target == os.path.realpath(folder) else 'lies inside'
-      raise UserError(f'--out {out} {where} {what} {folder}, which an export must not change; '
-                      f'pass a new folder, e.g. {suggestion}.')
+  _check_location(out, target, workdir, protected, suggestion)
   if not os.path.isdir(target):
     return []
   marker = _read_marker(target, out)
@@ -105,6 +88,58 @@ def check_target(out: str, fmt: str, workdir: str,
                     f'jaxsft {fmt} export there wrote; pass a new or empty folder, or move '
                     'those files away.')
   return previous
+
+
+def check_file_target(out: str, workdir: str,
+                      protected: Sequence[tuple[str | None, str]] = ()) -> None:
+  """`--format gguf`: refuses (`UserError`) an `out` that is not a `.gguf` path, lies where
+  `check_target` refuses a folder, or names an existing file that no jaxsft GGUF export wrote
+  (one that did is replaced)."""
+  target = os.path.realpath(out)
+  suggestion = os.path.join(workdir, 'export', 'model.gguf')
+  if not out.endswith('.gguf') or os.path.isdir(target):
+    raise UserError(f'--out {out}: --format gguf writes one file; pass a new path ending in '
+                    f'.gguf, e.g. {suggestion}.')
+  _check_location(out, target, workdir, protected, suggestion)
+  if os.path.lexists(out) and not _is_gguf_export(target):
+    raise UserError(f'--out {out} exists and is not a GGUF file that jaxsft exported; pass a '
+                    f'new path, e.g. {suggestion}, or move it away.')
+
+
+def _is_gguf_export(path: str) -> bool:
+  """Whether `path` is a GGUF file carrying jaxsft's export record (`GGUF_MARKER_KEY`)."""
+  try:
+    import gguf  # pylint: disable=import-outside-toplevel
+    return GGUF_MARKER_KEY in gguf.GGUFReader(path).fields
+  except Exception:  # pylint: disable=broad-except  # not GGUF, unreadable: not ours
+    return False
+
+
+def _check_location(out: str, target: str, workdir: str,
+                    protected: Sequence[tuple[str | None, str]], suggestion: str) -> None:
+  """The rules shared by folders and files: under a folder, outside the run's own files and
+  the `protected` folders."""
+  ancestor = os.path.dirname(target)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise UserError(f'--out {out} lies under {ancestor}, which is a file, not a folder; pass a '
+                    f'path, e.g. {suggestion}.')
+  if '://' not in workdir:  # a bucket work directory holds no local folder
+    run_dir = os.path.realpath(workdir)
+    if target == run_dir:
+      raise UserError(f'--out {out} is the work directory {workdir} itself, whose files are the '
+                      f"run's; pass a new path, e.g. {suggestion}.")
+    if _inside(target, run_dir):
+      top = os.path.relpath(target, run_dir).split(os.sep)[0]
+      if top in RUN_FILES:
+        raise UserError(f'--out {out} lies in {os.path.join(workdir, top)}, which the run '
+                        f'writes; pass a new path, e.g. {suggestion}.')
+  for folder, what in protected:
+    if folder and os.path.isdir(folder) and _inside(target, os.path.realpath(folder)):
+      where = 'is' if target == os.path.realpath(folder) else 'lies inside'
+      raise UserError(f'--out {out} {where} {what} {folder}, which an export must not change; '
+                      f'pass a new path, e.g. {suggestion}.')
 
 
 def _inside(path: str, folder: str) -> bool:

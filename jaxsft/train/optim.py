@@ -12,8 +12,9 @@ import optax
 from jaxsft.errors import check_choice, check_number
 
 SCHEDULES = ('constant', 'linear', 'cosine')
-# Leaves that never get weight decay: RMSNorm scales and biases (the usual LLaMA recipe).
-_NO_DECAY = ('scale', 'bias')
+# Leaves that never get weight decay: RMSNorm scales and biases (the usual LLaMA recipe), and
+# DoRA magnitudes, which decay would pull toward 0 (away from the base's norms), not to the base.
+_NO_DECAY = ('scale', 'bias', 'magnitude')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +22,8 @@ class OptimizerSettings:
   """AdamW and its learning-rate schedule: linear warmup from 0 to `learning_rate` over
   `warmup_steps` (when >= 0) or `warmup_ratio` of the run, then `schedule` (constant, linear or
   cosine decay to `learning_rate * min_lr_ratio`); global-norm clipping at `max_grad_norm`
-  (0: off); decoupled `weight_decay`, never on norms and biases. Invalid values raise
-  `UserError` when the settings are made."""
+  (0: off); decoupled `weight_decay`, never on norms, biases and DoRA magnitudes. Invalid
+  values raise `UserError` when the settings are made."""
 
   learning_rate: float = 2e-5
   schedule: str = 'cosine'

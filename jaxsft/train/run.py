@@ -39,6 +39,7 @@ from jaxsft.train.callbacks import Callback, RunContext
 from jaxsft.train.flops import device_peak_flops, train_flops_per_token
 from jaxsft.train.loop import LoopSettings, Preempted, StepLoop
 from jaxsft.train.metrics import MetricWriter
+from jaxsft.train.trackers import check_trackers
 from jaxsft.train.model_source import ModelSettings, model_config_from
 from jaxsft.train.optim import OptimizerSettings, make_optimizer
 from jaxsft.train.preemption import SigtermFlag
@@ -80,8 +81,8 @@ def run_settings(config: Any) -> RunSettings:
     t, lora, quant = config.train, config.lora, config.quant
     lora_settings = LoraSettings(
         rank=lora.rank, alpha=lora.alpha, rslora=lora.rslora, dropout=lora.dropout,
-        targets=tuple(lora.targets), modules_to_save=tuple(lora.modules_to_save)
-    ) if lora.enabled else None
+        targets=tuple(lora.targets), modules_to_save=tuple(lora.modules_to_save),
+        dora=lora.get('dora', False)) if lora.enabled else None
     quant_settings = None if quant.kind == 'none' else QuantSettings(
         kind=quant.kind, block_size=quant.block_size, double_quant=quant.double_quant,
         double_quant_rounding=quant.double_quant_rounding, targets=tuple(quant.targets))
@@ -98,7 +99,10 @@ def run_settings(config: Any) -> RunSettings:
                           progress_bar=t.progress_bar),
         checkpoint=CheckpointSettings(**config.checkpoint.to_dict()),
         num_steps=t.num_steps, num_epochs=t.num_epochs, seed=t.seed,
-        report_to=tuple(t.report_to), run_name=t.run_name)
+        # Keys newer than some saved runs' configs (`load_run` reads those back) default.
+        report_to=tuple(t.get('report_to', ['tensorboard'] if t.get('tensorboard', True)
+                              else [])),
+        run_name=t.get('run_name', ''))
   except UserError as error:
     message = str(error)
     key = _SETTING.match(message)
@@ -120,7 +124,8 @@ def train(config: Any, workdir: str, callbacks: Sequence[Callback] = ()) -> dict
   (SIGTERM or Ctrl-C, after saving; before the first step nothing new is saved) and `UserError`
   (also when a checkpoint cannot be written: a full disk).
   """
-  run_settings(config)  # every value checked before the work directory is touched
+  settings = run_settings(config)  # every value checked before the work directory is touched
+  check_trackers(settings.report_to)  # (a run read back for export needs none of them)
   _check_callbacks(config, callbacks)
   workdir = absolute_workdir(workdir)
   with WorkdirLock(workdir), SigtermFlag() as sigterm:

@@ -18,7 +18,6 @@ from jaxsft.train.model_source import ModelSettings
 from jaxsft.train.optim import OptimizerSettings
 from jaxsft.train.state import check_adaptation
 from jaxsft.train.step import StepSettings
-from jaxsft.train.trackers import check_trackers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +72,6 @@ class RunSettings:
                       f'{self.batch_size} (each micro-batch is batch_size / grad_accum_steps '
                       'rows).')
     check_adaptation(self.lora, self.quant)
-    check_trackers(self.report_to)
     if self.data.streaming and self.num_steps <= 0:
       raise UserError(f'train.num_steps={self.num_steps}: must be > 0 with data.streaming=True '
                       '(a stream has no length, so num_epochs cannot end it).')
