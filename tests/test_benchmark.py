@@ -11,7 +11,7 @@ import lm_eval
 import pytest
 from lm_eval.tasks import TaskManager
 from test_user_path import CONFIG
-from user_path import ALPACA, REPO, run, tiny_model, write_json
+from user_path import ALPACA, REPO, run, tiny_model, tiny_moe_model, write_json
 
 from jaxsft.config import default_config
 from jaxsft.eval import model as eval_model
@@ -128,6 +128,15 @@ def test_an_hf_folder_scores_as_lm_eval_hf_backend_scores_it(stage, tmp_path):
   assert_same(ours, theirs, TASKS)
   assert ours['n-samples']['tiny_mc']['effective'] == 24
   assert ours['jaxsft']['commit']
+
+
+def test_a_mixture_of_experts_folder_scores_as_lm_eval_hf_backend_scores_it(stage, tmp_path):
+  """Qwen3-MoE through `jaxsft benchmark`: shared contexts in a KV cache and packed rows,
+  the experts routed per token, equal to transformers under lm-eval's `hf` backend."""
+  root, _ = stage
+  model = tiny_moe_model(tmp_path / 'moe')
+  ours = jaxsft_benchmark(root, ['--hf', str(model)], ['tiny_mc'], tmp_path / 'ours.json')
+  assert_same(ours, hf_backend(root, f'pretrained={model}', ['tiny_mc']), ['tiny_mc'])
 
 
 def test_a_lora_run_scores_as_its_peft_export_with_the_chat_template(stage, tmp_path):
