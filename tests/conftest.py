@@ -32,6 +32,11 @@ jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
+# Tokenizer folders converted once per session (see `llama2_tokenizer`), shared the same way.
+if 'JAXSFT_TEST_TOKENIZERS' not in os.environ:
+  os.environ['JAXSFT_TEST_TOKENIZERS'] = tempfile.mkdtemp(prefix='jaxsft-tests-tokenizers-')
+  atexit.register(shutil.rmtree, os.environ['JAXSFT_TEST_TOKENIZERS'], True)
+
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data'
@@ -58,6 +63,25 @@ def shared_data(relative: str) -> pathlib.Path:
     pytest.skip(f'test data {relative} not found under {SHARED_DATA.resolve()} (the shared data '
                 'folder sits beside the project checkout; see ../shared/data/README.md)')
   return path
+
+
+def llama2_tokenizer() -> pathlib.Path:
+  """LLaMA-2's tokenizer folder (../shared/data/tokenizers/llama2: `tokenizer.model` and its
+  config) with the fast tokenizer's `tokenizer.json` beside them, as HF hub folders ship it.
+  transformers converts `tokenizer.model` in about 10 s, in every process that loads a folder
+  without `tokenizer.json` (the `jaxsft` runs tests start included); here once per session."""
+  source = shared_data('tokenizers/llama2')
+  folder = pathlib.Path(os.environ['JAXSFT_TEST_TOKENIZERS']) / 'llama2'
+  if not (folder / 'tokenizer.json').exists():
+    import transformers  # pylint: disable=import-outside-toplevel
+    staging = folder.with_name(f'llama2.{os.getpid()}')
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+    shutil.copy(source / 'tokenizer.model', staging / 'tokenizer.model')
+    try:
+      os.rename(staging, folder)
+    except OSError:  # another xdist worker put its copy first
+      shutil.rmtree(staging, ignore_errors=True)
+  return folder
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from jaxsft.train.optim import make_optimizer
 from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import abstract_train_state
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 
 ARCH = {'vocab_size': 32000, 'hidden_size': 64, 'intermediate_size': 128, 'num_layers': 2,
         'num_heads': 4, 'num_kv_heads': 2, 'max_position_embeddings': 512}
@@ -35,7 +35,7 @@ def run_config(tmp_path, lora=False, mesh=(8, 1, 1), steps=12):
   config.lora.rank = 4
   config.lora.dropout = 0.1 if lora else 0.0  # dropout rngs must resume too
   config.data.datasets = [{'path': str(shared_data('instructions/alpaca_tiny.json'))}]
-  config.data.tokenizer = str(shared_data('tokenizers/llama2'))
+  config.data.tokenizer = str(llama2_tokenizer())
   config.data.max_seq_len = 128
   config.data.cache_dir = str(tmp_path / 'cache')
   config.batch_size = 8

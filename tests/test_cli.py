@@ -18,9 +18,9 @@ def test_info_describes_a_checkpoint(tmp_path):
 
 
 def test_data_inspect_highlights_supervised_text_and_reports(tmp_path):
-  from conftest import shared_data
+  from conftest import llama2_tokenizer, shared_data
   data = shared_data('instructions/alpaca_tiny.json')
-  tokenizer = shared_data('tokenizers/llama2')
+  tokenizer = llama2_tokenizer()
   result = subprocess.run(
       [sys.executable, '-m', 'jaxsft.cli', 'data', 'inspect', '--config',
        f'configs/alpaca_llama2_data.py:{data}', f'--config.data.tokenizer={tokenizer}',

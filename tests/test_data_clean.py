@@ -16,7 +16,7 @@ from jaxsft.data.clean import CleanSettings
 from jaxsft.data.spec import dataset_spec
 from jaxsft.errors import UserError
 
-from conftest import SHARED_DATA, shared_data
+from conftest import SHARED_DATA, llama2_tokenizer
 
 CONFIG = str(REPO / 'configs' / 'alpaca_llama2_data.py')
 _WORD = re.compile(r'\w+')
@@ -284,7 +284,7 @@ def test_pipeline_cleans_on_the_fly_as_the_command_does(planted, tmp_path, strea
   from jaxsft.data.pipeline import Pipeline
   from jaxsft.data.tokenizer import load_tokenizer
   _, path, bench, truth, records = planted
-  tokenizer = load_tokenizer(str(shared_data('tokenizers/llama2')))
+  tokenizer = load_tokenizer(str(llama2_tokenizer()))
   config = default_config().data
   config.datasets = [{'path': str(path), 'format': 'alpaca'}]
   config.max_seq_len = 1024

@@ -15,12 +15,12 @@ from jaxsft.data.packing import ROW_KEYS, fit_length
 from jaxsft.data.pipeline import Pipeline, mixture_counts
 from jaxsft.data.tokenizer import load_tokenizer
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  return load_tokenizer(str(shared_data('tokenizers/llama2')))
+  return load_tokenizer(str(llama2_tokenizer()))
 
 
 def records(name):

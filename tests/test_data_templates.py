@@ -11,7 +11,7 @@ from jaxsft.data import encode_batch, encode_messages, load_template, to_message
 from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
 from jaxsft.data.templates import render
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 
 EXTRA_SPECIAL_TOKENS = ['<|im_start|>', '<|im_end|>', '<|start_header_id|>',
                         '<|end_header_id|>', '<|eot_id|>']
@@ -28,7 +28,7 @@ QWEN3_OFFICIAL = (pathlib.Path(__file__).parent / 'fixtures' / 'qwen3_chat_templ
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  tok = transformers.AutoTokenizer.from_pretrained(shared_data('tokenizers/llama2'))
+  tok = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer())
   tok.add_special_tokens({'additional_special_tokens': EXTRA_SPECIAL_TOKENS})
   tok.add_tokens(QWEN3_ADDED_TOKENS)
   return tok
@@ -62,7 +62,7 @@ def test_jinja_files_match_apply_chat_template(tokenizer, template_file, dataset
 
 
 def test_tokenizer_own_template():
-  tokenizer = transformers.AutoTokenizer.from_pretrained(shared_data('tokenizers/llama2'))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer())
   with open(shared_data('chat_templates/qwen2_5_training.jinja')) as f:
     tokenizer.chat_template = f.read()
   tokenizer.add_special_tokens({'additional_special_tokens': EXTRA_SPECIAL_TOKENS})

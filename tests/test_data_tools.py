@@ -26,7 +26,7 @@ from jaxsft.data.inspect import inspect_data
 from jaxsft.data.templates import ChatTemplate
 from jaxsft.errors import UserError
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 QWEN3_OFFICIAL = (FIXTURES / 'qwen3_chat_template.jinja').read_text()
@@ -47,7 +47,7 @@ ASSISTANT_TURN = {
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  tok = transformers.AutoTokenizer.from_pretrained(shared_data('tokenizers/llama2'))
+  tok = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer())
   tok.add_special_tokens({'additional_special_tokens': SPECIAL_TOKENS})
   tok.add_tokens(ADDED_TOKENS)
   return tok

@@ -15,7 +15,7 @@ from jaxsft.data.spec import dataset_spec
 from jaxsft.data.tokenizer import load_tokenizer
 from jaxsft.errors import UserError
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 
 LOCAL_SFT = {  # name -> (format, columns) each local-file SFT description maps to
     'identity': ('alpaca', {}), 'alpaca_en_demo': ('alpaca', {}),
@@ -114,7 +114,7 @@ def test_glaive_description_trains_through_the_pipeline(tmp_path):
   shutil.copy(shared_data('dataset_info/llamafactory_dataset_info.json'),
               tmp_path / 'dataset_info.json')
   shutil.copy(shared_data('instructions/glaive_toolcall_zh_demo.json'), tmp_path)
-  tokenizer = load_tokenizer(str(shared_data('tokenizers/llama2')))
+  tokenizer = load_tokenizer(str(llama2_tokenizer()))
   config = default_config().data
   config.datasets = [{'dataset_info': str(tmp_path / 'dataset_info.json'),
                       'name': 'glaive_toolcall_zh_demo'}]

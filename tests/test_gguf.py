@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import transformers
-from conftest import shared_data
+from conftest import llama2_tokenizer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxsft.errors import UserError
@@ -50,14 +50,11 @@ def _random_params(config, seed=0):
 
 
 @pytest.fixture(scope='module')
-def llama2(tmp_path_factory):
+def llama2():
   """A random 2-layer LLaMA (hidden 64, LLaMA-3.1 rope scaling) with LLaMA-2's SentencePiece
   tokenizer (its folder as HF writes it, plus the `tokenizer.model` it came from)."""
-  folder = tmp_path_factory.mktemp('gguf-llama')
-  tokenizer = transformers.AutoTokenizer.from_pretrained(shared_data('tokenizers/llama2'))
-  tokenizer.save_pretrained(folder)
-  (folder / 'tokenizer.model').write_bytes(
-      (shared_data('tokenizers/llama2') / 'tokenizer.model').read_bytes())
+  folder = llama2_tokenizer()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   hf_config = transformers.LlamaConfig(
       vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

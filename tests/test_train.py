@@ -23,7 +23,7 @@ from jaxsft.train.run import run_settings, train
 from jaxsft.train.state import abstract_train_state, init_train_state, state_shardings
 from jaxsft.train.step import make_train_step
 
-from conftest import shared_data
+from conftest import llama2_tokenizer, shared_data
 from hf_reference import make_model
 
 TINY = {'vocab_size': 256, 'hidden_size': 64, 'intermediate_size': 128, 'num_layers': 2,
@@ -219,7 +219,7 @@ def e2e_config(tmp_path, model_dir, lora):
   config.lora.enabled = lora
   config.lora.rank = 8
   config.data.datasets = [{'path': str(shared_data('instructions/alpaca_tiny.json'))}]
-  config.data.tokenizer = str(shared_data('tokenizers/llama2'))
+  config.data.tokenizer = str(llama2_tokenizer())
   config.data.max_seq_len = 256
   config.data.cache_dir = str(tmp_path / 'cache')
   config.data.eval_size = 10

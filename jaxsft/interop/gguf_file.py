@@ -125,20 +125,16 @@ def _write_metadata(writer, gguf, config: LlamaConfig, gguf_type: str, name: str
   c = config
   file_types = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
                 'bf16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}
-  writer.add_name(name or c.model_type)
-  writer.add_file_type(file_types[gguf_type])
-  writer.add_context_length(c.max_position_embeddings)
-  writer.add_embedding_length(c.hidden_size)
-  writer.add_block_count(c.num_layers)
-  writer.add_feed_forward_length(c.intermediate_size)
-  writer.add_head_count(c.num_heads)
-  writer.add_head_count_kv(c.num_kv_heads)
-  writer.add_key_length(c.head_dim)
-  writer.add_value_length(c.head_dim)
-  writer.add_rope_dimension_count(c.head_dim)
-  writer.add_rope_freq_base(c.rope_theta)
-  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-  writer.add_vocab_size(c.vocab_size)
+  # The `{arch}.*` keys llama.cpp reads, each from its `LlamaConfig` field.
+  fields = {'name': name or c.model_type, 'file_type': file_types[gguf_type],
+            'context_length': c.max_position_embeddings, 'embedding_length': c.hidden_size,
+            'block_count': c.num_layers, 'feed_forward_length': c.intermediate_size,
+            'head_count': c.num_heads, 'head_count_kv': c.num_kv_heads,
+            'key_length': c.head_dim, 'value_length': c.head_dim,
+            'rope_dimension_count': c.head_dim, 'rope_freq_base': c.rope_theta,
+            'layer_norm_rms_eps': c.rms_norm_eps, 'vocab_size': c.vocab_size}
+  for field, value in fields.items():
+    getattr(writer, f'add_{field}')(value)
   if rope_type_of(c.rope_scaling) == 'linear':
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(c.rope_scaling['factor'])
