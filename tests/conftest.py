@@ -76,7 +76,10 @@ def llama2_tokenizer() -> pathlib.Path:
     import transformers  # pylint: disable=import-outside-toplevel
     staging = folder.with_name(f'llama2.{os.getpid()}')
     transformers.AutoTokenizer.from_pretrained(source).save_pretrained(staging)
-    shutil.copy(source / 'tokenizer.model', staging / 'tokenizer.model')
+    # The folder's own files over what save_pretrained wrote (its tokenizer_config.json
+    # drops `add_bos_token`): only tokenizer.json is new.
+    for name in os.listdir(source):
+      shutil.copy(source / name, staging / name)
     try:
       os.rename(staging, folder)
     except OSError:  # another xdist worker put its copy first

@@ -194,6 +194,33 @@ def test_mt_bench_questions_are_answered_turn_by_turn(stage, tmp_path):
   assert eval_model.answer(loaded, [history], SamplingConfig(max_new_tokens=6)) == [second]
 
 
+def test_tree_rows_score_as_packed_requests(stage):
+  """Contexts with their continuations as trees in shared rows (segment ids as bit sets: a
+  continuation sees its context and itself) give what reading every request whole gives,
+  including one-token continuations and rows holding several groups."""
+  from jaxsft.eval import scoring
+  root, model = stage
+  loaded = eval_model.from_hf(str(model), default_config().data)
+  rng = random.Random(4)
+  requests, groups = [], []
+  for size in (4, 4, 2, 4, 3, 4, 1):
+    context = [rng.randrange(5, 90) for _ in range(rng.randint(1, 40))]
+    groups.append(list(range(len(requests), len(requests) + size)))
+    requests += [(context, [rng.randrange(5, 90) for _ in range(rng.randint(1, 9))])
+                 for _ in range(size)]
+  trees = scoring._score_trees(  # pylint: disable=protected-access
+      loaded.model_config, loaded.variables, requests, [g for g in groups if len(g) > 1],
+      rows_per_call=2, limit=256, progress=None)
+  packed = scoring._score_packed(  # pylint: disable=protected-access
+      loaded.model_config, loaded.variables, [(c + k, len(k)) for c, k in requests],
+      rows_per_call=2, limit=256, progress=None)
+  assert sorted(trees) == [i for g in groups if len(g) > 1 for i in g]
+  for i, scored in trees.items():
+    assert scored.logprob == pytest.approx(packed[i].logprob, abs=1e-4)
+    assert scored.token_logprobs == pytest.approx(packed[i].token_logprobs, abs=1e-4)
+    assert scored.is_greedy == packed[i].is_greedy
+
+
 def test_shared_contexts_score_as_packed_requests(stage):
   """Reading a context once for all its continuations (KV cache, contexts and continuations
   packed) gives what reading every request whole gives."""

@@ -15,7 +15,8 @@ from jaxsft.data import BadRecord, encode_batch, encode_messages, load_template,
 from jaxsft.data.builtin_templates import BUILTIN_TEMPLATES
 from jaxsft.data.templates import ChatTemplate, render, render_examples
 
-from conftest import llama2_tokenizer, shared_data
+from conftest import llama2_tokenizer as llama2_folder
+from conftest import shared_data
 
 EXTRA_SPECIAL_TOKENS = ['<|im_start|>', '<|im_end|>', '<|start_header_id|>',
                         '<|end_header_id|>', '<|eot_id|>']
@@ -110,7 +111,7 @@ def local_tokenizer(corpus, chat_template=None):
 
 
 def llama2_tokenizer(chat_template=None):
-  tokenizer = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(llama2_folder())
   tokenizer.add_special_tokens({'additional_special_tokens': EXTRA_SPECIAL_TOKENS})
   if chat_template is not None:
     tokenizer.chat_template = chat_template

@@ -250,9 +250,19 @@ def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]
 
 
 def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
+  """Plain text as the tokenizer would encode it on its own (its BOS, if it adds one), plus
+  EOS."""
   bos, eos = getattr(tokenizer, 'bos_token_id', None), getattr(tokenizer, 'eos_token_id', None)
-  prefix = [bos] if bos is not None and getattr(tokenizer, 'add_bos_token', True) else []
+  prefix = [bos] if bos is not None and _adds_bos(tokenizer) else []
   return prefix + list(ids) + ([eos] if eos is not None else [])
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+  """Whether the tokenizer puts BOS before what it encodes, asked of its output: transformers
+  5 reports `add_bos_token=False` for a LLaMA-2 `tokenizer.json` whose post-processor adds it
+  (a folder with only `tokenizer.model` says True)."""
+  probe = tokenizer('a')['input_ids']
+  return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
 def encode_batch(conversations: Sequence[Sequence[Message]], tokenizer: Any,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -72,14 +73,54 @@ def mesh_context(variables: Any):
   return stack
 
 
+def row_split(variables: Any) -> int:
+  """How many devices of the variables' mesh split a call's rows (1 without a mesh)."""
+  mesh = mesh_of(variables)
+  return 1 if mesh is None else mesh.shape['data'] * mesh.shape['fsdp']
+
+
 def placement(variables: Any, rows: int):
   """Rows per call rounded up to the devices that split them, the rows' sharding and the
   replicated output sharding, on the variables' mesh (all None without one)."""
   mesh = mesh_of(variables)
   if mesh is None:
     return rows, None, None
-  split = mesh.shape['data'] * mesh.shape['fsdp']
+  split = row_split(variables)
   return -(-rows // split) * split, batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+
+
+def even_calls(rows: int, rows_per_call: int, split: int = 1) -> int:
+  """Rows per call for `rows` rows in as many calls as `rows_per_call` needs, spread evenly (a
+  multiple of `split`, the devices that share the rows): 56 rows at 16 per call run as 4 calls
+  of 14, not 3 of 16 and one of 8 padded to 16."""
+  calls = max(1, -(-rows // rows_per_call))
+  per_call = -(-rows // calls)
+  return -(-per_call // split) * split
+
+
+def round_up(value: int, multiple: int = 8) -> int:
+  """`value` rounded up to a multiple of `multiple` (scored positions per row: the LM head runs
+  at each, so a power-of-two bucket would waste up to half of them)."""
+  return -(-value // multiple) * multiple
+
+
+def pack_two_budgets(lengths: Sequence[int], capacity: int, needs: Sequence[int],
+                     need_capacity: int) -> list[list[int]]:
+  """Items (by index) into rows, longest first into the first row with room under both
+  budgets (first-fit decreasing): `lengths` against `capacity` (tokens), `needs` against
+  `need_capacity` (continuation tokens of a cache row, bits of a tree row)."""
+  rows: list[list[int]] = []
+  room: list[list[int]] = []
+  for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for r, (free, free_need) in enumerate(room):
+      if lengths[index] <= free and needs[index] <= free_need:
+        rows[r].append(index)
+        room[r] = [free - lengths[index], free_need - needs[index]]
+        break
+    else:
+      rows.append([index])
+      room.append([capacity - lengths[index], need_capacity - needs[index]])
+  return rows
 
 
 def put(arrays, sharding):

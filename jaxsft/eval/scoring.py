@@ -1,11 +1,14 @@
 """Log-probabilities of continuations: shared contexts read once, the rest packed per row.
 
 A request is `(context, continuation)` token lists: the model reads `context + continuation`
-(less its last token) and is scored on predicting the continuation. Two paths, both running the
-LM head only at the scored positions (`return_hidden`), never over whole rows of context:
-- Requests that share their context (the choices of a multiple-choice question) read it once
-  (`eval.shared_scoring`): contexts packed and prefilled into a KV cache, the continuations read
-  against it. A four-choice question costs one context, not four.
+(less its last token) and is scored on predicting the continuation. Three paths, all running
+the LM head only at the scored positions (`return_hidden`), never over whole rows of context:
+- Requests that share their context (the choices of a multiple-choice question) read it once,
+  as a tree in a row (`eval.tree_scoring`: the context, then each continuation seeing the
+  context and itself only). A four-choice question costs one context, not four.
+- Shared contexts whose tree does not fit a row, or models with a sliding window (whose
+  distances a tree's row order does not keep), read the context once through a KV cache
+  (`eval.shared_scoring`) where that saves more than it costs.
 - The rest are packed into rows the way training packs examples (segment ids keep them apart,
   positions restart), so short requests waste no compute on padding.
 Every call of a path has one shape: XLA compiles a handful of programs per task, not one per
@@ -27,8 +30,19 @@ import numpy as np
 
 from jaxsft.data.packing import assign_rows, fill_rows
 from jaxsft.eval import rows as rows_lib
-from jaxsft.eval.rows import Scored, bucket, head_logits, placement, put, target_logprobs
+from jaxsft.eval.rows import (
+    Scored,
+    bucket,
+    even_calls,
+    head_logits,
+    placement,
+    put,
+    round_up,
+    target_logprobs,
+)
 from jaxsft.eval.shared_scoring import score_shared
+from jaxsft.eval.tree_scoring import MAX_BITS, assign_groups, scored_width, tree_length
+from jaxsft.eval.tree_scoring import row_arrays as tree_row_arrays
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
 
@@ -67,11 +81,20 @@ def score_requests(model_config: LlamaConfig, variables: Any,
   # A LoRA-adapted LM head has no dense kernel to apply at chosen positions: pack everything.
   shared = [members for members in by_context.values() if len(members) > 1] \
       if 'lm_head' not in variables.get('lora', {}) else []
+  results: list[Scored | None] = [None] * len(requests)
+  # Groups whose tree fits a row are read as trees (`eval.tree_scoring`); a model with a
+  # sliding window measures distances in positions, which a tree's row order does not keep.
+  trees = [g for g in shared if model_config.sliding_window is None and len(g) <= MAX_BITS
+           and tree_length(requests[g[0]][0], [requests[i][1] for i in g]) <= limit]
+  for i, scored in _score_trees(model_config, variables, requests, trees, rows_per_call, limit,
+                                progress).items():
+    results[i] = scored
+  in_trees = {i for g in trees for i in g}
+  shared = [g for g in shared if not in_trees.intersection(g)]
   if not _sharing_pays(requests, shared):
     shared = []
-  in_shared = {i for members in shared for i in members}
+  in_shared = in_trees | {i for members in shared for i in members}
   packed = [i for i in range(len(requests)) if i not in in_shared]
-  results: list[Scored | None] = [None] * len(requests)
   if shared:
     for i, scored in score_shared(model_config, variables, requests, shared, rows_per_call,
                                   progress).items():
@@ -95,6 +118,41 @@ def _sharing_pays(requests, groups: list[list[int]]) -> bool:
   return bool(groups) and saved > continuations
 
 
+def _score_trees(model_config: LlamaConfig, variables: Any, requests, trees: list[list[int]],
+                 rows_per_call: int, limit: int, progress: Any) -> dict[int, Scored]:
+  """Each group of `trees` (request indices sharing a context) read as one tree of a row."""
+  if not trees:
+    return {}
+  groups = [(list(requests[g[0]][0]), [list(requests[i][1]) for i in g]) for g in trees]
+  lengths = [tree_length(*group) for group in groups]
+  row_length = bucket(max(lengths), limit)
+  rows = assign_groups(lengths, [len(g) for g in trees], row_length)
+  width = round_up(scored_width(groups, rows))
+  rows_per_call, rows_sharding, out_sharding = placement(variables, rows_per_call)
+  rows_per_call = even_calls(len(rows), rows_per_call, rows_lib.row_split(variables))
+  tree_config = model_config.replace(segment_sets=True)
+  results: dict[int, Scored] = {}
+  for start in range(0, len(rows), rows_per_call):
+    chunk = rows[start:start + rows_per_call]
+    arrays, order = tree_row_arrays(groups, chunk, rows_per_call, row_length, width)
+    with rows_lib.mesh_context(variables):
+      logprob_bk, greedy_bk = _score(variables, *put(arrays, rows_sharding),
+                                     model_config=tree_config, out_sharding=out_sharding)
+    logprob_bk, greedy_bk = np.asarray(logprob_bk), np.asarray(greedy_bk)
+    for r, runs in enumerate(order):
+      k = 0
+      for g, j in runs:
+        count = len(groups[g][1][j])
+        token_logprobs = logprob_bk[r, k:k + count]
+        results[trees[g][j]] = Scored(float(token_logprobs.sum()),
+                                      bool(greedy_bk[r, k:k + count].all()),
+                                      tuple(float(x) for x in token_logprobs))
+        k += count
+      if progress is not None:
+        progress.update(len(runs))
+  return results
+
+
 def _score_packed(model_config: LlamaConfig, variables: Any,
                   requests: Sequence[tuple[Sequence[int], int]], rows_per_call: int, limit: int,
                   progress: Any) -> list[Scored]:
@@ -108,8 +166,9 @@ def _score_packed(model_config: LlamaConfig, variables: Any,
   examples = [{'input_ids': tokens, 'loss_mask': [0] * (len(tokens) - count) + [1] * count}
               for tokens, count in requests]
   scored_per_row = max(sum(requests[i][1] for i in row) for row in rows)
-  width = bucket(scored_per_row, row_length, smallest=8)
+  width = round_up(scored_per_row)
   rows_per_call, rows_sharding, out_sharding = placement(variables, rows_per_call)
+  rows_per_call = even_calls(len(rows), rows_per_call, rows_lib.row_split(variables))
   results: list[Scored | None] = [None] * len(requests)
   for start in range(0, len(rows), rows_per_call):
     chunk = rows[start:start + rows_per_call]

@@ -21,7 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.eval.rows import Scored, bucket, head_logits, placement, put, target_logprobs
+from jaxsft.eval.rows import (
+    Scored,
+    bucket,
+    head_logits,
+    pack_two_budgets,
+    placement,
+    put,
+    target_logprobs,
+)
 from jaxsft.models.config import LlamaConfig
 from jaxsft.models.llama import Llama, head_kernel
 
@@ -79,7 +87,7 @@ def score_shared(model_config: LlamaConfig, variables: Any,
   # kind of row is mostly padding.
   ratio = sum(continuation_need) / sum(context_length)
   c = bucket(max(max(continuation_need), int(np.ceil(p * ratio))), smallest=8)
-  rows = [[groups[i] for i in row] for row in _pack_two_ways(context_length, p,
+  rows = [[groups[i] for i in row] for row in pack_two_budgets(context_length, p,
                                                              continuation_need, c)]
   contexts_per_row = max(len(row) for row in rows)
   rows_per_call, rows_sharding, out_sharding = placement(variables, rows_per_call)
@@ -99,24 +107,6 @@ def score_shared(model_config: LlamaConfig, variables: Any,
     if progress is not None:
       progress.update(len(layout))
   return out
-
-
-def _pack_two_ways(lengths: Sequence[int], capacity: int, needs: Sequence[int],
-                   need_capacity: int) -> list[list[int]]:
-  """First-fit decreasing under two budgets: context tokens per cache row, and continuation
-  tokens per continuation row."""
-  rows: list[list[int]] = []
-  room: list[list[int]] = []
-  for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    for r, (free, free_need) in enumerate(room):
-      if lengths[index] <= free and needs[index] <= free_need:
-        rows[r].append(index)
-        room[r] = [free - lengths[index], free_need - needs[index]]
-        break
-    else:
-      rows.append([index])
-      room.append([capacity - lengths[index], need_capacity - needs[index]])
-  return rows
 
 
 def _arrays(requests, chunk, b: int, p: int, c: int, m: int, choices: int):

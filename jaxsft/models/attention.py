@@ -62,6 +62,19 @@ def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, *, q
                     sliding_window)
 
 
+def segment_set_mask(q_sets_bt: jnp.ndarray, kv_sets_bs: jnp.ndarray, *, q_offset=0
+                     ) -> jnp.ndarray:
+  """Boolean `[B, 1, T, S]` for segment ids read as bit sets: query t attends to an earlier
+  key s iff their sets share a bit (0, padding, attends to padding). A context whose set is
+  the union of its continuations' single bits is seen by each continuation, and the
+  continuations, disjoint, not by each other: a tree of depth one in one row."""
+  t, s = q_sets_bt.shape[1], kv_sets_bs.shape[1]
+  causal = jnp.arange(s)[None, :] <= (jnp.arange(t) + q_offset)[:, None]
+  q, kv = q_sets_bt[:, :, None], kv_sets_bs[:, None, :]
+  share = ((q & kv) != 0) | ((q == 0) & (kv == 0))
+  return (share & causal)[:, None]
+
+
 def xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts) -> jnp.ndarray:
   """Reference attention with grouped KV heads; softmax in float32. Returns `[B, T, N, H]`."""
   b, t, n, h = q_btnh.shape
@@ -239,7 +252,8 @@ def _warn_once(message: str) -> None:
 
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implementation='xla',
               q_offset=0, sliding_window: int | None = None,
-              context: ContextLayout | None = None) -> jnp.ndarray:
+              context: ContextLayout | None = None, segment_sets: bool = False
+              ) -> jnp.ndarray:
   """Segment-aware causal attention. q `[B, T, N, H]`, k/v `[B, S, K, H]` -> `[B, T, N, H]`.
 
   With `context`, q, k and v are one row split over devices in zig-zag order
@@ -249,7 +263,15 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, implemen
   `_candidate_platforms`), not for the host: a step traced inside `target_platforms(['tpu'])`
   on a CPU host gets splash. An explicit request that cannot serve falls back with a warning;
   `auto` falls back silently.
+
+  `segment_sets` reads the segment ids as bit sets (`segment_set_mask`; `xla` only, no
+  sliding window or context split).
   """
+  if segment_sets:
+    if sliding_window is not None or context is not None:
+      raise ValueError('segment sets take neither a sliding window nor a context split.')
+    return xla_attention(q_btnh, k_bskh, v_bskh, segment_set_mask(
+        q_segment_ids, kv_segment_ids, q_offset=q_offset))
   plans = {platform: choose(implementation, platform, q_btnh, k_bskh, q_offset, context)
            for platform in _candidate_platforms(implementation)}
   if implementation != 'auto':

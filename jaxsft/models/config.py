@@ -79,6 +79,10 @@ class LlamaConfig:
   # raises instead of computing a silently wrong update.
   lora_scale: float | None = None  # alpha / r, or alpha / sqrt(r) with rsLoRA
   lora_dropout: float = 0.0  # on the adapter's input, training only
+  # Segment ids as bit sets (scoring several continuations of one context in one row): a token
+  # attends to earlier tokens whose set shares a bit with its own (`attention.segment_set_mask`),
+  # not only to its own segment. The `xla` attention serves it.
+  segment_sets: bool = False
 
   def __post_init__(self):
     if self.head_dim is None:

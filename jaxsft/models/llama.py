@@ -75,7 +75,7 @@ class Attention(nn.Module):
     out_btnh = attention(q_btnh, k_btkh, v_btkh, q_segment_ids=segment_ids_bt,
                          kv_segment_ids=kv_segment_ids, implementation=implementation,
                          q_offset=q_offset, sliding_window=c.sliding_window,
-                         context=self.context)
+                         context=self.context, segment_sets=c.segment_sets)
     out_btnh = checkpoint_name(out_btnh, 'attention_out')
     return proj(c.hidden_size, ('heads', 'embed'), c.o_bias, name='o_proj')(
         out_btnh.reshape(b, t, n * h))
