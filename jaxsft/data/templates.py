@@ -238,10 +238,12 @@ def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]
   # that costs as much as the tokenization itself, and gives the same ids and offsets.
   encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
   examples = []
+  adds_bos = None  # asked of the tokenizer at the first plain-text record
   for encoding, example_spans in zip(encodings, spans):
     ids = np.asarray(encoding.ids, np.int32)
     if example_spans is None:
-      ids = np.asarray(_with_specials(tokenizer, encoding.ids), np.int32)
+      adds_bos = _adds_bos(tokenizer) if adds_bos is None else adds_bos
+      ids = np.asarray(_with_specials(tokenizer, encoding.ids, adds_bos), np.int32)
       mask = np.ones(len(ids), np.int8)
     else:
       mask = _mask_from_spans(np.asarray(encoding.offsets, np.int64).reshape(-1, 2), example_spans)
@@ -249,11 +251,11 @@ def tokenize_rendered(texts: Sequence[str], spans: Sequence[list[tuple[int, int]
   return examples
 
 
-def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
-  """Plain text as the tokenizer would encode it on its own (its BOS, if it adds one), plus
+def _with_specials(tokenizer: Any, ids: list[int], adds_bos: bool) -> list[int]:
+  """Plain text as the tokenizer would encode it on its own (its BOS, if it `adds_bos`), plus
   EOS."""
   bos, eos = getattr(tokenizer, 'bos_token_id', None), getattr(tokenizer, 'eos_token_id', None)
-  prefix = [bos] if bos is not None and _adds_bos(tokenizer) else []
+  prefix = [bos] if bos is not None and adds_bos else []
   return prefix + list(ids) + ([eos] if eos is not None else [])
 
 

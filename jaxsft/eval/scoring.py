@@ -140,14 +140,9 @@ def _score_trees(model_config: LlamaConfig, variables: Any, requests, trees: lis
                                      model_config=tree_config, out_sharding=out_sharding)
     logprob_bk, greedy_bk = np.asarray(logprob_bk), np.asarray(greedy_bk)
     for r, runs in enumerate(order):
-      k = 0
-      for g, j in runs:
-        count = len(groups[g][1][j])
-        token_logprobs = logprob_bk[r, k:k + count]
-        results[trees[g][j]] = Scored(float(token_logprobs.sum()),
-                                      bool(greedy_bk[r, k:k + count].all()),
-                                      tuple(float(x) for x in token_logprobs))
-        k += count
+      counts = [len(groups[g][1][j]) for g, j in runs]
+      for (g, j), scored in zip(runs, _split_row(logprob_bk[r], greedy_bk[r], counts)):
+        results[trees[g][j]] = scored
       if progress is not None:
         progress.update(len(runs))
   return results
@@ -179,16 +174,25 @@ def _score_packed(model_config: LlamaConfig, variables: Any,
                                      out_sharding=out_sharding)
     logprob_bk, greedy_bk = np.asarray(logprob_bk), np.asarray(greedy_bk)
     for r, row in enumerate(chunk):
-      k = 0
-      for i in row:
-        count = requests[i][1]
-        token_logprobs = logprob_bk[r, k:k + count]
-        results[i] = Scored(float(token_logprobs.sum()), bool(greedy_bk[r, k:k + count].all()),
-                            tuple(float(x) for x in token_logprobs))
-        k += count
+      for i, scored in zip(row, _split_row(logprob_bk[r], greedy_bk[r],
+                                           [requests[i][1] for i in row])):
+        results[i] = scored
       if progress is not None:
         progress.update(len(row))
   return results
+
+
+def _split_row(logprob_k: np.ndarray, greedy_k: np.ndarray, counts: Sequence[int]
+               ) -> list[Scored]:
+  """A row's scored positions, in order, cut into consecutive runs of `counts` tokens: one
+  `Scored` per request."""
+  out, k = [], 0
+  for count in counts:
+    token_logprobs = logprob_k[k:k + count]
+    out.append(Scored(float(token_logprobs.sum()), bool(greedy_k[k:k + count].all()),
+                      tuple(float(x) for x in token_logprobs)))
+    k += count
+  return out
 
 
 def _row_arrays(examples, chunk, rows: int, row_length: int, width: int):

@@ -92,17 +92,28 @@ def _dense_run_params(settings, state):
   return dense_params(state.params, None, 1.0)
 
 
+def _run_folders(settings, folder) -> list[tuple[str | None, str]]:
+  """The folders an export must not write into: the run's base model and tokenizer."""
+  return [(folder, "the run's base model folder"),
+          (settings.data.tokenizer, "the run's tokenizer folder")]
+
+
+def _chat_template(settings, meta: dict[str, Any], tokenizer_dir: str | None) -> str | None:
+  """The template the run trained with: its checkpoint's record, else (a checkpoint from
+  before templates were saved) `data.template` rendered for its tokenizer."""
+  chat_template = meta.get('chat_template')
+  if chat_template is None and tokenizer_dir:
+    chat_template = load_template(settings.data.template, load_tokenizer(tokenizer_dir)).source
+  return chat_template
+
+
 def _export_gguf(workdir: str, out: str, gguf_type: str) -> None:
   on_writer(lambda: check_file_target(out, workdir, recorded_folders(workdir)))
   settings, model_config, folder, state, meta = load_run(workdir)
   gguf_file.check_gguf_model(model_config)
   tokenizer_dir = settings.data.tokenizer or folder
-  on_writer(lambda: check_file_target(out, workdir, [
-      (folder, "the run's base model folder"), (settings.data.tokenizer, "the run's tokenizer "
-                                                 'folder')]))
-  chat_template = meta.get('chat_template')
-  if chat_template is None and tokenizer_dir:
-    chat_template = load_template(settings.data.template, load_tokenizer(tokenizer_dir)).source
+  on_writer(lambda: check_file_target(out, workdir, _run_folders(settings, folder)))
+  chat_template = _chat_template(settings, meta, tokenizer_dir)
   params = _dense_run_params(settings, state)
   if jax.process_index() != 0:  # the tensors are gathered inside; process 0 writes
     gguf_file.save_gguf(os.devnull, model_config, params, tokenizer_dir=tokenizer_dir,
@@ -130,12 +141,8 @@ def _export(workdir: str, fmt: str, out: str, dtype: Any, staging: Staging | Non
     raise UserError('--format peft needs a LoRA run; this one fine-tuned every weight '
                     '(use --format merged).')
   tokenizer_dir = data.tokenizer or folder
-  protected = [(folder, "the run's base model folder"),
-               (data.tokenizer, "the run's tokenizer folder")]
-  previous = on_writer(lambda: check_target(out, fmt, workdir, protected))
-  chat_template = meta.get('chat_template')
-  if chat_template is None and tokenizer_dir:  # a checkpoint from before templates were saved
-    chat_template = load_template(data.template, load_tokenizer(tokenizer_dir)).source
+  previous = on_writer(lambda: check_target(out, fmt, workdir, _run_folders(settings, folder)))
+  chat_template = _chat_template(settings, meta, tokenizer_dir)
   # Every process computes (merged weights may need gathering); the writers write on process 0.
   temp = staging_path(out)
   with write_errors(out):

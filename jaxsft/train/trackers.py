@@ -98,15 +98,19 @@ def _finite(scalars: dict[str, Any]) -> dict[str, float]:
           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def flat_scalars(tree: dict[str, Any], prefix: str = '') -> dict[str, float]:
+def flat_scalars(tree: dict[str, Any]) -> dict[str, float]:
   """`{'eval': {'loss': 1.2}}` -> `{'eval/loss': 1.2}`: the finite numbers of a nested dict."""
+  return _finite(_flatten(tree, '/'))
+
+
+def _flatten(tree: dict[str, Any], separator: str, prefix: str = '') -> dict[str, Any]:
+  """A nested dict's leaves under their joined keys."""
   out = {}
   for key, value in tree.items():
-    name = f'{prefix}{key}'
     if isinstance(value, dict):
-      out.update(flat_scalars(value, f'{name}/'))
+      out.update(_flatten(value, separator, f'{prefix}{key}{separator}'))
     else:
-      out.update(_finite({name: value}))
+      out[f'{prefix}{key}'] = value
   return out
 
 
@@ -172,7 +176,7 @@ class _Mlflow:
       # Params are write-once in MLflow: the config as the run started (a resume may change
       # num_steps; config.json in the work directory has the newest).
       from mlflow.entities import Param
-      params = [Param(k, str(v)[:6000]) for k, v in _flat_config(config).items()]
+      params = [Param(k, str(v)[:6000]) for k, v in _flatten(config, '.').items()]
       for start in range(0, len(params), 100):
         self._client.log_batch(run_id, params=params[start:start + 100])
     else:
@@ -192,13 +196,3 @@ class _Mlflow:
 
   def close(self, finished):
     self._client.set_terminated(self.run_id, status='FINISHED' if finished else 'KILLED')
-
-
-def _flat_config(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      out.update(_flat_config(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
