@@ -3,9 +3,9 @@
 A config file is Python with `get_config(arg: str | None = None)` that starts from
 `default_config()` and overrides what it needs (the big_vision style). The command line adds
 `--config.key=value` overrides (`--config.data.max_seq_len=1024`, applied by
-`apply_override`). The config is locked, so a
-misspelled key is an error, never a silently ignored setting; the entries of `data.datasets`
-are dicts checked against `jaxsft.data.spec.DATASET_DEFAULTS` the same way.
+`apply_override`). The config is locked, so a misspelled key is an error, never a silently
+ignored setting; the entries of `data.datasets` are dicts checked against
+`jaxsft.data.spec.DATASET_DEFAULTS` the same way.
 
 Only the CLI reads this module: the trainer, the data pipeline and the evaluators take a config
 and never know the defaults.
@@ -36,12 +36,12 @@ def default_config() -> ml_collections.ConfigDict:
       'preset': '',          # jaxsft.interop.presets name; the architecture without weights (random init)
       'architecture': {},    # LlamaConfig fields for a random-init model (e.g. the demo's)
       'dtype': 'bfloat16',   # compute dtype of activations and matmuls
-      'param_dtype': 'float32',  # master weights: float32 (mixed precision) or bfloat16 (pure);
-                                 # under LoRA the frozen base's (adapters train in float32)
+      'param_dtype': 'float32',  # master weights (LoRA: the frozen base's); bfloat16 = pure
       'scan_layers': True,
       'remat_policy': 'none',  # none | full | save_dots | save_dots_with_batch | save_attention_out
       'attention_implementation': 'auto',  # auto | blocked | xla | cudnn | splash
       'mlp_chunk_size': 0,   # tokens per MLP chunk on each device (long rows); 0 = whole row
+      'moe_exchange': 'weights',  # MoE over fsdp: weights (gathered per layer) | tokens (sent)
       # Mixture of experts: the load-balancing loss's weight in the training loss; -1 = the
       # checkpoint's router_aux_loss_coef (0.001 for Qwen3-MoE and Mixtral); 0 = log it only.
       'router_aux_loss_coef': -1.0,

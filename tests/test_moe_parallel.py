@@ -3,6 +3,7 @@ devices give the one-device step (full, LoRA, QLoRA with NF4 experts), and a run
 SIGTERM bitwise."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -19,9 +20,10 @@ MOE = {'num_experts': 8, 'num_experts_per_tok': 2, 'moe_intermediate_size': 64,
        'model_type': 'qwen3_moe', 'qk_norm': True, 'router_aux_loss_coef': 0.01}
 
 
-def moe_config(method):
+def moe_config(method, exchange='weights'):
   config = tiny_config(lora=method != 'full')
   config.model.architecture = {**config.model.architecture, **MOE}
+  config.model.moe_exchange = exchange
   config.lora.targets = ['q_proj', 'gate', 'gate_up_proj', 'down_proj']
   config.quant.kind = 'nf4' if method == 'qlora' else 'none'
   # The experts only: dense kernels quantized on 8 devices may differ from one device's in one
@@ -37,14 +39,24 @@ def one_device_run(method):
   return run_steps(moe_config(method), (1, 1, 1, 1), batches, jax.devices()[:1]), batches
 
 
-@pytest.mark.parametrize('method,mesh_shape', [('full', (1, 8, 1, 1)), ('lora', (1, 8, 1, 1)),
-                                               ('lora', (2, 2, 2, 1)), ('qlora', (1, 4, 1, 2))])
-def test_expert_parallel_step_equals_one_device(method, mesh_shape):
-  """Two train steps with each device of the fsdp axis holding its own experts: losses, the
+@pytest.mark.parametrize('method,mesh_shape,exchange', [
+    ('full', (1, 8, 1, 1), 'weights'), ('lora', (2, 2, 2, 1), 'weights'),
+    ('qlora', (1, 4, 1, 2), 'weights'), ('full', (2, 4, 1, 1), 'tokens'),
+    ('lora', (1, 2, 4, 1), 'tokens'), ('qlora', (1, 4, 1, 2), 'tokens')])
+def test_expert_parallel_step_equals_one_device(method, mesh_shape, exchange):
+  """Two train steps with each device of the fsdp axis holding its own experts, their weights
+  gathered per layer or the tokens sent to them (`model.moe_exchange`): losses, the
   load-balancing loss, gradient norms, updated weights and Adam state within 1e-5 of one
   device (float32)."""
   (reference, reference_metrics), batches = one_device_run(method)
-  split, metrics = run_steps(moe_config(method), mesh_shape, batches, jax.devices()[:8])
+  split, metrics, hlo = run_steps(moe_config(method, exchange), mesh_shape, batches,
+                                  jax.devices()[:8], with_hlo=True)
+  # What crosses the devices: an all-gather whose result is a layer's expert kernels
+  # (`[E, D, 2F]` or `[E, F, D]`, unit dims aside) happens with 'weights', never with 'tokens'.
+  e, d, f = MOE['num_experts'], 64, MOE['moe_intermediate_size']
+  gathered = {tuple(int(n) for n in dims.split(',') if n not in ('', '1'))
+              for dims in re.findall(r'= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(', hlo)}
+  assert bool(gathered & {(e, d, 2 * f), (e, f, d)}) == (exchange == 'weights'), gathered
   for m, n in zip(metrics, reference_metrics):
     for key in ('loss', 'router_aux_loss', 'grad_norm'):
       np.testing.assert_allclose(m[key], n[key], rtol=1e-5, err_msg=key)

@@ -78,8 +78,9 @@ def packed_batch(rows=8, length=32, seed=0):
   return batch
 
 
-def run_steps(config, mesh_shape, batches, devices=None):
-  """Initialises on a mesh and runs the jitted step; returns (state on host, metrics list)."""
+def run_steps(config, mesh_shape, batches, devices=None, with_hlo=False):
+  """Initialises on a mesh and runs the jitted step; returns (state on host, metrics list),
+  and the compiled step's HLO text third when `with_hlo`."""
   settings = run_settings(config)
   model_config, _ = model_config_from(settings.model, settings.lora)
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
@@ -93,10 +94,13 @@ def run_steps(config, mesh_shape, batches, devices=None):
     step = jax.jit(make_train_step(model_config, optimizer, settings.step, schedule),
                    in_shardings=(shardings, {k: rows for k in batches[0]}),
                    out_shardings=(shardings, None), donate_argnums=(0,))
+    step = step.lower(state, global_batch(batches[0], rows)).compile()
     metrics = []
     for batch in batches:
       state, m = step(state, global_batch(batch, rows))
       metrics.append(jax.device_get(m))
+  if with_hlo:
+    return jax.device_get(state), metrics, step.as_text()
   return jax.device_get(state), metrics
 
 

@@ -19,6 +19,7 @@ from jaxsft.adapters.lora import LoraSettings
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn', 'dynamic')  # see jaxsft.models.rope
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_with_batch', 'save_attention_out')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'blocked', 'cudnn', 'splash', 'auto')
+MOE_EXCHANGES = ('weights', 'tokens')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class LlamaConfig:
   # Tokens per chunk of a row's MLP (per device): the [T, F] intermediates of a long row exist
   # one chunk at a time (`jaxsft.models.llama.MLP`); 0 runs the row's MLP whole.
   mlp_chunk_size: int = 0
+  # What crosses the devices an MoE layer's experts are split over (`expert -> fsdp`): the
+  # experts' weights, gathered per layer as FSDP weights are ('weights'), or the tokens, sent
+  # to the experts' devices and their outputs summed back, the weights staying put ('tokens',
+  # `jaxsft.models.moe.exchanged_experts_forward`; docs/design.md says when each moves less).
+  moe_exchange: str = 'weights'
   # LoRA execution (the adapters themselves live in the `lora` variable collection), set from
   # the adapter's settings by `with_lora`. No default scale: a model given adapters without one
   # raises instead of computing a silently wrong update.
@@ -105,6 +111,9 @@ class LlamaConfig:
                          '>= 1.')
       if not self.moe_intermediate_size:
         object.__setattr__(self, 'moe_intermediate_size', self.intermediate_size)
+    if self.moe_exchange not in MOE_EXCHANGES:
+      raise ValueError(f'LlamaConfig.moe_exchange={self.moe_exchange!r}; choose one of '
+                       f'{MOE_EXCHANGES}.')
     if self.mlp_chunk_size < 0:
       raise ValueError(f'LlamaConfig.mlp_chunk_size={self.mlp_chunk_size}; must be >= 0.')
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:

@@ -46,6 +46,7 @@ over layers and devices, and `load_balancing_loss` turns the total into the loss
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax
@@ -84,13 +85,16 @@ class GroupedLayout:
 
   Each expert's group is padded to a whole number of tiles of `tile` rows, so every tile
   belongs to one expert: `rows [T * k]` is each assignment's row in the `[tiles * tile, ...]`
-  buffer, `tile_experts [tiles]` each tile's expert, `group_sizes [E]` the padded group lengths
-  (padding rows are zeros and are never read back). The buffer's length is static: at most
-  `T * k + min(E, T * k) * (tile - 1)` rows, rounded up to tiles."""
+  buffer (`length` or past it for an assignment to an expert this layout leaves out: another
+  device's), `tile_experts [tiles]` each tile's expert, `group_sizes [E]` the padded group
+  lengths and `used_tiles` how many tiles they fill (padding rows are zeros and are never read
+  back; the tiles past `used_tiles` are not computed). The buffer's length is static: at most
+  `max_rows + min(E, max_rows) * (tile - 1)` rows, rounded up to tiles."""
 
   rows: jnp.ndarray
   tile_experts: jnp.ndarray
   group_sizes: jnp.ndarray
+  used_tiles: jnp.ndarray
   tile: int = flax.struct.field(pytree_node=False)
 
   @property
@@ -98,33 +102,57 @@ class GroupedLayout:
     return self.tile_experts.shape[0] * self.tile
 
 
-def group_by_expert(experts_tk: jnp.ndarray, num_experts: int) -> GroupedLayout:
-  """The grouped layout of the router's choices `experts_tk [T, k]` (stable: tokens keep
-  their order within a group). The tile is a power of two near a quarter of the mean group
-  (8 to `MAX_TILE` rows): the padding, under a tile per expert, stays a small share of the
-  rows, and the tiles few enough that each dot is worth its step."""
+def tile_rows(assignments: int, num_experts: int) -> int:
+  """The tile for `assignments` (token, expert) pairs over `num_experts` experts: a power of two
+  near a quarter of the mean group (8 to `MAX_TILE` rows), so that the padding, under a tile
+  per expert, stays a small share of the rows, and the tiles few enough that each dot is worth
+  its step."""
+  quarter_group = max(assignments / (4 * num_experts), 1.0)
+  return int(min(MAX_TILE, max(8, 2 ** int(np.floor(np.log2(quarter_group))))))
+
+
+def group_by_expert(experts_tk: jnp.ndarray, num_experts: int, tile: int | None = None,
+                    max_rows: int | None = None) -> GroupedLayout:
+  """The grouped layout of the router's choices `experts_tk [T, k]` (stable: tokens keep their
+  order within a group), in tiles of `tile` rows (default `tile_rows`). Only experts
+  `0 .. num_experts - 1` get rows; an id outside them (another device's expert, made negative
+  or too large by the caller) gets none, and `max_rows` (default `T * k`) bounds how many
+  assignments can fall inside, which sizes the buffer."""
   flat = experts_tk.reshape(-1)
   m = flat.shape[0]
-  quarter_group = max(m / (4 * num_experts), 1.0)
-  tile = int(min(MAX_TILE, max(8, 2 ** int(np.floor(np.log2(quarter_group))))))
-  tiles = -(-(m + min(num_experts, m) * (tile - 1)) // tile)
-  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-  padded = -(-counts // tile) * tile
+  tile = tile_rows(m, num_experts) if tile is None else tile
+  max_rows = m if max_rows is None else max_rows
+  tiles = -(-(max_rows + min(num_experts, max_rows) * (tile - 1)) // tile)
+  inside = (flat >= 0) & (flat < num_experts)
+  group = jnp.where(inside, flat, num_experts)  # one group past the last for the others
+  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[group].add(1)
+  padded = -(-counts[:num_experts] // tile) * tile
   starts = jnp.cumsum(padded) - padded
-  order = jnp.argsort(flat, stable=True)
-  sorted_experts = flat[order]
-  rank = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[sorted_experts]
-  rows = jnp.zeros((m,), jnp.int32).at[order].set(starts[sorted_experts] + rank)
+  order = jnp.argsort(group, stable=True)
+  sorted_group = group[order]
+  rank = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[sorted_group]
+  # Rows of the left-out assignments lie past the buffer, each its own, so scatters stay unique.
+  sorted_rows = jnp.where(sorted_group < num_experts,
+                          starts[jnp.minimum(sorted_group, num_experts - 1)] + rank,
+                          tiles * tile + jnp.arange(m, dtype=jnp.int32))
+  rows = jnp.zeros((m,), jnp.int32).at[order].set(sorted_rows)
   tile_starts = jnp.arange(tiles, dtype=jnp.int32) * tile
   tile_experts = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_starts, side='right'),
                              num_experts - 1).astype(jnp.int32)
-  return GroupedLayout(rows, tile_experts, padded, tile)
+  return GroupedLayout(rows, tile_experts, padded, jnp.sum(padded) // tile, tile)
 
 
 def scatter_rows(x_md: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
-  """`[T * k, D]` in assignment order -> the grouped buffer `[length, D]` (zeros elsewhere)."""
+  """`[T * k, D]` in assignment order -> the grouped buffer `[length, D]` (zeros elsewhere;
+  assignments the layout leaves out are dropped)."""
   return jnp.zeros((layout.length, x_md.shape[-1]), x_md.dtype).at[layout.rows].set(
-      x_md, unique_indices=True)
+      x_md, unique_indices=True, mode='drop')
+
+
+def gather_rows(y_nd: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
+  """The inverse of `scatter_rows`: `[length, D]` -> `[T * k, D]` in assignment order, zeros
+  for the assignments the layout leaves out."""
+  return jnp.take(y_nd, layout.rows, axis=0, mode='fill', fill_value=0)
 
 
 def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
@@ -145,13 +173,25 @@ def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
     # Rematerialized: the backward slices each tile's kernel from `kernel` again instead of
     # keeping one `[in, out]` copy per tile (Qwen3-30B-A3B QLoRA at 2,048 tokens, 640 tiles:
     # temporaries 7.05 -> 2.05 GiB in its plan).
+    # Tiles past the groups hold no row: a `cond` skips their product (with experts split
+    # over devices, most of a device's buffer, sized for every token routed to it, is empty).
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def tile_product(_, inputs):
-      x_ci, expert = inputs
-      return None, jnp.einsum('ci,io->co', x_ci, kernel[expert],
-                              preferred_element_type=accumulate).astype(x.dtype)
+      x_ci, expert, index = inputs
+      kernel_io = kernel[expert]
+
+      def product():
+        return jnp.einsum('ci,io->co', x_ci, kernel_io,
+                          preferred_element_type=accumulate).astype(x.dtype)
+
+      def skip():  # zeros that vary over the mesh axes the product would (under shard_map)
+        return (jnp.zeros_like(x_ci[:, :1]) * jnp.zeros_like(kernel_io[:1])).astype(x.dtype)
+
+      return None, jax.lax.cond(index < layout.used_tiles, product, skip)
+    tiles = layout.tile_experts.shape[0]
     _, y = jax.lax.scan(tile_product, None,
-                        (x.reshape(-1, layout.tile, x.shape[-1]), layout.tile_experts))
+                        (x.reshape(-1, layout.tile, x.shape[-1]), layout.tile_experts,
+                         jnp.arange(tiles, dtype=jnp.int32)))
     return y.reshape(x.shape[0], -1)
 
   return jax.lax.platform_dependent(x_ni, kernel_eio, tpu=ragged, default=tiled)
@@ -207,29 +247,92 @@ def project(x_ni: jnp.ndarray, weights: ExpertWeights, layout: GroupedLayout,
   return y + lora_scale * grouped_matmul(low_rank, weights.lora_b, layout)
 
 
-def experts_forward(x_td: jnp.ndarray, logits_te: jnp.ndarray, real_t: jnp.ndarray,
-                    gate_up: ExpertWeights, down: ExpertWeights, *, top_k: int,
-                    normalize: bool, lora_scale: float | None
-                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The sparse MLP of tokens `x_td [T, D]` given their router logits `[T, E]`: route, group
-  by expert, the experts' SwiGLU, back to token order weighted. Returns `(y [T, D] in x's
-  dtype, router statistics [2 * E + 1] over the tokens `real_t` marks)`: top-k assignments
-  and summed probabilities per expert, and the token count (`load_balancing_loss`)."""
-  t, d = x_td.shape
+def route_tokens(logits_te: jnp.ndarray, real_t: jnp.ndarray, top_k: int, normalize: bool
+                 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """`route` and the router statistics of the tokens `real_t` marks: `(weights [T, k],
+  experts [T, k], stats [2 * E + 1])`, the stats being top-k assignments and summed
+  probabilities per expert, and the token count (`load_balancing_loss`)."""
   e = logits_te.shape[-1]
-  f = down.kernel.shape[1]
   weights_tk, experts_tk, probs_te = route(logits_te, top_k, normalize)
   mask = real_t.astype(jnp.float32)
   counts = jnp.sum(jax.nn.one_hot(experts_tk, e, dtype=jnp.float32) * mask[:, None, None],
                    axis=(0, 1))
   stats = jnp.concatenate([counts, jnp.sum(probs_te * mask[:, None], axis=0),
                            jnp.sum(mask)[None]])
-  layout = group_by_expert(experts_tk, e)
-  rows = scatter_rows(jnp.repeat(x_td, top_k, axis=0), layout)  # a row per assignment
+  return weights_tk, experts_tk, stats
+
+
+def expert_mlp(x_td: jnp.ndarray, weights_tk: jnp.ndarray, experts_tk: jnp.ndarray,
+               gate_up: ExpertWeights, down: ExpertWeights, lora_scale: float | None,
+               tile: int | None = None, max_rows: int | None = None) -> jnp.ndarray:
+  """The experts' SwiGLU for tokens `x_td [T, D]` routed to `experts_tk [T, k]` (indices into
+  the kernels' leading axis; others are left out, contributing zero) with `weights_tk`:
+  grouped by expert, two grouped projections, back to token order, weighted. Returns `[T, D]`
+  float32. `tile`, `max_rows`: `group_by_expert`'s."""
+  t, d = x_td.shape
+  k = experts_tk.shape[-1]
+  f = down.kernel.shape[1]
+  layout = group_by_expert(experts_tk, gate_up.kernel.shape[0], tile, max_rows)
+  rows = scatter_rows(jnp.repeat(x_td, k, axis=0), layout)  # a row per assignment
   gate_up_nf = project(rows, gate_up, layout, lora_scale)
   y_nd = project(nn.silu(gate_up_nf[:, :f]) * gate_up_nf[:, f:], down, layout, lora_scale)
-  y_tkd = jnp.take(y_nd, layout.rows, axis=0).reshape(t, top_k, d)
-  y_td = jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
+  y_tkd = gather_rows(y_nd, layout).reshape(t, k, d)
+  return jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights_tk)
+
+
+def experts_forward(x_td: jnp.ndarray, logits_te: jnp.ndarray, real_t: jnp.ndarray,
+                    gate_up: ExpertWeights, down: ExpertWeights, *, top_k: int,
+                    normalize: bool, lora_scale: float | None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The sparse MLP of tokens `x_td [T, D]` given their router logits `[T, E]`, every expert
+  at hand: `(y [T, D] in x's dtype, router statistics [2 * E + 1])` (`route_tokens`)."""
+  weights_tk, experts_tk, stats = route_tokens(logits_te, real_t, top_k, normalize)
+  y_td = expert_mlp(x_td, weights_tk, experts_tk, gate_up, down, lora_scale)
+  return y_td.astype(x_td.dtype), stats
+
+
+def exchanged_experts_forward(x_td: jnp.ndarray, logits_te: jnp.ndarray, real_t: jnp.ndarray,
+                              gate_up: ExpertWeights, down: ExpertWeights, *, top_k: int,
+                              normalize: bool, lora_scale: float | None,
+                              expert_axes: tuple[str, ...], gather_axes: tuple[str, ...]
+                              ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`experts_forward` inside `shard_map` with the experts staying where they are and the
+  tokens moving (`LlamaConfig.moe_exchange='tokens'`): this device holds experts
+  `[i * E_l, (i + 1) * E_l)` of the split over `expert_axes` (`gate_up`, `down` are its
+  `E_l`). Each device routes its own tokens; the tokens, their experts and weights are
+  gathered over `gather_axes` (the expert axes that also split the tokens: Megatron's
+  all-gather dispatcher); each device computes its experts' share of every gathered token,
+  one source device's tokens at a time (a scan, rematerialized in the backward, so that the
+  buffer is one device's worth: `T x min(k, E_l)` rows, the worst case when every token
+  picks this device); and the partial outputs are summed back to the token's own device
+  (`psum_scatter`). Over expert axes that do not split the tokens, every device has the same
+  tokens and the partial outputs are summed (`psum`)."""
+  t = x_td.shape[0]
+  e = logits_te.shape[-1]
+  local = gate_up.kernel.shape[0]
+  weights_tk, experts_tk, stats = route_tokens(logits_te, real_t, top_k, normalize)
+  sources = (x_td, weights_tk, experts_tk)
+  if gather_axes:
+    sources = tuple(jax.lax.all_gather(a, gather_axes) for a in sources)
+  else:
+    sources = tuple(a[None] for a in sources)
+  first = jax.lax.axis_index(expert_axes) * local  # this device's experts, numbered from 0
+  sources = sources[:2] + (sources[2] - first,)
+  tile, max_rows = tile_rows(t * top_k, e), t * min(top_k, local)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def one_source(_, source):
+    x, weights, experts = source
+    return None, expert_mlp(x, weights, experts, gate_up, down, lora_scale, tile, max_rows)
+
+  _, partial_std = jax.lax.scan(one_source, None, sources)
+  if gather_axes:
+    y_td = jax.lax.psum_scatter(partial_std, gather_axes, scatter_dimension=0)
+  else:
+    y_td = partial_std[0]
+  rest = tuple(a for a in expert_axes if a not in gather_axes)
+  if rest:
+    y_td = jax.lax.psum(y_td, rest)
   return y_td.astype(x_td.dtype), stats
 
 
@@ -270,35 +373,46 @@ class SparseMoE(nn.Module):
                             name='gate')(x_btd)
     gate_up, down = Experts(c, name='experts')(d)
 
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = length = experts = None
+    if not mesh.empty:
+      rows, length = dividing_axes('act_batch', b), dividing_axes('act_length', t)
+      if c.moe_exchange == 'tokens':
+        experts = dividing_axes('expert', c.num_experts)
+    token_axes, expert_axes = _names(rows) + _names(length), _names(experts)
+    if expert_axes and math.prod(mesh.shape[a] for a in expert_axes) == 1:
+      expert_axes = ()
+    if expert_axes:
+      forward = functools.partial(
+          exchanged_experts_forward, expert_axes=expert_axes,
+          gather_axes=tuple(a for a in token_axes if a in expert_axes))
+    else:
+      forward = experts_forward
+
     def tokens(x_btd, logits_bte, segment_ids_bt, gate_up, down):
       local_b, local_t = x_btd.shape[:2]
-      y_td, stats = experts_forward(
+      y_td, stats = forward(
           x_btd.reshape(-1, d), logits_bte.reshape(local_b * local_t, -1),
           segment_ids_bt.reshape(-1) > 0, gate_up, down, top_k=c.num_experts_per_tok,
           normalize=c.norm_topk_prob, lora_scale=c.lora_scale)
-      return y_td.reshape(local_b, local_t, d), stats
+      y_btd = y_td.reshape(local_b, local_t, d)
+      return y_btd, (jax.lax.psum(stats, token_axes) if token_axes else stats)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    rows = length = None
-    if not mesh.empty:
-      rows, length = dividing_axes('act_batch', b), dividing_axes('act_length', t)
-    if rows is None and length is None:
+    if not token_axes and not expert_axes:
       y_btd, stats = tokens(x_btd, logits_bte, segment_ids_bt, gate_up, down)
     else:
-      token_axes = tuple(a for axes in (rows, length) if axes is not None
-                         for a in ((axes,) if isinstance(axes, str) else axes))
-
-      def local(*args):
-        y_btd, stats = tokens(*args)
-        return y_btd, jax.lax.psum(stats, token_axes)
-
       spec = PartitionSpec(rows, length, None)
+      experts_spec = PartitionSpec(experts if expert_axes else None)
       y_btd, stats = jax.shard_map(
-          local, mesh=mesh, in_specs=(spec, spec, PartitionSpec(rows, length),
-                                      PartitionSpec(), PartitionSpec()),
+          tokens, mesh=mesh, in_specs=(spec, spec, PartitionSpec(rows, length),
+                                       experts_spec, experts_spec),
           out_specs=(spec, PartitionSpec()))(x_btd, logits_bte, segment_ids_bt, gate_up, down)
     self.sow('intermediates', ROUTER_STATS, stats)
     return y_btd
+
+
+def _names(axes) -> tuple[str, ...]:
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def load_balancing_loss(stats: jnp.ndarray, num_experts: int) -> jnp.ndarray:

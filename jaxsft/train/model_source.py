@@ -15,12 +15,14 @@ from jaxsft.errors import UserError, check_choice, check_number
 from jaxsft.interop import hf
 from jaxsft.interop.hf_config import config_from_hf, read_hf_config, resolve_checkpoint_dir
 from jaxsft.interop.presets import preset
-from jaxsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, LlamaConfig
+from jaxsft.models.config import (ATTENTION_IMPLEMENTATIONS, MOE_EXCHANGES, REMAT_POLICIES,
+                                  LlamaConfig)
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 # The `LlamaConfig` fields a run sets (how to execute), as opposed to the architecture.
 EXECUTION_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
-                    'attention_implementation', 'mlp_chunk_size', 'lora_scale', 'lora_dropout')
+                    'attention_implementation', 'mlp_chunk_size', 'moe_exchange', 'lora_scale',
+                    'lora_dropout')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ModelSettings:
   remat_policy: str = 'none'
   attention_implementation: str = 'auto'
   mlp_chunk_size: int = 0
+  moe_exchange: str = 'weights'
   router_aux_loss_coef: float = -1.0  # -1: the architecture's own (config.json)
 
   def __post_init__(self):
@@ -48,6 +51,7 @@ class ModelSettings:
     check_choice('model.attention_implementation', self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
     check_number('model.mlp_chunk_size', self.mlp_chunk_size, low=0, integer=True)
+    check_choice('model.moe_exchange', self.moe_exchange, MOE_EXCHANGES)
     if self.router_aux_loss_coef != -1.0:
       check_number('model.router_aux_loss_coef', self.router_aux_loss_coef, low=0)
 
@@ -64,7 +68,7 @@ def model_config_from(model: ModelSettings, lora: LoraSettings | None = None,
       'dtype': model.dtype, 'param_dtype': model.param_dtype, 'scan_layers': model.scan_layers,
       'remat_policy': model.remat_policy,
       'attention_implementation': model.attention_implementation,
-      'mlp_chunk_size': model.mlp_chunk_size}
+      'mlp_chunk_size': model.mlp_chunk_size, 'moe_exchange': model.moe_exchange}
   if model.router_aux_loss_coef >= 0:
     execution['router_aux_loss_coef'] = model.router_aux_loss_coef
   if model.path and not (shapes_only and model.preset and not os.path.isdir(model.path)):
