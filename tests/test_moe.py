@@ -148,6 +148,17 @@ def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference(tokens):
     got = jax.value_and_grad(lambda *w: jnp.sum(path(*w) * probe), (0, 1, 2))(x, w_in, w_out)
     for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+  # Experts split over two devices ('tokens' exchange): each device's layout keeps only its
+  # experts (the others' assignments get no row), and the two partial outputs sum to the whole.
+  def shard(first, count):
+    local = moe.group_by_expert(experts - first, count, moe.tile_rows(t * k, e),
+                                t * min(k, count))
+    x_n = moe.scatter_rows(jnp.repeat(x, k, axis=0), local)
+    y_n = moe.grouped_matmul(jnp.tanh(moe.grouped_matmul(x_n, w_in[first:first + count], local)),
+                             w_out[first:first + count], local)
+    return jnp.einsum('tkd,tk->td', moe.gather_rows(y_n, local).reshape(t, k, d), weights)
+  np.testing.assert_allclose(np.asarray(shard(0, 3) + shard(3, 2)),
+                             np.asarray(dense(x, w_in, w_out)), rtol=1e-5, atol=1e-5)
   # Routing: the top-k of the softmax, renormalized; transformers' torch.topk picks the same.
   probs = torch.softmax(torch.tensor(np.asarray(logits)), -1)
   top, index = torch.topk(probs, k, dim=-1)

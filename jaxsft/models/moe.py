@@ -88,7 +88,8 @@ class GroupedLayout:
   buffer (`length` or past it for an assignment to an expert this layout leaves out: another
   device's), `tile_experts [tiles]` each tile's expert, `group_sizes [E]` the padded group
   lengths and `used_tiles` how many tiles they fill (padding rows are zeros and are never read
-  back; the tiles past `used_tiles` are not computed). The buffer's length is static: at most
+  back; with `skip_empty`, the tiles past `used_tiles` are not computed). The buffer's length
+  is static: at most
   `max_rows + min(E, max_rows) * (tile - 1)` rows, rounded up to tiles."""
 
   rows: jnp.ndarray
@@ -96,6 +97,7 @@ class GroupedLayout:
   group_sizes: jnp.ndarray
   used_tiles: jnp.ndarray
   tile: int = flax.struct.field(pytree_node=False)
+  skip_empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def length(self) -> int:
@@ -117,11 +119,13 @@ def group_by_expert(experts_tk: jnp.ndarray, num_experts: int, tile: int | None 
   order within a group), in tiles of `tile` rows (default `tile_rows`). Only experts
   `0 .. num_experts - 1` get rows; an id outside them (another device's expert, made negative
   or too large by the caller) gets none, and `max_rows` (default `T * k`) bounds how many
-  assignments can fall inside, which sizes the buffer."""
+  assignments can fall inside, which sizes the buffer. Given `max_rows`, the buffer is sized
+  for the worst case and mostly empty as a rule, so the grouped matmuls skip its empty tiles
+  (a `cond` per tile, which costs a little where every tile is full)."""
   flat = experts_tk.reshape(-1)
   m = flat.shape[0]
   tile = tile_rows(m, num_experts) if tile is None else tile
-  max_rows = m if max_rows is None else max_rows
+  worst_case, max_rows = max_rows is not None, m if max_rows is None else max_rows
   tiles = -(-(max_rows + min(num_experts, max_rows) * (tile - 1)) // tile)
   inside = (flat >= 0) & (flat < num_experts)
   group = jnp.where(inside, flat, num_experts)  # one group past the last for the others
@@ -139,7 +143,8 @@ def group_by_expert(experts_tk: jnp.ndarray, num_experts: int, tile: int | None 
   tile_starts = jnp.arange(tiles, dtype=jnp.int32) * tile
   tile_experts = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_starts, side='right'),
                              num_experts - 1).astype(jnp.int32)
-  return GroupedLayout(rows, tile_experts, padded, jnp.sum(padded) // tile, tile)
+  return GroupedLayout(rows, tile_experts, padded, jnp.sum(padded) // tile, tile,
+                       skip_empty=worst_case)
 
 
 def scatter_rows(x_md: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:
@@ -173,8 +178,9 @@ def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
     # Rematerialized: the backward slices each tile's kernel from `kernel` again instead of
     # keeping one `[in, out]` copy per tile (Qwen3-30B-A3B QLoRA at 2,048 tokens, 640 tiles:
     # temporaries 7.05 -> 2.05 GiB in its plan).
-    # Tiles past the groups hold no row: a `cond` skips their product (with experts split
-    # over devices, most of a device's buffer, sized for every token routed to it, is empty).
+    # Tiles past the groups hold no row: with `skip_empty`, a `cond` skips their product
+    # (with experts split over devices, most of a device's buffer, sized for every token
+    # routed to it, is empty).
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def tile_product(_, inputs):
       x_ci, expert, index = inputs
@@ -187,7 +193,10 @@ def grouped_matmul(x_ni: jnp.ndarray, kernel_eio: jnp.ndarray,
       def skip():  # zeros that vary over the mesh axes the product would (under shard_map)
         return (jnp.zeros_like(x_ci[:, :1]) * jnp.zeros_like(kernel_io[:1])).astype(x.dtype)
 
+      if not layout.skip_empty:
+        return None, product()
       return None, jax.lax.cond(index < layout.used_tiles, product, skip)
+
     tiles = layout.tile_experts.shape[0]
     _, y = jax.lax.scan(tile_product, None,
                         (x.reshape(-1, layout.tile, x.shape[-1]), layout.tile_experts,
