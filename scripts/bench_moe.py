@@ -1,7 +1,7 @@
 """Mixture-of-experts layer speed: jaxsft's grouped matmul against the alternatives, forward and
 backward of the experts of one sparse layer on the same routed tokens, side by side in one run.
 
-  - grouped: what jaxsft runs off a TPU (`moe.grouped_matmul`: assignments grouped by expert in
+  - grouped: what jaxsft runs off a TPU (`jaxsft.models.grouped`: assignments grouped by expert in
     tiles, one dense dot per tile);
   - ragged_dot: `jax.lax.ragged_dot` over the same layout (a TPU's grouped-matmul kernel; XLA on
     a CPU computes it as a dense product masked per group);
@@ -37,6 +37,7 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
+  from jaxsft.models import grouped as grouping
   from jaxsft.models import moe
 
   t, d, f, e, k = args.tokens, args.hidden, args.expert_size, args.experts, args.top_k
@@ -47,13 +48,13 @@ def main() -> None:
   w_down = jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), dtype)
   weights, experts, _ = moe.route(jnp.asarray(rng.standard_normal((t, e)), jnp.float32), k,
                                   True)
-  layout = moe.group_by_expert(experts, e)
+  layout = grouping.group_by_expert(experts, e)
 
   def swiglu(h):
     return jax.nn.silu(h[..., :f]) * h[..., f:]
 
-  def grouped(x, w_up, w_down, matmul=moe.grouped_matmul):
-    rows = moe.scatter_rows(jnp.repeat(x, k, axis=0), layout)
+  def grouped(x, w_up, w_down, matmul=grouping.grouped_matmul):
+    rows = grouping.scatter_rows(jnp.repeat(x, k, axis=0), layout)
     y = matmul(swiglu(matmul(rows, w_up, layout)), w_down, layout)
     y_tkd = jnp.take(y, layout.rows, axis=0).reshape(t, k, d)
     return jnp.einsum('tkd,tk->td', y_tkd.astype(jnp.float32), weights)

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from user_path import tiny_moe_model
 
 from jaxsft.interop import hf
+from jaxsft.models import grouped as grouping
 from jaxsft.models import moe
 from jaxsft.models.llama import Llama
 
@@ -124,11 +125,11 @@ def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference(tokens):
   w_out = jnp.asarray(rng.standard_normal((e, f, d)), jnp.float32)
   logits = jnp.asarray(rng.standard_normal((t, e)), jnp.float32)
   weights, experts, _ = moe.route(logits, k, True)
-  layout = moe.group_by_expert(experts, e)
+  layout = grouping.group_by_expert(experts, e)
   assert layout.length % layout.tile == 0 and int(jnp.sum(layout.group_sizes)) <= layout.length
 
-  def grouped(x, w_in, w_out, matmul=moe.grouped_matmul):
-    x_n = moe.scatter_rows(jnp.repeat(x, k, axis=0), layout)
+  def grouped(x, w_in, w_out, matmul=grouping.grouped_matmul):
+    x_n = grouping.scatter_rows(jnp.repeat(x, k, axis=0), layout)
     y_n = matmul(jnp.tanh(matmul(x_n, w_in, layout)), w_out, layout)
     y_tkd = jnp.take(y_n, layout.rows, axis=0).reshape(t, k, d)
     return jnp.einsum('tkd,tk->td', y_tkd, weights)
@@ -151,12 +152,12 @@ def test_grouped_matmul_and_routing_equal_a_dense_one_hot_reference(tokens):
   # Experts split over two devices ('tokens' exchange): each device's layout keeps only its
   # experts (the others' assignments get no row), and the two partial outputs sum to the whole.
   def shard(first, count):
-    local = moe.group_by_expert(experts - first, count, moe.tile_rows(t * k, e),
-                                t * min(k, count))
-    x_n = moe.scatter_rows(jnp.repeat(x, k, axis=0), local)
-    y_n = moe.grouped_matmul(jnp.tanh(moe.grouped_matmul(x_n, w_in[first:first + count], local)),
-                             w_out[first:first + count], local)
-    return jnp.einsum('tkd,tk->td', moe.gather_rows(y_n, local).reshape(t, k, d), weights)
+    local = grouping.group_by_expert(experts - first, count, grouping.tile_rows(t * k, e),
+                                     t * min(k, count))
+    x_n = grouping.scatter_rows(jnp.repeat(x, k, axis=0), local)
+    hidden = jnp.tanh(grouping.grouped_matmul(x_n, w_in[first:first + count], local))
+    y_n = grouping.grouped_matmul(hidden, w_out[first:first + count], local)
+    return jnp.einsum('tkd,tk->td', grouping.gather_rows(y_n, local).reshape(t, k, d), weights)
   np.testing.assert_allclose(np.asarray(shard(0, 3) + shard(3, 2)),
                              np.asarray(dense(x, w_in, w_out)), rtol=1e-5, atol=1e-5)
   # Routing: the top-k of the softmax, renormalized; transformers' torch.topk picks the same.
@@ -174,6 +175,7 @@ def test_lora_on_experts_and_router_equals_peft(models, case, tmp_path):
   `PeftModel`: the same logits (1e-4) and the same gradients of every adapter (tolerances of
   tests/test_lora.py), compared by PEFT's tensor names."""
   import peft
+
   from jaxsft.adapters import lora
   from jaxsft.interop import peft as peft_io
   folder = models(case)
@@ -279,6 +281,7 @@ def test_peft_adapter_on_experts_imports_with_peft_logits(models, tmp_path):
   import importlib
 
   import peft
+
   from jaxsft.adapters import lora
   from jaxsft.interop import peft as peft_io
   generate = importlib.import_module('jaxsft.eval.generate')

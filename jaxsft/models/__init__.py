@@ -1,7 +1,7 @@
 """LLaMA-family models in Flax Linen: the decoder (`llama`), its layers and projections
-(`layers`), mixture-of-experts layers (`moe`), attention kernels (`attention`,
-`blocked_attention`, `indexed_attention`, `ring_attention`, `splash_attention`), RoPE (`rope`)
-and the model config (`config`).
+(`layers`), mixture-of-experts layers (`moe`) and their grouped matmuls (`grouped`), attention
+kernels (`attention`, `blocked_attention`, `indexed_attention`, `ring_attention`,
+`splash_attention`), RoPE (`rope`) and the model config (`config`).
 
 A projection applies LoRA and dequantizes 4-bit kernels, so models import `jaxsft.adapters`;
 nothing else of jaxsft. `Llama` and `LlamaConfig` below are the public API the README shows;
