@@ -68,11 +68,13 @@ def test_expert_parallel_step_equals_one_device(method, mesh_shape, exchange):
 
 
 def test_moe_lora_run_resumes_after_sigterm_bitwise(tmp_path, monkeypatch):
-  """A LoRA run of an MoE model with experts split over 8 devices, SIGTERM after step 3 and
-  resumed, ends with the adapters of the run that went straight through, bit for bit."""
+  """A LoRA run of an MoE model with experts split over 8 devices (the tokens sent to them),
+  SIGTERM after step 3 and resumed, ends with the adapters of the run that went straight
+  through, bit for bit."""
   def config():
     c = run_config(tmp_path, lora=True, mesh=(1, 8, 1, 1), steps=6)
     c.model.architecture = {**c.model.architecture, **MOE}
+    c.model.moe_exchange = 'tokens'
     c.lora.targets = ['q_proj', 'gate_up_proj', 'down_proj']
     c.lora.dropout = 0.0  # PEFT has no dropout on experts (lora.abstract_lora refuses it)
     c.checkpoint.save_every = 3
