@@ -35,8 +35,7 @@ class GroupedLayout:
   device's), `tile_experts [tiles]` each tile's expert, `group_sizes [E]` the padded group
   lengths and `used_tiles` how many tiles they fill (padding rows are zeros and are never read
   back; with `skip_empty`, the tiles past `used_tiles` are not computed). The buffer's length
-  is static: at most
-  `max_rows + min(E, max_rows) * (tile - 1)` rows, rounded up to tiles."""
+  is static: at most `max_rows + min(E, max_rows) * (tile - 1)` rows, rounded up to tiles."""
 
   rows: jnp.ndarray
   tile_experts: jnp.ndarray
