@@ -11,6 +11,11 @@ Adapters on the experts too (`lora.targets` + `gate_up_proj`, `down_proj`: one a
 expert, PEFT's `target_parameters`) add 1.2 GiB of weights and 2.4 GiB of Adam state at r=8:
 23.9 GiB in all, at the edge of 24 GiB; give them a 40 GiB device. The router trains on the load-balancing loss as well
 (`model.router_aux_loss_coef`, the checkpoint's 0.001), which each log line shows as `aux`.
+
+On 8 devices (`--config.mesh.shape='(1,8,1,1)'`, one 2,048-token row each), add
+`--config.model.moe_exchange=tokens`: the experts stay on their devices and the tokens travel,
+5.37 -> 4.19 GiB per device in the plan (`docs/benchmarks.md`); for rows past ~3,000 tokens a
+device, gathering the experts (the default, `weights`) moves and holds less.
 """
 
 from jaxsft.config import default_config
