@@ -40,13 +40,17 @@ class GroupedLayout:
   rows: jnp.ndarray
   tile_experts: jnp.ndarray
   group_sizes: jnp.ndarray
-  used_tiles: jnp.ndarray
   tile: int = flax.struct.field(pytree_node=False)
   skip_empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def length(self) -> int:
     return self.tile_experts.shape[0] * self.tile
+
+  @property
+  def used_tiles(self) -> jnp.ndarray:
+    """Tiles the groups fill; the rest of the buffer is empty."""
+    return jnp.sum(self.group_sizes) // self.tile
 
 
 def tile_rows(assignments: int, num_experts: int) -> int:
@@ -88,8 +92,7 @@ def group_by_expert(experts_tk: jnp.ndarray, num_experts: int, tile: int | None 
   tile_starts = jnp.arange(tiles, dtype=jnp.int32) * tile
   tile_experts = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_starts, side='right'),
                              num_experts - 1).astype(jnp.int32)
-  return GroupedLayout(rows, tile_experts, padded, jnp.sum(padded) // tile, tile,
-                       skip_empty=worst_case)
+  return GroupedLayout(rows, tile_experts, padded, tile, skip_empty=worst_case)
 
 
 def scatter_rows(x_md: jnp.ndarray, layout: GroupedLayout) -> jnp.ndarray:

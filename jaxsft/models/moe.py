@@ -47,7 +47,6 @@ over layers and devices, and `load_balancing_loss` turns the total into the loss
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax
@@ -67,7 +66,7 @@ from jaxsft.models.grouped import (
   tile_rows,
 )
 from jaxsft.models.layers import Projection, default_kernel_init
-from jaxsft.parallel.context import dividing_axes
+from jaxsft.parallel.context import axes_size, axis_names, dividing_axes
 
 ROUTER_STATS = 'router_stats'  # the `intermediates` entry each sparse layer sows
 
@@ -267,8 +266,8 @@ class SparseMoE(nn.Module):
       rows, length = dividing_axes('act_batch', b), dividing_axes('act_length', t)
       if c.moe_exchange == 'tokens':
         experts = dividing_axes('expert', c.num_experts)
-    token_axes, expert_axes = _names(rows) + _names(length), _names(experts)
-    if expert_axes and math.prod(mesh.shape[a] for a in expert_axes) == 1:
+    token_axes, expert_axes = axis_names(rows) + axis_names(length), axis_names(experts)
+    if expert_axes and axes_size(expert_axes) == 1:
       expert_axes = ()
     if expert_axes:
       forward = functools.partial(
@@ -297,10 +296,6 @@ class SparseMoE(nn.Module):
           out_specs=(spec, PartitionSpec()))(x_btd, logits_bte, segment_ids_bt, gate_up, down)
     self.sow('intermediates', ROUTER_STATS, stats)
     return y_btd
-
-
-def _names(axes) -> tuple[str, ...]:
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def load_balancing_loss(stats: jnp.ndarray, num_experts: int) -> jnp.ndarray:

@@ -69,27 +69,28 @@ def context_layout(length: int) -> ContextLayout | None:
   if jax.sharding.get_abstract_mesh().empty:
     return None
   axes = nn.logical_to_mesh_axes(('act_length',), nn.get_logical_axis_rules())[0]
-  size = _axes_size(axes)
+  size = axes_size(axes)
   if size == 1 or length % (2 * size):
     return None
   return ContextLayout(axes, size)
 
 
-def _names(axes) -> tuple[str, ...]:
+def axis_names(axes) -> tuple[str, ...]:
+  """Mesh axes as a tuple of names, from a name, a tuple of names or None (a spec entry)."""
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def _axes_size(axes) -> int:
+def axes_size(axes) -> int:
   """Devices along the mesh axes `axes` (a name, a tuple of names or None) of the current mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[name] for name in _names(axes))
+  return math.prod(mesh.shape[name] for name in axis_names(axes))
 
 
 def dividing_axes(logical: str, size: int):
   """The mesh axes the current rules map `logical` to, if they split a dimension of `size`
   evenly; None (replicated) otherwise. For `shard_map` specs, which cannot split unevenly."""
   axes = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules())[0]
-  return axes if _names(axes) and size % _axes_size(axes) == 0 else None
+  return axes if axis_names(axes) and size % axes_size(axes) == 0 else None
 
 
 def row_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
@@ -104,7 +105,7 @@ def shard_sums_spec(x: jnp.ndarray, layout: ContextLayout) -> PartitionSpec:
   rows and context axes of `row_spec`, flattened): sum it outside `shard_map`, where the sum's
   gradient needs no collective of its own."""
   rows, tokens = row_spec(x, layout)[:2]
-  return PartitionSpec(_names(rows) + _names(tokens))
+  return PartitionSpec(axis_names(rows) + axis_names(tokens))
 
 
 def _reorder(x: jnp.ndarray, layout: ContextLayout, inverse: bool) -> jnp.ndarray:

@@ -27,6 +27,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsft.errors import UserError
+from jaxsft.parallel.context import axis_names
 
 _LOG = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def logical_to_mesh_spec(logical_axes: Sequence[str | None], shape: Sequence[int
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
   resolved = []
   for dim, axes in zip(shape, spec):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = axis_names(axes)
     if len(names) > 1:  # ('fsdp', 'context') with context=1 is 'fsdp': the spec a reader expects
       names = tuple(name for name in names if mesh.shape[name] > 1) or names[:1]
       axes = names[0] if len(names) == 1 else names
