@@ -223,7 +223,11 @@ def worker_hf(spec: dict) -> dict:
   cuda = torch.cuda.is_available()
   device = 'cuda' if cuda else 'cpu'
   dtype = getattr(torch, spec['dtype'])
-  kwargs = {'dtype': dtype, 'attn_implementation': 'sdpa'}
+  # Mixed precision as `Trainer(bf16=True)` runs it: master weights in --param-dtype, the
+  # forward under autocast to --dtype. Otherwise the weights themselves are in --dtype.
+  mixed = spec['hf_mixed'] and spec['param_dtype'] != spec['dtype']
+  kwargs = {'dtype': getattr(torch, spec['param_dtype']) if mixed else dtype,
+            'attn_implementation': 'sdpa'}
   method = spec['method']
   if method == 'qlora':
     kwargs['quantization_config'] = transformers.BitsAndBytesConfig(
@@ -256,8 +260,9 @@ def worker_hf(spec: dict) -> dict:
   def step(part):
     # Packed rows: transformers builds the block-diagonal causal mask from `position_ids`
     # restarting at 0 (no attention_mask, no cache), as TRL's padding-free collator feeds it.
-    logits = model(input_ids=part['inputs'], position_ids=part['positions'],
-                   use_cache=False).logits
+    with torch.autocast(device, dtype=dtype, enabled=mixed):
+      logits = model(input_ids=part['inputs'], position_ids=part['positions'],
+                     use_cache=False).logits
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                              part['labels'].flatten(), ignore_index=-100,
                                              reduction='sum') / (part['labels'] >= 0).sum()
@@ -338,6 +343,9 @@ def main() -> None:
   parser.add_argument('--no-scan', action='store_true', help='unrolled layers (jaxsft)')
   parser.add_argument('--loss-chunk', type=int, default=256, help='train.loss_chunk_size')
   parser.add_argument('--lora-rank', type=int, default=16)
+  parser.add_argument('--hf-mixed', action='store_true',
+                      help='transformers side in mixed precision as Trainer(bf16=True): '
+                      'weights in --param-dtype, forward under torch.autocast to --dtype')
   parser.add_argument('--compare-hf', action='store_true',
                       help='also run transformers + PEFT (torch) on the same rows and weights')
   parser.add_argument('--data', default='', help='instruction file (else synthetic rows)')
@@ -373,7 +381,8 @@ def main() -> None:
     base = dict(fields=fields, checkpoint=checkpoint, rows=rows_path, seq=args.seq,
                 batch=args.batch, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                 param_dtype=args.param_dtype, attention=args.attention, remat=args.remat,
-                scan=not args.no_scan, loss_chunk=args.loss_chunk, lora_rank=args.lora_rank,
+                hf_mixed=args.hf_mixed, scan=not args.no_scan, loss_chunk=args.loss_chunk,
+                lora_rank=args.lora_rank,
                 profile=os.path.abspath(args.profile) if args.profile else '')
     print(f'model {args.model}: {args.batch} rows x {args.seq} tokens, {filled:.1%} filled, '
           f'{supervised:.1%} of tokens supervised, {args.dtype}; data '
