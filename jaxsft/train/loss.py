@@ -61,7 +61,7 @@ def _chunk_terms(hidden_bcd, kernel_dv, targets_bc, mask_bc, with_grads: bool):
   # The shifted logits are never a value of their own: each use recomputes `logits - peak`
   # inside its fusion. Given one `shifted` array, XLA:CPU fuses the max and the subtraction into
   # the head's product and runs that at 2.5 times the product's time (loss and gradient of
-  # 2,048 tokens x 32,000 entries: 2.2 s, 1.15 s this way; docs/benchmarks.md).
+  # 2,048 tokens x 32,000 entries: 2.65 s, 1.71 s this way; scripts/bench_loss.py).
   sum_exp_bc = jnp.sum(jnp.exp(logits_bcv - peak_bc[..., None]), axis=-1)
   target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0] - peak_bc
   loss_sum = jnp.sum((jnp.log(sum_exp_bc) - target_bc) * mask_bc)
